@@ -1,0 +1,3 @@
+from vmikit.cli import main
+
+main()
