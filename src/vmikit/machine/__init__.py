@@ -1,0 +1,1 @@
+"""The x86 board: layout, multiboot loader, ports, the vCPU loop."""

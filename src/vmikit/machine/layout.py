@@ -1,0 +1,37 @@
+"""Every guest-physical address and I/O port the board uses, in one place.
+
+The guest C runtime (``vmikit/guest/src/board.h``) mirrors these values; a
+test checks that the two agree.
+"""
+
+from __future__ import annotations
+
+MiB = 1 << 20
+KiB = 1 << 10
+PAGE_SIZE = 4096
+
+# Guest-physical memory map (what the multiboot memory map reports).
+LOW_RAM_END = 0x9F000  # conventional memory, below the EBDA/VGA hole
+MULTIBOOT_INFO_ADDR = 0x8000  # multiboot info block + memory map, written by the loader
+MULTIBOOT_INFO_MAX = 0x1000
+ROM_BASE = 0xC0000  # option-ROM window scanned by the guest VMI layer
+ROM_END = 0xE0000
+HIGH_RAM_BASE = 0x100000  # kernels are linked here (1 MiB)
+MIN_MEMORY_MIB = 4
+MAX_MEMORY_MIB = 3072  # stay below the 32-bit PCI hole: one flat high RAM slot
+
+# Addresses KVM needs for its own use on Intel hosts (unused on AMD), above RAM.
+KVM_TSS_ADDR = 0xFFFBD000
+KVM_IDENTITY_MAP_ADDR = 0xFFFBC000
+
+# I/O ports.
+PORT_SERIAL = 0x3F8  # COM1 transmit holding register
+PORT_SERIAL_LSR = 0x3FD  # line status: always "transmitter empty"
+PORT_EXIT = 0xF4  # QEMU isa-debug-exit convention: outl(code)
+PORT_PANIC = 0xF5  # outl(guest-physical address of a struct exception_frame)
+PORT_HYPERCALL = 0xF8  # VMI hypercalls from the ROM (see hypervisor/)
+
+# Guest exit codes the runtime uses (written to PORT_EXIT).
+EXIT_OK = 0
+EXIT_FAILED_TESTS = 1
+EXIT_EXCEPTION = 3
