@@ -1,0 +1,122 @@
+"""The `vmikit` command line."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from vmikit import __version__
+from vmikit.errors import GuestCrash, UsageError, VmikitError
+
+
+class _Group(click.Group):
+    """Turns VmikitError into one line on stderr (plus a register dump for guests) and its exit status."""
+
+    def invoke(self, ctx: click.Context) -> object:
+        try:
+            return super().invoke(ctx)
+        except VmikitError as err:
+            click.echo(f"vmikit: error: {err}", err=True)
+            if isinstance(err, GuestCrash) and err.dump:
+                click.echo("registers:\n" + err.dump, err=True)
+            ctx.exit(err.exit_status)
+
+
+@click.group(cls=_Group)
+@click.version_option(__version__, prog_name="vmikit")
+def main() -> None:
+    """vmikit: a paravirtualizing hypervisor on KVM implementing VMI."""
+
+
+def resolve_image(guest: str) -> Path:
+    """A bundled guest name (built on first use) or a path to a multiboot ELF."""
+    if "/" in guest or guest.endswith(".elf") or Path(guest).exists():
+        return Path(guest)
+    from vmikit.guest.build import available_guests, build_guest
+
+    if guest in available_guests():
+        return build_guest(guest)
+    raise UsageError(f"unknown guest '{guest}'", f"choose one of: {', '.join(available_guests())}, or give an ELF path")
+
+
+def _stream(data: bytes) -> None:
+    sys.stdout.buffer.write(data)
+    sys.stdout.buffer.flush()
+
+
+@main.command()
+@click.argument("guest", default="hello")
+@click.option("--memory", "memory_mib", type=int, default=128, show_default=True, help="Guest RAM in MiB.")
+@click.option("--timeout", type=float, default=30.0, show_default=True, help="Watchdog limit in seconds.")
+@click.option("--stats", is_flag=True, help="Print exit counts by reason after the run.")
+@click.option("--json", "json_file", type=click.Path(dir_okay=False, path_type=Path), help="Write a JSON summary here.")
+def run(guest: str, memory_mib: int, timeout: float, stats: bool, json_file: Path | None) -> None:
+    """Run GUEST (a bundled guest name or an ELF path) and exit with its status."""
+    from vmikit.machine.board import Machine
+
+    image = resolve_image(guest)
+    with Machine(image, memory_mib=memory_mib, timeout=timeout, console=_stream) as machine:
+        result = machine.run()
+    summary = {"guest": guest, "image": str(image), "memory_mib": memory_mib, **result.summary()}
+    if stats:
+        _print_stats(summary)
+    if json_file is not None:
+        json_file.write_text(json.dumps(summary, indent=2) + "\n")
+    sys.exit(result.exit_status)
+
+
+def _print_stats(summary: dict[str, object]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    exits = summary["exits"]
+    assert isinstance(exits, dict)
+    table = Table(title=f"exits: {exits['total']} in {summary['wall_seconds']} s")
+    table.add_column("reason")
+    table.add_column("count", justify="right")
+    for reason, count in exits["by_reason"].items():
+        table.add_row(reason, str(count))
+    for port, count in exits["by_port"].items():
+        table.add_row(f"  port {port}", str(count))
+    Console(stderr=True).print(table)
+
+
+@main.command()
+@click.argument("names", nargs=-1)
+def build(names: tuple[str, ...]) -> None:
+    """Build bundled guests (all by default) and print each ELF path."""
+    from vmikit.guest.build import available_guests, build_guest
+
+    for name in names or available_guests():
+        click.echo(str(build_guest(name)))
+
+
+@main.command()
+@click.option("--device", default="/dev/kvm", show_default=True, help="The KVM device to check.")
+def doctor(device: str) -> None:
+    """Check that this host can run vmikit, and say how to fix what is missing."""
+    from vmikit.doctor import run_checks
+
+    ok = True
+    for check in run_checks(device):
+        mark = "ok  " if check.ok else ("warn" if check.optional else "FAIL")
+        line = f"[{mark}] {check.name}: {check.detail}"
+        if not check.ok and check.fix:
+            line += f"; fix: {check.fix}"
+        click.echo(line)
+        ok &= check.ok or check.optional
+    sys.exit(0 if ok else 3)
+
+
+def _add_optional_groups() -> None:
+    try:
+        from vmikit.abi.cli import spec_group
+    except ImportError:  # the interface layer is not present in this build
+        return
+    main.add_command(spec_group)
+
+
+_add_optional_groups()

@@ -1,0 +1,136 @@
+"""The engine boundary: what the board asks of an execution engine.
+
+The run loop lives in the engine (it is the hot path) and turns port and MMIO
+accesses into calls on one ``VcpuOps`` object supplied by the board; only
+exits the board must decide on come back as a small ``Exit`` value.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from vmikit.memory import Region
+
+
+class ExitKind(enum.Enum):
+    STOPPED = "stopped"  # an ops callback raised StopRun (the guest asked to exit)
+    KICKED = "kicked"  # kick() interrupted the vCPU (watchdog)
+    HALT = "halt"  # HLT with nothing to wake the vCPU
+    SHUTDOWN = "shutdown"  # triple fault
+    FAIL_ENTRY = "fail_entry"  # the hardware refused to enter the guest
+    INTERNAL_ERROR = "internal_error"  # the engine could not handle an instruction or event
+    UNHANDLED = "unhandled"  # an exit reason the engine does not know
+
+
+@dataclass(frozen=True)
+class Exit:
+    kind: ExitKind
+    detail: str = ""
+    code: int = 0  # STOPPED: the value passed to StopRun; others: engine-specific reason code
+
+
+class StopRun(Exception):
+    """Raised by a VcpuOps callback to end the run loop with ExitKind.STOPPED."""
+
+    def __init__(self, code: int = 0) -> None:
+        super().__init__(code)
+        self.code = code
+
+
+class Registers(Protocol):
+    """General-purpose registers, readable and writable as attributes (rax ... r15, rip, rflags)."""
+
+    rax: int
+    rbx: int
+    rcx: int
+    rdx: int
+    rsi: int
+    rdi: int
+    rsp: int
+    rbp: int
+    r8: int
+    r9: int
+    r10: int
+    r11: int
+    r12: int
+    r13: int
+    r14: int
+    r15: int
+    rip: int
+    rflags: int
+
+
+class VcpuOps(Protocol):
+    """Callbacks the engine makes from its run loop. Values are plain ints and bytes."""
+
+    def pio_out(self, port: int, size: int, value: int) -> None: ...
+
+    def pio_in(self, port: int, size: int) -> int: ...
+
+    def mmio_read(self, addr: int, size: int) -> int: ...
+
+    def mmio_write(self, addr: int, size: int, value: int) -> None: ...
+
+
+@dataclass(frozen=True)
+class BootState:
+    """32-bit flat protected mode, paging off, interrupts off: the multiboot entry state."""
+
+    entry: int
+    rax: int = 0
+    rbx: int = 0
+    rsp: int = 0
+
+
+@dataclass
+class ExitCounters:
+    by_reason: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def total(self) -> int:
+        return sum(self.by_reason.values())
+
+
+class Vcpu(Protocol):
+    @property
+    def regs(self) -> Registers:
+        """Live registers as of the last exit; write, then call mark_regs_dirty()."""
+        ...
+
+    def mark_regs_dirty(self) -> None: ...
+
+    def run(self, ops: VcpuOps) -> Exit: ...
+
+    def kick(self) -> None:
+        """Thread-safe: make run() return ExitKind.KICKED as soon as possible."""
+        ...
+
+    def exit_counts(self) -> dict[str, int]: ...
+
+    def dump_state(self) -> dict[str, int]:
+        """All registers worth printing in a crash report (GPRs, control registers, segments)."""
+        ...
+
+    def tsc_khz(self) -> int | None: ...
+
+    def close(self) -> None: ...
+
+
+class Vm(Protocol):
+    def add_memory(self, region: Region) -> None: ...
+
+    def create_vcpu(self, boot: BootState) -> Vcpu: ...
+
+    def close(self) -> None: ...
+
+
+class Engine(Protocol):
+    name: str
+
+    def create_vm(self) -> Vm: ...
+
+    def describe(self) -> dict[str, object]:
+        """Facts about the engine for reports (API version, capabilities)."""
+        ...

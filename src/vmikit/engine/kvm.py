@@ -1,0 +1,227 @@
+"""The KVM engine: /dev/kvm behind the engine interface, with the vCPU run loop."""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import signal
+import threading
+
+from vmikit.engine.base import BootState, Exit, ExitKind, StopRun, VcpuOps
+from vmikit.errors import HostError
+from vmikit.kvm import structs as ks
+from vmikit.kvm.api import (
+    KVM_RUN, OPTIONAL_CAPS, REQUIRED_CAPS, Kvm, KvmVcpu, KvmVm, _ioctl,
+)
+from vmikit.kvm.structs import KVM_SYNC_X86_REGS, KvmSegment
+from vmikit.machine import layout
+from vmikit.memory import Region
+
+KICK_SIGNAL = signal.SIGUSR1
+
+_INTERNAL_SUBERRORS = {
+    1: "KVM could not emulate an instruction",
+    2: "an exception occurred while delivering another (simultaneous exceptions)",
+    3: "an event could not be delivered to the guest",
+    4: "an unexpected exit reason",
+}
+
+
+def _install_kick_handler() -> None:
+    """A no-op handler, so that the kick signal interrupts KVM_RUN with EINTR instead of killing us."""
+    if signal.getsignal(KICK_SIGNAL) not in (signal.SIG_DFL, signal.SIG_IGN, None):
+        return
+    if threading.current_thread() is not threading.main_thread():
+        raise HostError("vmikit must be started from the main thread the first time",
+                        "create the first Machine from the main thread (its watchdog needs a signal handler)")
+    signal.signal(KICK_SIGNAL, lambda signum, frame: None)
+
+
+def _flat_segment(selector: int, type_: int) -> KvmSegment:
+    return KvmSegment(base=0, limit=0xFFFFFFFF, selector=selector, type=type_,
+                      present=1, dpl=0, db=1, s=1, l=0, g=1, avl=0, unusable=0)
+
+
+class KvmVcpuEngine:
+    """One vCPU and its run loop."""
+
+    def __init__(self, vcpu: KvmVcpu) -> None:
+        self._vcpu = vcpu
+        self._run = vcpu.run_struct
+        # Only the GPRs travel through sync_regs: copying sregs and events out on every
+        # exit would cost on the hot path, and the board needs them only in crash reports.
+        self._run.kvm_valid_regs = KVM_SYNC_X86_REGS
+        self._io = self._run.exit.io
+        self._mmio = self._run.exit.mmio
+        self._run_base = vcpu.run_addr
+        self._fd = vcpu.fd
+        self._counts: dict[int, int] = {}
+        self._kicked = False
+        self._thread_id: int | None = None
+
+    @property
+    def regs(self) -> ks.KvmRegs:
+        return self._vcpu.regs
+
+    def mark_regs_dirty(self) -> None:
+        self._run.kvm_dirty_regs |= KVM_SYNC_X86_REGS
+
+    def setup_boot(self, boot: BootState, cpuid_buf: ctypes.Array[ctypes.c_char]) -> None:
+        self._vcpu.set_cpuid(cpuid_buf)
+        sregs = self._vcpu.get_sregs()
+        sregs.cs = _flat_segment(0x08, 0xB)
+        for name in ("ds", "es", "fs", "gs", "ss"):
+            setattr(sregs, name, _flat_segment(0x10, 0x3))
+        sregs.cr0 = 0x11  # PE | ET: protected mode, paging and caches-disable off
+        sregs.cr4 = 0
+        sregs.efer = 0
+        self._vcpu.set_sregs(sregs)
+        regs = ks.KvmRegs(rip=boot.entry, rax=boot.rax, rbx=boot.rbx, rsp=boot.rsp, rflags=0x2)
+        self._vcpu.set_regs(regs)
+
+    def run(self, ops: VcpuOps) -> Exit:
+        run = self._run
+        io = self._io
+        mmio = self._mmio
+        base = self._run_base
+        fd = self._fd
+        counts = self._counts
+        self._thread_id = threading.get_ident()
+        try:
+            while True:
+                if _ioctl(fd, KVM_RUN, None) < 0:
+                    err = ctypes.get_errno()
+                    if err in (errno.EINTR, errno.EAGAIN):
+                        counts[ks.KVM_EXIT_INTR] = counts.get(ks.KVM_EXIT_INTR, 0) + 1
+                        if self._kicked:
+                            return Exit(ExitKind.KICKED, "stopped by the watchdog")
+                        continue
+                    return Exit(ExitKind.INTERNAL_ERROR, f"KVM_RUN failed: {errno.errorcode.get(err, err)}", err)
+                reason = run.exit_reason
+                counts[reason] = counts.get(reason, 0) + 1
+                if reason == ks.KVM_EXIT_IO:
+                    size = io.size
+                    addr = base + io.data_offset
+                    port = io.port
+                    for _ in range(io.count):
+                        if io.direction == ks.KVM_EXIT_IO_OUT:
+                            ops.pio_out(port, size, int.from_bytes(ctypes.string_at(addr, size), "little"))
+                        else:
+                            value = ops.pio_in(port, size) & ((1 << (8 * size)) - 1)
+                            ctypes.memmove(addr, value.to_bytes(size, "little"), size)
+                        addr += size
+                elif reason == ks.KVM_EXIT_MMIO:
+                    length = min(mmio.len, 8)
+                    if mmio.is_write:
+                        ops.mmio_write(mmio.phys_addr, length, int.from_bytes(bytes(mmio.data)[:length], "little"))
+                    else:
+                        value = ops.mmio_read(mmio.phys_addr, length) & ((1 << (8 * length)) - 1)
+                        ctypes.memmove(ctypes.addressof(mmio.data), value.to_bytes(length, "little"), length)
+                elif reason == ks.KVM_EXIT_HLT:
+                    return Exit(ExitKind.HALT, "the guest executed HLT and nothing can wake it")
+                elif reason == ks.KVM_EXIT_SHUTDOWN:
+                    return Exit(ExitKind.SHUTDOWN, "triple fault")
+                elif reason == ks.KVM_EXIT_FAIL_ENTRY:
+                    code = run.exit.fail_entry.hardware_entry_failure_reason
+                    return Exit(ExitKind.FAIL_ENTRY, f"hardware entry failure reason {code:#x}", code)
+                elif reason == ks.KVM_EXIT_INTERNAL_ERROR:
+                    sub = run.exit.internal.suberror
+                    what = _INTERNAL_SUBERRORS.get(sub, f"suberror {sub}")
+                    return Exit(ExitKind.INTERNAL_ERROR, what, sub)
+                elif reason == ks.KVM_EXIT_INTR:
+                    if self._kicked:
+                        return Exit(ExitKind.KICKED, "stopped by the watchdog")
+                else:
+                    name = ks.EXIT_REASON_NAMES.get(reason, str(reason))
+                    return Exit(ExitKind.UNHANDLED, f"unhandled KVM exit reason {name}", reason)
+        except StopRun as stop:
+            return Exit(ExitKind.STOPPED, "", stop.code)
+        finally:
+            run.immediate_exit = 0
+            self._thread_id = None
+
+    def kick(self) -> None:
+        self._kicked = True
+        self._run.immediate_exit = 1  # covers a kick that lands between two KVM_RUNs
+        tid = self._thread_id
+        if tid is not None:
+            try:
+                signal.pthread_kill(tid, KICK_SIGNAL)
+            except ProcessLookupError:
+                pass
+
+    def exit_counts(self) -> dict[str, int]:
+        return {ks.EXIT_REASON_NAMES.get(r, str(r)): n for r, n in sorted(self._counts.items())}
+
+    def dump_state(self) -> dict[str, int]:
+        state: dict[str, int] = {}
+        regs = self._vcpu.get_regs()
+        for name, _ in ks.KvmRegs._fields_:
+            state[name] = getattr(regs, name)
+        sregs = self._vcpu.get_sregs()
+        for name in ("cr0", "cr2", "cr3", "cr4", "efer"):
+            state[name] = getattr(sregs, name)
+        for name in ("cs", "ss", "ds"):
+            state[name] = getattr(sregs, name).selector
+        state["gdt_base"], state["gdt_limit"] = sregs.gdt.base, sregs.gdt.limit
+        state["idt_base"], state["idt_limit"] = sregs.idt.base, sregs.idt.limit
+        return state
+
+    def tsc_khz(self) -> int | None:
+        try:
+            return self._vcpu.tsc_khz()
+        except OSError:
+            return None
+
+    def close(self) -> None:
+        self._io = self._mmio = None  # type: ignore[assignment]
+        del self._run
+        self._vcpu.close()
+
+
+class KvmVmEngine:
+    def __init__(self, kvm: Kvm, vm: KvmVm) -> None:
+        self._kvm = kvm
+        self._vm = vm
+        self._vcpus: list[KvmVcpuEngine] = []
+        vm.set_tss_addr(layout.KVM_TSS_ADDR)
+        vm.set_identity_map_addr(layout.KVM_IDENTITY_MAP_ADDR)
+
+    def add_memory(self, region: Region) -> None:
+        self._vm.set_memory_region(region.gpa, region.size, region.host_addr, region.readonly)
+
+    def create_vcpu(self, boot: BootState) -> KvmVcpuEngine:
+        _install_kick_handler()
+        vcpu = KvmVcpuEngine(self._vm.create_vcpu(len(self._vcpus)))
+        cpuid_buf, _ = self._kvm.supported_cpuid()
+        vcpu.setup_boot(boot, cpuid_buf)
+        self._vcpus.append(vcpu)
+        return vcpu
+
+    def close(self) -> None:
+        for vcpu in self._vcpus:
+            vcpu.close()
+        self._vcpus.clear()
+        self._vm.close()
+
+
+class KvmEngine:
+    name = "kvm"
+
+    def __init__(self, device: str = "/dev/kvm") -> None:
+        self._kvm = Kvm(device)
+        missing = self._kvm.missing_caps()
+        if missing:
+            raise HostError(f"KVM on this host lacks {', '.join(missing)}",
+                            "use a newer Linux kernel (vmikit needs KVM with sync_regs and read-only memory)")
+
+    def create_vm(self) -> KvmVmEngine:
+        return KvmVmEngine(self._kvm, self._kvm.create_vm())
+
+    def describe(self) -> dict[str, object]:
+        caps = {name: self._kvm.check_extension(cap) for name, cap in {**REQUIRED_CAPS, **OPTIONAL_CAPS}.items()}
+        return {"engine": "kvm", "device": self._kvm.device, "api_version": self._kvm.api_version,
+                "capabilities": caps}
+
+    def close(self) -> None:
+        self._kvm.close()

@@ -1,0 +1,209 @@
+"""The x86 board: guest RAM, the multiboot kernel, ports, watchdog and the run result.
+
+The board is the ``VcpuOps`` the engine calls from its run loop. Devices (and,
+later, the hypercall port) register port handlers with ``on_out``/``on_in``.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from vmikit.engine import BootState, Engine, ExitKind, StopRun, open_engine
+from vmikit.errors import GuestCrash, GuestHang, UsageError
+from vmikit.machine import layout
+from vmikit.machine.crash import FRAME_SIZE, GuestException, format_registers
+from vmikit.machine.loader import MULTIBOOT_BOOTLOADER_MAGIC, LoadedKernel, load_multiboot
+from vmikit.memory import GuestMemory, GuestMemoryError, Region
+
+OutHandler = Callable[[int, int, int], None]  # (port, size, value)
+InHandler = Callable[[int, int], int]  # (port, size) -> value
+ConsoleSink = Callable[[bytes], None]
+
+CONSOLE_CAPTURE_LIMIT = 4 << 20  # bytes kept for the run result; the rest is counted, not stored
+
+
+@dataclass
+class RunResult:
+    exit_status: int
+    console: str
+    exits_by_reason: dict[str, int]
+    wall_seconds: float
+    console_dropped: int = 0
+    ports: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def exits_total(self) -> int:
+        return sum(self.exits_by_reason.values())
+
+    def summary(self) -> dict[str, object]:
+        return {
+            "exit_status": self.exit_status,
+            "exits": {"total": self.exits_total, "by_reason": dict(self.exits_by_reason), "by_port": dict(self.ports)},
+            "wall_seconds": round(self.wall_seconds, 6),
+            "console_bytes_dropped": self.console_dropped,
+        }
+
+
+class Console:
+    """COM1 transmit: bytes go to a sink as lines complete, and into a bounded capture."""
+
+    def __init__(self, sink: ConsoleSink | None) -> None:
+        self._sink = sink
+        self._line = bytearray()
+        self.captured = bytearray()
+        self.dropped = 0
+
+    def put(self, byte: int) -> None:
+        self._line.append(byte)
+        if byte == 0x0A or len(self._line) >= 4096:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self._line:
+            return
+        room = CONSOLE_CAPTURE_LIMIT - len(self.captured)
+        self.captured += self._line[:room]
+        self.dropped += max(0, len(self._line) - room)
+        if self._sink is not None:
+            self._sink(bytes(self._line))
+        self._line.clear()
+
+    def text(self) -> str:
+        return self.captured.decode("utf-8", errors="replace")
+
+
+class Machine:
+    """A one-vCPU x86 PC-like board running a multiboot kernel."""
+
+    def __init__(self, image: Path, *, memory_mib: int = 128, engine: Engine | None = None,
+                 console: ConsoleSink | None = None, timeout: float = 30.0, cmdline: str = "") -> None:
+        if not layout.MIN_MEMORY_MIB <= memory_mib <= layout.MAX_MEMORY_MIB:
+            raise UsageError(f"--memory {memory_mib} MiB is out of range",
+                             f"choose {layout.MIN_MEMORY_MIB} to {layout.MAX_MEMORY_MIB} MiB")
+        if timeout <= 0:
+            raise UsageError(f"--timeout {timeout} must be positive", "give the guest a time limit in seconds, e.g. --timeout 30")
+        self.timeout = timeout
+        self.ram_end = memory_mib * layout.MiB
+        self.memory = GuestMemory()
+        self.console = Console(console)
+        self._out: dict[int, OutHandler] = {}
+        self._in: dict[int, InHandler] = {}
+        self._port_counts: dict[int, int] = {}
+        self._panic: GuestException | None = None
+        self._panic_error: str | None = None
+        self._own_engine = engine is None
+        self.engine = engine or open_engine()
+        self.vm = self.engine.create_vm()
+        for region in (Region(0, layout.LOW_RAM_END, name="low"),
+                       Region(layout.HIGH_RAM_BASE, self.ram_end - layout.HIGH_RAM_BASE, name="high")):
+            self.memory.add(region)
+            self.vm.add_memory(region)
+        self.kernel: LoadedKernel = load_multiboot(image, self.memory, self.ram_end, cmdline)
+        self.vcpu = self.vm.create_vcpu(BootState(entry=self.kernel.entry, rax=MULTIBOOT_BOOTLOADER_MAGIC,
+                                                  rbx=self.kernel.info_addr))
+        self.on_out(layout.PORT_SERIAL, lambda port, size, value: self.console.put(value & 0xFF))
+        self.on_in(layout.PORT_SERIAL_LSR, lambda port, size: 0x60)  # THR empty, transmitter idle
+        self.on_out(layout.PORT_EXIT, self._exit_port)
+        self.on_out(layout.PORT_PANIC, self._panic_port)
+
+    # --- devices ---------------------------------------------------------
+
+    def on_out(self, port: int, handler: OutHandler) -> None:
+        self._out[port] = handler
+
+    def on_in(self, port: int, handler: InHandler) -> None:
+        self._in[port] = handler
+
+    def _exit_port(self, port: int, size: int, value: int) -> None:
+        raise StopRun(value)
+
+    def _panic_port(self, port: int, size: int, value: int) -> None:
+        try:
+            self._panic = GuestException.parse(self.memory.read(value, FRAME_SIZE))
+        except GuestMemoryError as exc:
+            self._panic_error = f"the guest reported an exception with a bad frame address ({exc})"
+
+    # --- VcpuOps ---------------------------------------------------------
+
+    def pio_out(self, port: int, size: int, value: int) -> None:
+        self._port_counts[port] = self._port_counts.get(port, 0) + 1
+        handler = self._out.get(port)
+        if handler is not None:
+            handler(port, size, value)
+        # Writes to ports nobody decodes are dropped, as on real hardware.
+
+    def pio_in(self, port: int, size: int) -> int:
+        self._port_counts[port] = self._port_counts.get(port, 0) + 1
+        handler = self._in.get(port)
+        return handler(port, size) if handler is not None else (1 << (8 * size)) - 1
+
+    def mmio_read(self, addr: int, size: int) -> int:
+        return (1 << (8 * size)) - 1  # unmapped: the bus floats high
+
+    def mmio_write(self, addr: int, size: int, value: int) -> None:
+        pass  # unmapped or read-only: dropped (counted as an mmio exit)
+
+    # --- running ---------------------------------------------------------
+
+    def run(self) -> RunResult:
+        """Run to the guest's exit; raises GuestCrash/GuestHang with a register dump otherwise."""
+        start = time.perf_counter()
+        watchdog = threading.Timer(self.timeout, self.vcpu.kick)
+        watchdog.daemon = True
+        watchdog.start()
+        try:
+            exit_ = self.vcpu.run(self)
+        finally:
+            watchdog.cancel()
+            self.console.flush()
+        wall = time.perf_counter() - start
+        if exit_.kind is ExitKind.STOPPED:
+            status = exit_.code if 0 <= exit_.code <= 255 else 255
+            if status == layout.EXIT_EXCEPTION and self._panic is not None:
+                raise GuestCrash(self._panic.summary(), "fix the guest code at that address",
+                                 dump=format_registers(self._panic.frame))
+            return self._result(status, wall)
+        dump = format_registers(self.vcpu.dump_state())
+        if exit_.kind is ExitKind.KICKED:
+            raise GuestHang(f"guest did not finish within {self.timeout:g} s and was stopped by the watchdog",
+                            "raise --timeout if it is just slow, or fix the loop it is stuck in", dump=dump)
+        if self._panic_error:
+            raise GuestCrash(self._panic_error, "pass the physical address of the exception frame", dump=dump)
+        if exit_.kind is ExitKind.SHUTDOWN:
+            raise GuestCrash("guest triple fault (the CPU shut down while delivering an exception)",
+                             "check the guest's IDT, GDT and stack", dump=dump)
+        if exit_.kind is ExitKind.HALT:
+            raise GuestCrash("guest halted without writing an exit code",
+                             f"end the guest with outl(code, {layout.PORT_EXIT:#x})", dump=dump)
+        if exit_.kind is ExitKind.FAIL_ENTRY:
+            raise GuestCrash(f"KVM could not enter the guest ({exit_.detail})",
+                             "the guest's register state is invalid for VM entry", dump=dump)
+        if exit_.kind is ExitKind.INTERNAL_ERROR:
+            raise GuestCrash(f"KVM internal error: {exit_.detail}",
+                             "see the register dump for the instruction at rip", dump=dump)
+        raise GuestCrash(exit_.detail, "report this exit to the vmikit developers", dump=dump)
+
+    def _result(self, status: int, wall: float) -> RunResult:
+        return RunResult(
+            exit_status=status, console=self.console.text(), exits_by_reason=self.vcpu.exit_counts(),
+            wall_seconds=wall, console_dropped=self.console.dropped,
+            ports={f"{p:#x}": n for p, n in sorted(self._port_counts.items())},
+        )
+
+    def close(self) -> None:
+        self.vm.close()
+        if self._own_engine:
+            close = getattr(self.engine, "close", None)
+            if close:
+                close()
+        self.memory.close()
+
+    def __enter__(self) -> Machine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
