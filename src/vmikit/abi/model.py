@@ -1,0 +1,247 @@
+"""The loaded interface as plain, read-only values (built by vmikit.abi.loader)."""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, NamedTuple
+
+from vmikit.abi.callid import CALLID_MAX, CallId
+
+U64_MASK = (1 << 64) - 1
+
+
+class Version(NamedTuple):
+    major: int
+    minor: int
+
+    @property
+    def packed(self) -> int:
+        """The Query.GetVersion answer: major << 16 | minor."""
+        return (self.major << 16) | self.minor
+
+    def __str__(self) -> str:
+        return f"{self.major}.{self.minor}"
+
+
+@dataclass(frozen=True, slots=True)
+class TypeDef:
+    name: str
+    bits: int
+    doc: str
+
+
+@dataclass(frozen=True, slots=True)
+class Arg:
+    name: str
+    type: str
+
+    def __str__(self) -> str:
+        return f"{self.type} {self.name}"
+
+
+@dataclass(frozen=True, slots=True)
+class Annotation:
+    name: str
+    bit: int
+    title: str
+    doc: str
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorCode:
+    name: str
+    value: int  # 0 or negative; RAX carries it as value & U64_MASK
+    doc: str
+
+
+@dataclass(frozen=True, slots=True)
+class Constant:
+    name: str
+    value: int
+    doc: str
+
+
+@dataclass(frozen=True, slots=True)
+class Batch:
+    """Layout of the FlushQueue buffer: u32 call_id, u32 reserved, u64 args[max_args]."""
+
+    max_entries: int
+    max_args: int
+    doc: str
+
+    @property
+    def entry_size(self) -> int:
+        return 8 + 8 * self.max_args
+
+
+@dataclass(frozen=True, slots=True)
+class Call:
+    family: int
+    number: int
+    name: str
+    family_name: str
+    doc: str
+    args: tuple[Arg, ...] = ()
+    results: tuple[Arg, ...] = ()  # result slots 1..n; slot 0 (RAX) is always the status
+    optional: bool = False
+    annotations: frozenset[str] = frozenset()
+    legacy: int | None = None
+    legacy_name: str | None = None
+    since: Version = Version(1, 0)
+
+    @property
+    def qualified_name(self) -> str:
+        return f"{self.family_name}.{self.name}"
+
+    @property
+    def result(self) -> str:
+        """Result type summary: 'status' when only RAX, else the slot types."""
+        if not self.results:
+            return "status"
+        return ", ".join(str(r) for r in self.results)
+
+    def call_id(self, annotation: int = 0) -> int:
+        return CallId(self.family, self.number, 0, annotation).encode()
+
+    def __str__(self) -> str:
+        return self.qualified_name
+
+
+@dataclass(frozen=True, slots=True)
+class LegacyOnly:
+    """A VMI 3.0 flat number with no family call: the hypervisor answers NOT_SUPPORTED."""
+
+    number: int
+    name: str
+    doc: str
+
+
+@dataclass(frozen=True, slots=True)
+class Family:
+    id: int
+    name: str
+    doc: str
+    calls: dict[int, Call] = field(default_factory=dict)
+    since: Version = Version(1, 0)
+    runtime: bool = False  # calls are registered from Python at run time (Experimental)
+
+
+class UnknownName(KeyError):
+    """KeyError whose str() is the plain message (KeyError would quote it)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+@dataclass(frozen=True)
+class Spec:
+    """The whole interface. Treat every field as read-only: load_spec() caches it."""
+
+    path: Path
+    name: str
+    version: Version
+    doc: str
+    types: dict[str, TypeDef]
+    annotations: dict[str, Annotation]
+    errors: dict[str, int]  # name -> value (0 or negative)
+    error_docs: dict[str, str]
+    constants: dict[str, Constant]
+    batch: Batch
+    families: dict[int, Family]
+    legacy: dict[int, Call]  # flat legacy number -> family call
+    legacy_only: dict[int, LegacyOnly]
+
+    # -------------------------------------------------------------- calls
+    def calls(self) -> Iterator[Call]:
+        """Every family call, in call-ID order."""
+        for fid in sorted(self.families):
+            family = self.families[fid]
+            for number in sorted(family.calls):
+                yield family.calls[number]
+
+    def lookup(self, call_id: int) -> Call | None:
+        """The call a call ID names, ignoring annotation bits and not checking reserved.
+
+        Family 0x00 (legacy) resolves through the legacy table. Values that are
+        not 32-bit call IDs give None, as unknown calls do.
+        """
+        if not isinstance(call_id, int) or not 0 <= call_id <= CALLID_MAX:
+            return None
+        cid = CallId.decode(call_id)
+        if cid.family == 0x00:
+            return self.legacy.get(cid.call)
+        family = self.families.get(cid.family)
+        return family.calls.get(cid.call) if family else None
+
+    def by_name(self, name: str) -> Call:
+        """'MMU.SetPTE' (case-insensitive) -> Call; UnknownName (a KeyError) otherwise."""
+        table = {c.qualified_name.lower(): c for c in self.calls()}
+        call = table.get(name.strip().lower())
+        if call is not None:
+            return call
+        names = [c.qualified_name for c in self.calls()]
+        close = difflib.get_close_matches(name, names, n=1, cutoff=0.6)
+        if not close:  # case-insensitive second try
+            lowered = difflib.get_close_matches(name.lower(), list(table), n=1, cutoff=0.6)
+            close = [table[lowered[0]].qualified_name] if lowered else []
+        hint = f"did you mean {close[0]}?" if close else "names look like MMU.SetPTE"
+        raise UnknownName(f"unknown call {name!r}: {hint} (`vmikit spec show` lists every call)")
+
+    def family_by_name(self, name: str) -> Family:
+        for family in self.families.values():
+            if family.name.lower() == name.strip().lower():
+                return family
+        known = ", ".join(f.name for f in self.families.values())
+        raise UnknownName(f"unknown family {name!r}: known families are {known}")
+
+    def legacy_name(self, number: int) -> str | None:
+        call = self.legacy.get(number)
+        if call is not None:
+            return call.legacy_name or call.name
+        only = self.legacy_only.get(number)
+        return only.name if only else None
+
+    # -------------------------------------------------------------- annotations
+    def annotation_mask(self, call: Call) -> int:
+        """Bits of the annotation byte this call accepts."""
+        mask = 0
+        for name in call.annotations:
+            mask |= self.annotations[name].bit
+        return mask
+
+    def annotation_names(self, bits: int) -> tuple[list[str], int]:
+        """Split an annotation byte into known names and the unknown remainder."""
+        names = [a.name for a in sorted(self.annotations.values(), key=lambda a: a.bit) if bits & a.bit]
+        known = sum(self.annotations[n].bit for n in names)
+        return names, bits & ~known & 0xFF
+
+    def annotation_bits(self, name: str) -> int:
+        try:
+            return self.annotations[name.strip().lower()].bit
+        except KeyError:
+            known = ", ".join(sorted(self.annotations))
+            raise UnknownName(f"unknown annotation {name!r}: known annotations are {known}") from None
+
+    # -------------------------------------------------------------- errors
+    def error(self, name: str) -> int:
+        """Error code value (0 or negative) by name, e.g. error('BAD_ADDRESS') == -4."""
+        try:
+            return self.errors[name.strip().upper()]
+        except KeyError:
+            known = ", ".join(self.errors)
+            raise UnknownName(f"unknown error {name!r}: known errors are {known}") from None
+
+    def error_rax(self, name: str) -> int:
+        """The error as the unsigned 64-bit value the hypervisor writes to RAX."""
+        return self.error(name) & U64_MASK
+
+    def error_name(self, value: int) -> str | None:
+        """Name of an error code given signed or as an unsigned 64-bit RAX value."""
+        if value > (U64_MASK >> 1):
+            value -= 1 << 64
+        for name, code in self.errors.items():
+            if code == value:
+                return name
+        return None
