@@ -21,7 +21,7 @@ def call_name(spec: Spec, cid: CallId) -> str:
         return f"Legacy.<unknown call {cid.call}>"
     call = family.calls.get(cid.call)
     if call is None:
-        where = " (registered at run time)" if family.runtime else ""
+        where = " (its calls are registered at run time)" if family.runtime else ""
         return f"{family.name}.<unknown call 0x{cid.call:02x}>{where}"
     return call.qualified_name
 

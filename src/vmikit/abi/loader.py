@@ -54,7 +54,8 @@ class _Checker:
         optional = optional or set()
         missing = sorted(required - table.keys())
         if missing:
-            self.fail(where, f"missing field {missing[0]!r}", f"add {missing[0]} = ...")
+            fix = f"add a [{missing[0]}] section" if where == "top level" else f"add {missing[0]} = ..."
+            self.fail(where, f"missing field {missing[0]!r}", fix)
         extra = sorted(table.keys() - required - optional)
         if extra:
             allowed = ", ".join(sorted(required | optional))
@@ -299,7 +300,8 @@ def _call(
         if ann not in annotations:
             ck.fail(where, f"unknown annotation {ann!r}", f"use one of {', '.join(annotations) or '(none defined)'} or add [annotations.{ann}]")
     args = _args(ck, body, "args", where, types, MAX_ARGS)
-    if anns and "queue" in anns and len(args) > batch.max_args:
+    # A queued call travels in a batch entry, so its args must fit one.
+    if "queue" in anns and len(args) > batch.max_args:
         ck.fail(where, f"a queueable call has {len(args)} args but a batch entry holds {batch.max_args}", "raise [batch] max_args or drop `queue`")
     legacy = ck.int_(body, "legacy", where, 0, FIELD_MASK) if "legacy" in body else None
     legacy_name = ck.str_(body, "legacy_name", where, _IDENT) if "legacy_name" in body else None
