@@ -89,3 +89,12 @@ def test_bad_spec_file_one_line(tmp_path: Path) -> None:
     bad.write_text("[interface\n")
     line = _one_line_error(run("--file", str(bad), "show"))
     assert str(bad) in line and "invalid TOML" in line
+
+
+def test_through_the_main_cli() -> None:
+    from helpers import vmikit
+
+    ok = vmikit("spec", "encode", "MMU.SetPTE", "--annotation", "queue")
+    assert ok.returncode == 0 and ok.stdout.strip() == "0x03000001", ok.stderr
+    bad = vmikit("spec", "encode", "Nope.Call")
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and "Nope.Call" in bad.stderr
