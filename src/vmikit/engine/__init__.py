@@ -1,8 +1,11 @@
 """One interface over execution engines. KVM is the first; nothing KVM-specific leaks above here."""
 
-from vmikit.engine.base import BootState, Engine, Exit, ExitKind, Registers, StopRun, Vcpu, VcpuOps, Vm
+from vmikit.engine.base import (
+    BootState, ControlState, DescriptorTable, Engine, Exit, ExitKind, Registers, Segment, StopRun, Vcpu,
+    VcpuOps, Vm,
+)
 
-__all__ = ["BootState", "Engine", "Exit", "ExitKind", "Registers", "StopRun", "Vcpu", "VcpuOps", "Vm", "open_engine"]
+__all__ = ["BootState", "ControlState", "DescriptorTable", "Segment", "Engine", "Exit", "ExitKind", "Registers", "StopRun", "Vcpu", "VcpuOps", "Vm", "open_engine"]
 
 
 def open_engine(name: str = "kvm", device: str | None = None) -> Engine:

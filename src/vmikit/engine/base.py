@@ -84,6 +84,41 @@ class BootState:
     rsp: int = 0
 
 
+@dataclass(frozen=True)
+class DescriptorTable:
+    base: int
+    limit: int
+
+
+@dataclass(frozen=True)
+class Segment:
+    """A loaded segment register (hidden part included), engine-neutral."""
+
+    selector: int
+    base: int
+    limit: int
+    type: int
+    present: bool
+    dpl: int = 0
+    db: bool = False
+    s: bool = False
+    l: bool = False
+    g: bool = False
+
+
+@dataclass(frozen=True)
+class ControlState:
+    cr0: int
+    cr2: int
+    cr3: int
+    cr4: int
+    efer: int
+    gdt: DescriptorTable
+    idt: DescriptorTable
+    ldt: Segment
+    tr: Segment
+
+
 @dataclass
 class ExitCounters:
     by_reason: dict[str, int] = field(default_factory=dict)
@@ -114,6 +149,24 @@ class Vcpu(Protocol):
         ...
 
     def tsc_khz(self) -> int | None: ...
+
+    def get_control(self) -> ControlState: ...
+
+    def set_control(self, *, cr0: int | None = None, cr2: int | None = None, cr3: int | None = None,
+                    cr4: int | None = None, gdt: DescriptorTable | None = None, idt: DescriptorTable | None = None,
+                    ldt: Segment | None = None, tr: Segment | None = None) -> None:
+        """Change the named parts of the control state; raises ValueError if the CPU refuses."""
+        ...
+
+    def get_msr(self, index: int) -> int | None:
+        """The MSR's value, or None when the engine does not let the guest have it."""
+        ...
+
+    def set_msr(self, index: int, value: int) -> bool: ...
+
+    def cpuid(self, leaf: int, subleaf: int) -> tuple[int, int, int, int]:
+        """CPUID as the engine presents it to this vCPU (static table, without per-state bits)."""
+        ...
 
     def close(self) -> None: ...
 

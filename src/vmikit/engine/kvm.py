@@ -7,7 +7,7 @@ import errno
 import signal
 import threading
 
-from vmikit.engine.base import BootState, Exit, ExitKind, StopRun, VcpuOps
+from vmikit.engine.base import BootState, ControlState, DescriptorTable, Exit, ExitKind, Segment, StopRun, VcpuOps
 from vmikit.errors import HostError
 from vmikit.kvm import structs as ks
 from vmikit.kvm.api import (
@@ -35,6 +35,20 @@ def _install_kick_handler() -> None:
         raise HostError("vmikit must be started from the main thread the first time",
                         "create the first Machine from the main thread (its watchdog needs a signal handler)")
     signal.signal(KICK_SIGNAL, lambda signum, frame: None)
+
+
+_CPUID_SIGNIFICANT_INDEX = 1 << 0
+
+
+def _segment_from_kvm(seg: KvmSegment) -> Segment:
+    return Segment(selector=seg.selector, base=seg.base, limit=seg.limit, type=seg.type, present=bool(seg.present),
+                   dpl=seg.dpl, db=bool(seg.db), s=bool(seg.s), l=bool(seg.l), g=bool(seg.g))
+
+
+def _segment_to_kvm(seg: Segment) -> KvmSegment:
+    return KvmSegment(base=seg.base, limit=seg.limit, selector=seg.selector, type=seg.type, present=int(seg.present),
+                      dpl=seg.dpl, db=int(seg.db), s=int(seg.s), l=int(seg.l), g=int(seg.g), avl=0,
+                      unusable=0 if seg.present else 1)
 
 
 def _flat_segment(selector: int, type_: int) -> KvmSegment:
@@ -68,6 +82,8 @@ class KvmVcpuEngine:
 
     def setup_boot(self, boot: BootState, cpuid_buf: ctypes.Array[ctypes.c_char]) -> None:
         self._vcpu.set_cpuid(cpuid_buf)
+        nent = ks.KvmCpuid2.from_buffer(cpuid_buf).nent
+        self._cpuid_entries = list((ks.KvmCpuidEntry2 * nent).from_buffer_copy(cpuid_buf, ctypes.sizeof(ks.KvmCpuid2)))
         sregs = self._vcpu.get_sregs()
         sregs.cs = _flat_segment(0x08, 0xB)
         for name in ("ds", "es", "fs", "gs", "ss"):
@@ -172,6 +188,50 @@ class KvmVcpuEngine:
             return self._vcpu.tsc_khz()
         except OSError:
             return None
+
+    def get_control(self) -> ControlState:
+        sr = self._vcpu.get_sregs()
+        return ControlState(cr0=sr.cr0, cr2=sr.cr2, cr3=sr.cr3, cr4=sr.cr4, efer=sr.efer,
+                            gdt=DescriptorTable(sr.gdt.base, sr.gdt.limit), idt=DescriptorTable(sr.idt.base, sr.idt.limit),
+                            ldt=_segment_from_kvm(sr.ldt), tr=_segment_from_kvm(sr.tr))
+
+    def set_control(self, *, cr0: int | None = None, cr2: int | None = None, cr3: int | None = None,
+                    cr4: int | None = None, gdt: DescriptorTable | None = None, idt: DescriptorTable | None = None,
+                    ldt: Segment | None = None, tr: Segment | None = None) -> None:
+        sr = self._vcpu.get_sregs()
+        for name, value in (("cr0", cr0), ("cr2", cr2), ("cr3", cr3), ("cr4", cr4)):
+            if value is not None:
+                setattr(sr, name, value)
+        for name, table in (("gdt", gdt), ("idt", idt)):
+            if table is not None:
+                getattr(sr, name).base, getattr(sr, name).limit = table.base, table.limit
+        if ldt is not None:
+            sr.ldt = _segment_to_kvm(ldt)
+        if tr is not None:
+            sr.tr = _segment_to_kvm(tr)
+        try:
+            self._vcpu.set_sregs(sr)
+        except OSError as exc:  # KVM refuses invalid control-register combinations with EINVAL
+            raise ValueError(f"the CPU refuses this state ({exc.strerror})") from None
+
+    def get_msr(self, index: int) -> int | None:
+        try:
+            values = self._vcpu.get_msrs([index])
+        except OSError:
+            return None
+        return values.get(index)
+
+    def set_msr(self, index: int, value: int) -> bool:
+        try:
+            return self._vcpu.set_msrs({index: value}) == 1
+        except OSError:
+            return False
+
+    def cpuid(self, leaf: int, subleaf: int) -> tuple[int, int, int, int]:
+        for entry in self._cpuid_entries:
+            if entry.function == leaf and (not entry.flags & _CPUID_SIGNIFICANT_INDEX or entry.index == subleaf):
+                return entry.eax, entry.ebx, entry.ecx, entry.edx
+        return 0, 0, 0, 0
 
     def close(self) -> None:
         self._io = self._mmio = None  # type: ignore[assignment]
