@@ -29,6 +29,8 @@ IOCTLS = [
     ("KVM_SET_MSRS", structs.KvmMsrs),
     ("KVM_SET_CPUID2", structs.KvmCpuid2),
     ("KVM_GET_VCPU_EVENTS", structs.KvmVcpuEvents),
+    ("KVM_GET_DEBUGREGS", structs.KvmDebugregs),
+    ("KVM_SET_DEBUGREGS", structs.KvmDebugregs),
 ]
 PLAIN_IOCTLS = ["KVM_GET_API_VERSION", "KVM_CREATE_VM", "KVM_CHECK_EXTENSION", "KVM_GET_VCPU_MMAP_SIZE",
                 "KVM_CREATE_VCPU", "KVM_SET_TSS_ADDR", "KVM_RUN", "KVM_GET_TSC_KHZ"]
@@ -53,7 +55,7 @@ STRUCT_SIZES = {  # C name -> ctypes struct
     "kvm_dtable": structs.KvmDtable, "kvm_vcpu_events": structs.KvmVcpuEvents,
     "kvm_sync_regs": structs.KvmSyncRegs, "kvm_userspace_memory_region": structs.KvmUserspaceMemoryRegion,
     "kvm_cpuid2": structs.KvmCpuid2, "kvm_cpuid_entry2": structs.KvmCpuidEntry2,
-    "kvm_msrs": structs.KvmMsrs, "kvm_msr_entry": structs.KvmMsrEntry, "kvm_run": structs.KvmRun,
+    "kvm_msrs": structs.KvmMsrs, "kvm_debugregs": structs.KvmDebugregs, "kvm_msr_entry": structs.KvmMsrEntry, "kvm_run": structs.KvmRun,
 }
 RUN_OFFSETS = ["immediate_exit", "exit_reason", "kvm_valid_regs", "kvm_dirty_regs", "s"]
 

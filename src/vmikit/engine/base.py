@@ -164,6 +164,14 @@ class Vcpu(Protocol):
 
     def set_msr(self, index: int, value: int) -> bool: ...
 
+    def get_debugreg(self, number: int) -> int:
+        """DR0-3, DR6 or DR7."""
+        ...
+
+    def set_debugreg(self, number: int, value: int) -> None:
+        """Raises ValueError if the CPU refuses the value."""
+        ...
+
     def cpuid(self, leaf: int, subleaf: int) -> tuple[int, int, int, int]:
         """CPUID as the engine presents it to this vCPU (static table, without per-state bits)."""
         ...

@@ -227,6 +227,23 @@ class KvmVcpuEngine:
         except OSError:
             return False
 
+    def get_debugreg(self, number: int) -> int:
+        dregs = self._vcpu.get_debugregs()
+        return dregs.db[number] if number < 4 else dregs.dr6 if number == 6 else dregs.dr7
+
+    def set_debugreg(self, number: int, value: int) -> None:
+        dregs = self._vcpu.get_debugregs()
+        if number < 4:
+            dregs.db[number] = value
+        elif number == 6:
+            dregs.dr6 = value
+        else:
+            dregs.dr7 = value
+        try:
+            self._vcpu.set_debugregs(dregs)
+        except OSError as exc:
+            raise ValueError(f"the CPU refuses this debug-register value ({exc.strerror})") from None
+
     def cpuid(self, leaf: int, subleaf: int) -> tuple[int, int, int, int]:
         for entry in self._cpuid_entries:
             if entry.function == leaf and (not entry.flags & _CPUID_SIGNIFICANT_INDEX or entry.index == subleaf):

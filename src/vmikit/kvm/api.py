@@ -16,7 +16,7 @@ from vmikit.errors import HostError
 from vmikit.kvm import ioctl as ioc
 from vmikit.kvm.structs import (
     KVM_MEM_READONLY, KVM_SYNC_X86_EVENTS, KVM_SYNC_X86_REGS, KVM_SYNC_X86_SREGS,
-    KvmCpuid2, KvmDtable, KvmMsrs, KvmRegs, KvmRun, KvmSregs, KvmUserspaceMemoryRegion,
+    KvmCpuid2, KvmDebugregs, KvmDtable, KvmMsrs, KvmRegs, KvmRun, KvmSregs, KvmUserspaceMemoryRegion,
     KvmVcpuEvents, cpuid2_buffer, msrs_buffer,
 )
 
@@ -43,6 +43,8 @@ KVM_GET_MSRS = ioc.iowr(0x88, KvmMsrs)
 KVM_SET_MSRS = ioc.iow(0x89, KvmMsrs)
 KVM_SET_CPUID2 = ioc.iow(0x90, KvmCpuid2)
 KVM_GET_VCPU_EVENTS = ioc.ior(0x9F, KvmVcpuEvents)
+KVM_GET_DEBUGREGS = ioc.ior(0xA1, KvmDebugregs)
+KVM_SET_DEBUGREGS = ioc.iow(0xA2, KvmDebugregs)
 KVM_GET_TSC_KHZ = ioc.io(0xA3)
 
 # Capabilities vmikit needs (KVM_CHECK_EXTENSION numbers).
@@ -230,6 +232,14 @@ class KvmVcpu:
         events = KvmVcpuEvents()
         kvm_ioctl(self.fd, KVM_GET_VCPU_EVENTS, events)
         return events
+
+    def get_debugregs(self) -> KvmDebugregs:
+        dregs = KvmDebugregs()
+        kvm_ioctl(self.fd, KVM_GET_DEBUGREGS, dregs)
+        return dregs
+
+    def set_debugregs(self, dregs: KvmDebugregs) -> None:
+        kvm_ioctl(self.fd, KVM_SET_DEBUGREGS, dregs)
 
     def tsc_khz(self) -> int:
         return kvm_ioctl(self.fd, KVM_GET_TSC_KHZ)

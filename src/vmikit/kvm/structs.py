@@ -75,6 +75,10 @@ class KvmSyncRegs(ctypes.Structure):
     _fields_ = [("regs", KvmRegs), ("sregs", KvmSregs), ("events", KvmVcpuEvents)]
 
 
+class KvmDebugregs(ctypes.Structure):
+    _fields_ = [("db", u64 * 4), ("dr6", u64), ("dr7", u64), ("flags", u64), ("reserved", u64 * 9)]
+
+
 class KvmUserspaceMemoryRegion(ctypes.Structure):
     _fields_ = [
         ("slot", u32), ("flags", u32), ("guest_phys_addr", u64),

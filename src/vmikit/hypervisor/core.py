@@ -1,0 +1,146 @@
+"""The hypervisor: dispatch of VMI hypercalls by call ID, with per-call counters.
+
+The hot path is ``on_hypercall``: one dict lookup on the call ID with its
+annotation masked off, the handler, and the result registers. Every rejection
+is a spec error in RAX; nothing a guest passes can raise out of here.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections import Counter
+from dataclasses import dataclass
+
+from vmikit.abi.model import U64_MASK, Call, Spec
+from vmikit.abi.spec import load_spec
+from vmikit.engine import StopRun, Vcpu
+from vmikit.hypervisor.context import CallContext, HypercallError
+from vmikit.hypervisor.experimental import EXPERIMENTAL_FAMILY, ExperimentalCalls
+from vmikit.hypervisor import cpu, mmu, query, segmentation
+from vmikit.hypervisor.mmu import Mmu
+from vmikit.hypervisor.registry import FamilyHandlers, Handler
+from vmikit.memory import GuestMemory, GuestMemoryError
+
+ANNOTATION_MASK = 0xFF
+RESERVED_MASK = 0xFF00
+KEY_MASK = 0xFFFF_FF00  # family, call and reserved byte: a non-zero reserved byte never matches
+
+
+@dataclass(frozen=True)
+class Route:
+    name: str  # "MMU.SetPTE", or "Experimental.<name>"
+    handler: Handler
+    annotations_honoured: int
+
+
+def _family_modules() -> list[FamilyHandlers]:
+    return [cpu.HANDLERS, segmentation.HANDLERS, mmu.HANDLERS, query.HANDLERS]
+
+
+class Hypervisor:
+    """Dispatches hypercalls for one guest."""
+
+    def __init__(self, spec: Spec | None = None, *, honour_annotations: bool = True,
+                 experimental: ExperimentalCalls | None = None) -> None:
+        self.spec = spec or load_spec()
+        self.honour_annotations = honour_annotations
+        self.experimental = experimental or ExperimentalCalls()
+        self.routes: dict[int, Route] = {}
+        self.calls: Counter[int] = Counter()  # by full call ID: every call, queued ones included
+        self.exits: Counter[int] = Counter()  # by full call ID: calls that cost an exit
+        self.handler_failures: list[str] = []
+        self._errors = {name: value & U64_MASK for name, value in self.spec.errors.items()}
+        self.mmu = Mmu()
+        self._build_routes()
+        self._ctx: CallContext | None = None
+        self._vcpu: Vcpu | None = None
+
+    # --- tables ------------------------------------------------------------
+
+    def _build_routes(self) -> None:
+        for module in _family_modules():
+            for name, handler in module.handlers.items():
+                call = self.spec.by_name(f"{module.family}.{name}")
+                self.routes[call.call_id()] = Route(call.qualified_name, handler, self._honoured(call))
+        for number, legacy_call in self.spec.legacy.items():
+            route = self.routes.get(legacy_call.call_id())
+            if route is not None:
+                self.routes[number << 16] = route  # family 0x00: the flat VMI 3.0 number
+        for exp in self.experimental.calls.values():
+            self.routes[exp.call_id] = Route(f"Experimental.{exp.name}", exp.handler, 0)
+
+    def _honoured(self, call: Call) -> int:
+        return self.spec.annotation_mask(call) if self.honour_annotations else 0
+
+    def route_for(self, call_id: int) -> Route | None:
+        return self.routes.get(call_id & KEY_MASK)
+
+    def has_family(self, family: int) -> bool:
+        if family == EXPERIMENTAL_FAMILY:
+            return bool(self.experimental.calls)
+        return any(key >> 24 == family for key in self.routes) and family in self.spec.families
+
+    # --- the port ------------------------------------------------------------
+
+    def attach(self, memory: GuestMemory, vcpu: Vcpu) -> None:
+        self._vcpu = vcpu
+        self._ctx = CallContext(self.spec, memory, vcpu, self)
+
+    def on_hypercall(self, port: int, size: int, value: int) -> None:
+        ctx = self._ctx
+        assert ctx is not None and self._vcpu is not None, "attach() first"
+        regs = self._vcpu.regs
+        self.calls[value] += 1
+        self.exits[value] += 1
+        results: tuple[int, ...] = ()
+        if size != 4:
+            status = self._errors["INVALID_ARGUMENT"]
+        else:
+            route = self.routes.get(value & KEY_MASK)
+            if route is None:
+                status = self._errors["RESERVED_BITS" if value & RESERVED_MASK else "NOT_SUPPORTED"]
+            else:
+                ctx.call_id = value
+                status, results = self.invoke(route, ctx, regs.rdi, regs.rsi, regs.rdx)
+        regs.rax = status
+        if results:
+            padded = (results + (0, 0, 0, 0))[:4]
+            regs.r8, regs.r9, regs.r10, regs.r11 = (r & U64_MASK for r in padded)
+        else:
+            regs.r8 = regs.r9 = regs.r10 = regs.r11 = 0
+        self._vcpu.mark_regs_dirty()
+
+    def invoke(self, route: Route, ctx: CallContext, a0: int, a1: int, a2: int) -> tuple[int, tuple[int, ...]]:
+        """(status, results) of one call; also used for batch entries."""
+        try:
+            return 0, route.handler(ctx, a0, a1, a2)
+        except HypercallError as err:
+            return self._errors[err.error], err.results
+        except StopRun:
+            raise
+        except GuestMemoryError:
+            return self._errors["BAD_ADDRESS"], ()
+        except Exception as exc:  # a bug in a handler (often a user's experimental one) must not kill the VMM
+            note = f"{route.name} raised {type(exc).__name__}: {exc}"
+            self.handler_failures.append(note)
+            print(f"vmikit: warning: hypercall handler {note}; the guest got INVALID_ARGUMENT", file=sys.stderr)
+            return self._errors["INVALID_ARGUMENT"], ()
+
+    # --- reporting -------------------------------------------------------------
+
+    def call_name(self, call_id: int) -> str:
+        route = self.route_for(call_id)
+        if route is None:
+            return f"{call_id:#010x}"
+        name = route.name
+        if call_id >> 24 == 0:
+            name = f"Legacy.{self.spec.legacy_name(call_id >> 16 & 0xFF)}->{name}"
+        names, unknown = self.spec.annotation_names(call_id & ANNOTATION_MASK)
+        suffix = "".join(f"|{n}" for n in names) + (f"|{unknown:#x}" if unknown else "")
+        return name + suffix
+
+    def stats(self) -> dict[str, dict[str, int]]:
+        return {
+            self.call_name(cid): {"id": cid, "calls": self.calls[cid], "exits": self.exits.get(cid, 0)}
+            for cid in sorted(self.calls)
+        }

@@ -1,0 +1,192 @@
+"""CPU family (0x01): CPUID, MSRs, control and debug registers, halt and shutdown."""
+
+from __future__ import annotations
+
+from vmikit.engine import StopRun
+from vmikit.hypervisor.context import CallContext, HypercallError
+from vmikit.hypervisor.registry import FamilyHandlers
+
+HANDLERS = FamilyHandlers("CPU")
+
+CR0_PE, CR0_TS, CR0_PG = 1 << 0, 1 << 3, 1 << 31
+CR4_PAE = 1 << 5
+RFLAGS_IF = 1 << 9
+MSR_TSC = 0x10
+MSR_EFER = 0xC0000080
+EFER_SCE, EFER_LME, EFER_LMA, EFER_NXE = 1 << 0, 1 << 8, 1 << 10, 1 << 11
+
+# MSRs a guest kernel may write through WRMSR: its own syscall, segment-base and PAT state.
+# Everything else (EFER's mode bits, APIC base, hypervisor-owned MSRs) is PERMISSION.
+WRITABLE_MSRS = frozenset({
+    0x174, 0x175, 0x176,  # SYSENTER_CS/ESP/EIP
+    0x277,  # PAT
+    0xC0000081, 0xC0000082, 0xC0000083, 0xC0000084,  # STAR, LSTAR, CSTAR, SFMASK
+    0xC0000100, 0xC0000101, 0xC0000102, 0xC0000103,  # FS_BASE, GS_BASE, KERNEL_GS_BASE, TSC_AUX
+})
+DEBUG_REGISTERS = frozenset({0, 1, 2, 3, 6, 7})
+
+
+@HANDLERS.call("CPUID")
+def cpuid(ctx: CallContext, leaf: int, subleaf: int, _: int) -> tuple[int, ...]:
+    return ctx.vcpu.cpuid(leaf & 0xFFFFFFFF, subleaf & 0xFFFFFFFF)
+
+
+@HANDLERS.call("RDTSC")
+def rdtsc(ctx: CallContext, *_: int) -> tuple[int, ...]:
+    value = ctx.vcpu.get_msr(MSR_TSC)
+    if value is None:
+        raise HypercallError("NOT_SUPPORTED")
+    return (value,)
+
+
+@HANDLERS.call("RDMSR")
+def rdmsr(ctx: CallContext, msr: int, *_: int) -> tuple[int, ...]:
+    value = ctx.vcpu.get_msr(msr & 0xFFFFFFFF) if msr <= 0xFFFFFFFF else None
+    if value is None:
+        raise HypercallError("INVALID_ARGUMENT")
+    return (value,)
+
+
+@HANDLERS.call("WRMSR")
+def wrmsr(ctx: CallContext, msr: int, value: int, _: int) -> tuple[int, ...]:
+    if msr == MSR_EFER:
+        current = ctx.vcpu.get_msr(MSR_EFER) or 0
+        if (value ^ current) & ~(EFER_SCE | EFER_NXE):  # LME/LMA and reserved bits are the hypervisor's
+            raise HypercallError("PERMISSION")
+    elif msr not in WRITABLE_MSRS:
+        raise HypercallError("PERMISSION")
+    if not ctx.vcpu.set_msr(msr, value):
+        raise HypercallError("INVALID_ARGUMENT")  # e.g. a non-canonical base address
+    return ()
+
+
+def _get(name: str):  # type: ignore[no-untyped-def]
+    def handler(ctx: CallContext, *_: int) -> tuple[int, ...]:
+        return (getattr(ctx.vcpu.get_control(), name),)
+
+    return handler
+
+
+for _reg in ("cr0", "cr2", "cr3", "cr4"):
+    HANDLERS.call(f"Get{_reg.upper()}")(_get(_reg))
+
+
+def _set_control(ctx: CallContext, **changes: int) -> tuple[int, ...]:
+    try:
+        ctx.vcpu.set_control(**changes)
+    except ValueError:
+        raise HypercallError("INVALID_ARGUMENT") from None
+    return ()
+
+
+@HANDLERS.call("SetCR0")
+def set_cr0(ctx: CallContext, value: int, *_: int) -> tuple[int, ...]:
+    current = ctx.vcpu.get_control().cr0
+    if value >> 32:
+        raise HypercallError("INVALID_ARGUMENT")
+    if (current & CR0_PG) and not (value & CR0_PG and value & CR0_PE):
+        raise HypercallError("PERMISSION")  # leaving paging/protected mode would drop long mode under us
+    return _set_control(ctx, cr0=value)
+
+
+@HANDLERS.call("SetCR2")
+def set_cr2(ctx: CallContext, value: int, *_: int) -> tuple[int, ...]:
+    return _set_control(ctx, cr2=value)
+
+
+@HANDLERS.call("SetCR3")
+def set_cr3(ctx: CallContext, root: int, *_: int) -> tuple[int, ...]:
+    ctx.hypervisor.mmu.check_cr3(ctx, root)
+    result = _set_control(ctx, cr3=root)
+    ctx.hypervisor.mmu.cr3_loaded(ctx, root)
+    return result
+
+
+@HANDLERS.call("SetCR4")
+def set_cr4(ctx: CallContext, value: int, *_: int) -> tuple[int, ...]:
+    if value >> 32:
+        raise HypercallError("INVALID_ARGUMENT")
+    if ctx.vcpu.get_control().efer & EFER_LMA and not value & CR4_PAE:
+        raise HypercallError("PERMISSION")  # long mode requires PAE
+    return _set_control(ctx, cr4=value)
+
+
+@HANDLERS.call("CLTS")
+def clts(ctx: CallContext, *_: int) -> tuple[int, ...]:
+    return _set_control(ctx, cr0=ctx.vcpu.get_control().cr0 & ~CR0_TS)
+
+
+@HANDLERS.call("WBINVD")
+def wbinvd(ctx: CallContext, *_: int) -> tuple[int, ...]:
+    return ()  # the host keeps guest memory coherent: nothing to write back
+
+
+@HANDLERS.call("Halt")
+def halt(ctx: CallContext, *_: int) -> tuple[int, ...]:
+    # This board has no interrupt sources, so "until the next interrupt" is now:
+    # Halt returns at once (callers loop on their condition, as with a spurious wakeup).
+    return ()
+
+
+@HANDLERS.call("Shutdown")
+def shutdown(ctx: CallContext, code: int, *_: int) -> tuple[int, ...]:
+    raise StopRun(code & 0xFFFFFFFF)
+
+
+@HANDLERS.call("Reboot")
+def reboot(ctx: CallContext, *_: int) -> tuple[int, ...]:
+    raise HypercallError("NOT_SUPPORTED")  # the board has no reset; the guest may fall back natively
+
+
+@HANDLERS.call("GetDR")
+def get_dr(ctx: CallContext, reg: int, *_: int) -> tuple[int, ...]:
+    if reg not in DEBUG_REGISTERS:
+        raise HypercallError("INVALID_ARGUMENT")
+    return (ctx.vcpu.get_debugreg(reg),)
+
+
+@HANDLERS.call("SetDR")
+def set_dr(ctx: CallContext, reg: int, value: int, _: int) -> tuple[int, ...]:
+    if reg not in DEBUG_REGISTERS or (reg in (6, 7) and value >> 32):
+        raise HypercallError("INVALID_ARGUMENT")
+    try:
+        ctx.vcpu.set_debugreg(reg, value)
+    except ValueError:
+        raise HypercallError("INVALID_ARGUMENT") from None
+    return ()
+
+
+@HANDLERS.call("RDPMC")
+def rdpmc(ctx: CallContext, *_: int) -> tuple[int, ...]:
+    raise HypercallError("NOT_SUPPORTED")  # no virtual PMU on this board
+
+
+def _set_if(ctx: CallContext, enabled: bool) -> tuple[int, ...]:
+    regs = ctx.vcpu.regs
+    regs.rflags = (regs.rflags | RFLAGS_IF) if enabled else (regs.rflags & ~RFLAGS_IF)
+    return ()  # the dispatcher marks the registers dirty
+
+
+@HANDLERS.call("EnableInterrupts")
+def enable_interrupts(ctx: CallContext, *_: int) -> tuple[int, ...]:
+    return _set_if(ctx, True)
+
+
+@HANDLERS.call("DisableInterrupts")
+def disable_interrupts(ctx: CallContext, *_: int) -> tuple[int, ...]:
+    return _set_if(ctx, False)
+
+
+@HANDLERS.call("GetInterruptMask")
+def get_interrupt_mask(ctx: CallContext, *_: int) -> tuple[int, ...]:
+    return (ctx.vcpu.regs.rflags & RFLAGS_IF,)
+
+
+@HANDLERS.call("SetInterruptMask")
+def set_interrupt_mask(ctx: CallContext, flags: int, *_: int) -> tuple[int, ...]:
+    return _set_if(ctx, bool(flags & RFLAGS_IF))
+
+
+@HANDLERS.call("IODelay")
+def io_delay(ctx: CallContext, *_: int) -> tuple[int, ...]:
+    return ()  # the exit itself is delay enough

@@ -1,0 +1,34 @@
+"""Guest-virtual to guest-physical translation by walking the guest's 4-level tables.
+
+Used to check gva arguments (descriptor-table bases, the TSS). Every table read is
+bounds-checked; a walk that leaves guest RAM is simply a failed translation.
+"""
+
+from __future__ import annotations
+
+from vmikit.memory import GuestMemory, GuestMemoryError
+
+PTE_P = 1 << 0
+PTE_PS = 1 << 7
+ADDR_MASK = 0x000F_FFFF_FFFF_F000
+CR0_PG = 1 << 31
+
+
+def translate(memory: GuestMemory, cr0: int, cr3: int, va: int) -> int | None:
+    """The gpa for ``va`` under ``cr3`` (identity when paging is off), or None when unmapped."""
+    if not cr0 & CR0_PG:
+        return va
+    table = cr3 & ADDR_MASK
+    for level, shift in ((4, 39), (3, 30), (2, 21), (1, 12)):
+        index = (va >> shift) & 0x1FF
+        try:
+            entry = memory.read_u64(table + 8 * index)
+        except GuestMemoryError:
+            return None
+        if not entry & PTE_P:
+            return None
+        if level in (3, 2) and entry & PTE_PS:
+            page_mask = (1 << shift) - 1
+            return (entry & ADDR_MASK & ~page_mask) | (va & page_mask)
+        table = entry & ADDR_MASK
+    return table | (va & 0xFFF)
