@@ -1,0 +1,349 @@
+"""Build the bundled freestanding guest kernels with the host gcc, with a cache.
+
+A guest is *its own .c file* + *the common runtime* (``src/runtime``: boot code,
+IDT, printf, report, page allocator, linker script) + *optional extra sources
+and include directories*. Other modules plug in through the last two, e.g. the
+VMI layer adds a generated C header directory and its own .c files::
+
+    build_guest("hello")                                   # a bundled guest
+    build_guest("vmi_conf", extra_sources=[gen / "vmi.c"],  # a guest registered
+                include_dirs=[gen])                         # by another module
+
+or registers a guest once with :func:`register_guest` so that
+``build_guest(name)`` and ``vmikit run NAME`` find it.
+
+The result is an ELF32 (``objcopy -O elf32-i386``) multiboot image linked at
+1 MiB, the format QEMU's ``-kernel`` and the vmikit loader both take. Images are
+cached under ``<cache root>/<sha256>/<name>.elf`` where the hash covers every
+input file's name and contents, the compiler flags and ``gcc --version``; a build
+happens in a temporary directory and is renamed into place atomically, so
+concurrent builders never see half-written images.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from vmikit.errors import HostError, UsageError
+
+__all__ = [
+    "CFLAGS",
+    "LDFLAGS",
+    "GuestSpec",
+    "available_guests",
+    "build_guest",
+    "default_cache_dir",
+    "guest_hash",
+    "guest_source_dir",
+    "guest_spec",
+    "register_guest",
+]
+
+# Compiler flags for every translation unit (C and .S). Part of the cache key.
+CFLAGS: tuple[str, ...] = (
+    "-m64",
+    "-std=gnu11",
+    "-ffreestanding",
+    "-fno-pic",
+    "-fno-pie",
+    "-mno-red-zone",  # interrupt stubs push onto the interrupted stack
+    "-mgeneral-regs-only",  # SSE is never enabled in the guest
+    "-mcmodel=small",  # everything lives below 2 GiB
+    "-fno-stack-protector",
+    "-fno-asynchronous-unwind-tables",
+    "-O2",
+    "-Wall",
+    "-Wextra",
+    "-Werror",
+)
+# Link flags; the linker script is added separately (it is a hashed input).
+LDFLAGS: tuple[str, ...] = (
+    "-nostdlib",
+    "-static",
+    "-no-pie",
+    "-Wl,--build-id=none",
+    "-Wl,-z,max-page-size=0x1000",  # keeps the multiboot header in the first 8 KiB
+    "-Wl,-z,noexecstack",
+)
+
+_INSTALL_HINT = "install it with `apt-get install gcc binutils`"
+_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
+_SOURCE_SUFFIXES = (".c", ".S")
+_HEADER_SUFFIXES = (".h", ".inc")
+
+
+@dataclass(frozen=True)
+class GuestSpec:
+    """Everything that goes into one guest image besides the common runtime."""
+
+    name: str
+    main_source: Path
+    extra_sources: tuple[Path, ...] = ()
+    include_dirs: tuple[Path, ...] = ()
+    extra_cflags: tuple[str, ...] = ()
+
+
+# Guests added at run time by other modules (name -> spec); bundled ones are found on disk.
+_registered: dict[str, GuestSpec] = {}
+
+
+def guest_source_dir() -> Path:
+    """The directory holding the runtime (``runtime/``, ``include/``) and bundled guests (``guests/``)."""
+    return Path(__file__).resolve().parent / "src"
+
+
+def _bundled(source_dir: Path) -> dict[str, Path]:
+    guests = source_dir / "guests"
+    if not guests.is_dir():
+        return {}
+    return {p.stem: p for p in guests.glob("*.c") if p.is_file()}
+
+
+def available_guests(source_dir: Path | None = None) -> list[str]:
+    """Sorted names of the guests ``build_guest`` accepts (bundled and registered)."""
+    names = set(_bundled(source_dir or guest_source_dir())) | set(_registered)
+    return sorted(names)
+
+
+def register_guest(
+    name: str,
+    main_source: Path,
+    *,
+    extra_sources: Iterable[Path] = (),
+    include_dirs: Iterable[Path] = (),
+    extra_cflags: Iterable[str] = (),
+) -> GuestSpec:
+    """Make a guest outside ``src/guests`` buildable by name (replaces an earlier registration).
+
+    ``main_source`` defines ``kmain``; ``extra_sources`` (.c/.S) are compiled and
+    linked with it; ``include_dirs`` are searched before the runtime's headers.
+    """
+    if not _NAME_RE.match(name):
+        raise UsageError(f"invalid guest name {name!r}", "use letters, digits, '_', '.' and '-'")
+    spec = GuestSpec(
+        name=name,
+        main_source=Path(main_source),
+        extra_sources=tuple(Path(p) for p in extra_sources),
+        include_dirs=tuple(Path(p) for p in include_dirs),
+        extra_cflags=tuple(extra_cflags),
+    )
+    _registered[name] = spec
+    return spec
+
+
+def guest_spec(name: str, *, source_dir: Path | None = None) -> GuestSpec:
+    """The spec for a guest name; raises UsageError naming the choices if unknown."""
+    if name in _registered:
+        return _registered[name]
+    bundled = _bundled(source_dir or guest_source_dir())
+    if name in bundled:
+        return GuestSpec(name=name, main_source=bundled[name])
+    choices = ", ".join(available_guests(source_dir)) or "(none)"
+    raise UsageError(f"unknown guest {name!r}", f"choose one of: {choices}")
+
+
+def default_cache_dir() -> Path:
+    """``$VMIKIT_CACHE_DIR/guests``, else ``$XDG_CACHE_HOME/vmikit/guests``, else ``~/.cache/vmikit/guests``."""
+    root = os.environ.get("VMIKIT_CACHE_DIR")
+    if root:
+        return Path(root).expanduser() / "guests"
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
+    return base / "vmikit" / "guests"
+
+
+def _tool(name: str) -> str:
+    path = shutil.which(name)
+    if path is None:
+        raise HostError(f"{name} not found", _INSTALL_HINT)
+    return path
+
+
+@functools.lru_cache(maxsize=None)
+def _tool_version(path: str) -> str:
+    try:
+        out = subprocess.run([path, "--version"], capture_output=True, text=True, check=True)
+    except (OSError, subprocess.CalledProcessError) as err:
+        raise HostError(f"cannot run {path} --version: {err}", _INSTALL_HINT) from err
+    return out.stdout
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """Resolved inputs of one build: what to compile, with what, and the hash of it all."""
+
+    spec: GuestSpec
+    sources: tuple[Path, ...]  # compiled and linked, runtime first, main source last
+    include_dirs: tuple[Path, ...]  # extra dirs first, then the runtime's
+    linker_script: Path
+    hashed_files: tuple[Path, ...]
+    cflags: tuple[str, ...]
+    digest: str
+
+
+def _files_under(directory: Path, suffixes: Sequence[str]) -> list[Path]:
+    return sorted(p for p in directory.rglob("*") if p.is_file() and p.suffix in suffixes)
+
+
+def _plan(
+    name: str,
+    *,
+    source_dir: Path | None,
+    extra_sources: Iterable[Path],
+    include_dirs: Iterable[Path],
+    gcc: str,
+    objcopy: str,
+) -> _Plan:
+    src = (source_dir or guest_source_dir()).resolve()
+    spec = guest_spec(name, source_dir=src)
+    runtime_dir = src / "runtime"
+    runtime_include = src / "include"
+    linker_script = runtime_dir / "linker.ld"
+    if not linker_script.is_file():
+        raise HostError(f"guest runtime missing: {linker_script}", "reinstall vmikit")
+
+    extra_src = tuple(Path(p).resolve() for p in (*spec.extra_sources, *extra_sources))
+    extra_inc = tuple(Path(p).resolve() for p in (*spec.include_dirs, *include_dirs))
+    for path in (spec.main_source, *extra_src):
+        if not path.is_file():
+            raise UsageError(f"guest {name!r}: source file not found: {path}", "check the path")
+    for path in extra_inc:
+        if not path.is_dir():
+            raise UsageError(f"guest {name!r}: include directory not found: {path}", "check the path")
+
+    sources = (*_files_under(runtime_dir, _SOURCE_SUFFIXES), *extra_src, spec.main_source.resolve())
+    headers = [h for d in (*extra_inc, runtime_include) for h in _files_under(d, _HEADER_SUFFIXES)]
+    hashed = (*sources, *headers, linker_script)
+    cflags = (*CFLAGS, *spec.extra_cflags)
+
+    h = hashlib.sha256()
+
+    def feed(label: str, data: bytes) -> None:
+        h.update(label.encode() + b"\0" + len(data).to_bytes(8, "little") + data)
+
+    feed("guest", name.encode())
+    feed("cflags", "\0".join(cflags).encode())
+    feed("ldflags", "\0".join(LDFLAGS).encode())
+    feed("gcc", _tool_version(gcc).encode())
+    feed("objcopy", _tool_version(objcopy).encode())
+    for i, d in enumerate((*extra_inc, runtime_include)):
+        feed(f"include[{i}]", d.name.encode())
+    for path in hashed:
+        # Name relative to a well-known root where possible so the key does not
+        # depend on where the package is installed; contents always count.
+        try:
+            label = str(path.relative_to(src))
+        except ValueError:
+            label = path.name
+        feed(f"file:{label}", path.read_bytes())
+    return _Plan(
+        spec=spec,
+        sources=tuple(sources),
+        include_dirs=(*extra_inc, runtime_include),
+        linker_script=linker_script,
+        hashed_files=tuple(hashed),
+        cflags=cflags,
+        digest=h.hexdigest(),
+    )
+
+
+def guest_hash(
+    name: str,
+    *,
+    source_dir: Path | None = None,
+    extra_sources: Iterable[Path] = (),
+    include_dirs: Iterable[Path] = (),
+) -> str:
+    """The sha256 cache key ``build_guest`` would use for these inputs."""
+    return _plan(
+        name,
+        source_dir=source_dir,
+        extra_sources=extra_sources,
+        include_dirs=include_dirs,
+        gcc=_tool("gcc"),
+        objcopy=_tool("objcopy"),
+    ).digest
+
+
+def _first_error(log: str) -> str:
+    lines = [line.strip() for line in log.splitlines() if line.strip()]
+    for pattern in (": error:", "error:", "undefined reference", "fatal"):
+        for line in lines:
+            if pattern in line:
+                return line
+    return lines[0] if lines else "no compiler output"
+
+
+def _run_toolchain(plan: _Plan, gcc: str, objcopy: str, workdir: Path, log_path: Path) -> Path:
+    """Compile + link into ``workdir`` and convert to ELF32; returns the ELF32 path."""
+    elf64 = workdir / f"{plan.spec.name}.elf64"
+    elf32 = workdir / f"{plan.spec.name}.elf"
+    includes = [f"-I{d}" for d in plan.include_dirs]
+    commands = [
+        [gcc, *plan.cflags, *includes, *LDFLAGS, f"-Wl,-T,{plan.linker_script}",
+         *map(str, plan.sources), "-o", str(elf64)],
+        [objcopy, "-O", "elf32-i386", str(elf64), str(elf32)],
+    ]
+    log_parts: list[str] = []
+    for cmd in commands:
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=workdir)
+        log_parts.append("$ " + " ".join(cmd) + "\n" + proc.stdout + proc.stderr)
+        if proc.returncode != 0:
+            log_path.parent.mkdir(parents=True, exist_ok=True)
+            log_path.write_text("\n".join(log_parts))
+            raise HostError(
+                f"building guest {plan.spec.name!r} failed: {_first_error(proc.stdout + proc.stderr)}",
+                f"full log in {log_path}",
+            )
+    return elf32
+
+
+def build_guest(
+    name: str,
+    *,
+    cache_dir: Path | None = None,
+    source_dir: Path | None = None,
+    extra_sources: Iterable[Path] = (),
+    include_dirs: Iterable[Path] = (),
+) -> Path:
+    """Build guest ``name`` (or reuse the cached image) and return the ELF32 image path.
+
+    ``cache_dir`` defaults to :func:`default_cache_dir`; ``source_dir`` replaces
+    the bundled runtime + guests tree (tests use a copy); ``extra_sources`` and
+    ``include_dirs`` are added to those the guest was registered with.
+    """
+    gcc = _tool("gcc")
+    objcopy = _tool("objcopy")
+    plan = _plan(
+        name,
+        source_dir=source_dir,
+        extra_sources=tuple(extra_sources),
+        include_dirs=tuple(include_dirs),
+        gcc=gcc,
+        objcopy=objcopy,
+    )
+    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    final = root / plan.digest / f"{name}.elf"
+    if final.is_file():
+        return final
+
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        workdir = Path(tempfile.mkdtemp(prefix=f".build-{name}-", dir=root))
+    except OSError as err:
+        raise HostError(f"cannot create guest cache directory {root}: {err}", "set VMIKIT_CACHE_DIR to a writable directory") from err
+    try:
+        image = _run_toolchain(plan, gcc, objcopy, workdir, root / "logs" / f"{name}-{plan.digest[:16]}.log")
+        os.replace(image, final)  # atomic: a racing builder's identical image is simply replaced
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    return final

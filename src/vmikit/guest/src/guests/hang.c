@@ -1,0 +1,12 @@
+/* hang: prints one line, then spins forever with interrupts off (watchdog test). */
+#include "lib.h"
+
+void kmain(uint32_t magic, uint32_t mbinfo)
+{
+	(void)magic;
+	(void)mbinfo;
+	printf("vmikit hang guest: spinning forever\n");
+	cli();
+	for (;;)
+		barrier(); /* keeps the empty loop from being treated as UB and removed */
+}

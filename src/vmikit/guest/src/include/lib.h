@@ -1,0 +1,69 @@
+/*
+ * The freestanding guest runtime: console, formatting, test reporting, exit,
+ * exceptions and a physical page allocator.  Guests include just this header
+ * and define `void kmain(uint32_t magic, uint32_t mbinfo)`.
+ */
+#ifndef VMIKIT_LIB_H
+#define VMIKIT_LIB_H
+
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "board.h"
+#include "multiboot.h"
+#include "x86.h"
+
+#define ARRAY_SIZE(a) (sizeof(a) / sizeof((a)[0]))
+#define PAGE_SIZE 4096ul
+
+/* Entry point every guest provides; the runtime calls exit(EXIT_OK) if it returns. */
+void kmain(uint32_t magic, uint32_t mbinfo);
+
+/* What the boot code was handed, saved before kmain runs. */
+extern uint32_t boot_magic;
+extern const struct multiboot_info *boot_info;
+
+/* Linker-script symbols: first byte of the image and first byte after it (incl. .bss). */
+extern char __kernel_start[], __kernel_end[];
+
+/* string.c -- gcc may emit calls to these even in freestanding code. */
+void *memset(void *dst, int c, size_t n);
+void *memcpy(void *dst, const void *src, size_t n);
+void *memmove(void *dst, const void *src, size_t n);
+int memcmp(const void *a, const void *b, size_t n);
+size_t strlen(const char *s);
+int strcmp(const char *a, const char *b);
+
+/* printf.c: %d %i %u %x %X %o %s %c %p %%, l/ll/z/h modifiers, width, '0' and '-'. */
+void console_putc(char c);
+void console_write(const char *s); /* no newline appended */
+int printf(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+int vprintf(const char *fmt, va_list ap);
+int snprintf(char *buf, size_t size, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
+int vsnprintf(char *buf, size_t size, const char *fmt, va_list ap);
+
+/* report.c */
+void report(int ok, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+int report_summary(void); /* prints "DONE pass=N fail=M", returns the exit code */
+void exit(int code) __attribute__((noreturn));
+
+/* idt.c */
+/* Frame written for the panic port: 24 little-endian u64, in this order. */
+struct exception_frame {
+	uint64_t vector, error_code, rip, cs, rflags, rsp, ss;
+	uint64_t rax, rbx, rcx, rdx, rsi, rdi, rbp;
+	uint64_t r8, r9, r10, r11, r12, r13, r14, r15;
+	uint64_t cr2, cr3;
+};
+_Static_assert(sizeof(struct exception_frame) == 192, "panic frame is 24 u64");
+
+void idt_init(void);
+const char *exception_name(unsigned vector);
+
+/* alloc.c */
+void alloc_init(const struct multiboot_info *mbi);
+void *alloc_page(void); /* zeroed 4 KiB page, or NULL when memory is exhausted */
+void free_page(void *page);
+
+#endif

@@ -1,0 +1,128 @@
+/*
+ * Physical page allocator.
+ *
+ * Usable RAM comes from the multiboot memory map, clipped to
+ * [__kernel_end, 4 GiB) -- everything below 1 MiB, the kernel image (incl.
+ * .bss, page tables, boot stack) and anything the boot loader handed us
+ * (info block, memory map, command line, modules) is never returned.
+ *
+ * Fresh pages are carved lazily from the free ranges with a bump pointer, so
+ * initialisation touches no guest memory (a 3 GiB guest stays cheap for the
+ * host).  Freed pages go on a LIFO list threaded through the pages themselves
+ * and are handed out first.
+ */
+#include "lib.h"
+
+#define MAX_RANGES    32
+#define MAX_RESERVED  8
+#define MEM_LIMIT     0x100000000ull /* end of boot.S's identity map */
+#define ONE_MIB       0x100000ull
+
+struct range {
+	uint64_t start, end; /* [start, end) */
+};
+
+static struct range ranges[MAX_RANGES]; /* free RAM not yet carved */
+static unsigned nranges, cur_range;
+static struct range reserved[MAX_RESERVED]; /* loader data to step around */
+static unsigned nreserved;
+
+struct free_page {
+	struct free_page *next;
+};
+static struct free_page *free_list;
+
+static uint64_t align_up(uint64_t v) { return (v + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1); }
+static uint64_t align_down(uint64_t v) { return v & ~(PAGE_SIZE - 1); }
+
+static void reserve(uint64_t start, uint64_t len)
+{
+	if (len && nreserved < MAX_RESERVED)
+		reserved[nreserved++] = (struct range){ align_down(start), align_up(start + len) };
+}
+
+static void add_range(uint64_t base, uint64_t len)
+{
+	uint64_t lo = align_up(base), hi = align_down(base + len);
+	uint64_t floor = align_up((uintptr_t)__kernel_end);
+
+	if (floor < ONE_MIB)
+		floor = ONE_MIB;
+	if (lo < floor)
+		lo = floor;
+	if (hi > MEM_LIMIT)
+		hi = MEM_LIMIT;
+	if (lo < hi && nranges < MAX_RANGES)
+		ranges[nranges++] = (struct range){ lo, hi };
+}
+
+void alloc_init(const struct multiboot_info *mbi)
+{
+	if (!mbi)
+		return; /* no boot information: no memory to hand out */
+
+	reserve((uintptr_t)mbi, sizeof(*mbi));
+	if (mbi->flags & MULTIBOOT_INFO_CMDLINE)
+		reserve(mbi->cmdline, strlen((const char *)(uintptr_t)mbi->cmdline) + 1);
+	if (mbi->flags & MULTIBOOT_INFO_MODS) {
+		const struct multiboot_module *m = (const void *)(uintptr_t)mbi->mods_addr;
+		reserve(mbi->mods_addr, mbi->mods_count * sizeof(*m));
+		for (uint32_t i = 0; i < mbi->mods_count; i++)
+			reserve(m[i].start, m[i].end - m[i].start);
+	}
+
+	if (mbi->flags & MULTIBOOT_INFO_MMAP) {
+		reserve(mbi->mmap_addr, mbi->mmap_length);
+		uint64_t p = mbi->mmap_addr, end = p + mbi->mmap_length;
+		while (p + sizeof(struct multiboot_mmap_entry) <= end) {
+			const struct multiboot_mmap_entry *e = (const void *)(uintptr_t)p;
+			if (e->type == MULTIBOOT_MEMORY_AVAILABLE)
+				add_range(e->base, e->len);
+			p += (uint64_t)e->size + sizeof(e->size);
+		}
+	} else if (mbi->flags & MULTIBOOT_INFO_MEMORY) {
+		add_range(ONE_MIB, (uint64_t)mbi->mem_upper * 1024);
+	}
+}
+
+static int is_reserved(uint64_t page)
+{
+	for (unsigned i = 0; i < nreserved; i++)
+		if (page >= reserved[i].start && page < reserved[i].end)
+			return 1;
+	return 0;
+}
+
+void *alloc_page(void)
+{
+	void *page = NULL;
+
+	if (free_list) {
+		page = free_list;
+		free_list = free_list->next;
+	} else {
+		while (cur_range < nranges && !page) {
+			struct range *r = &ranges[cur_range];
+			if (r->start >= r->end) {
+				cur_range++;
+				continue;
+			}
+			uint64_t p = r->start;
+			r->start += PAGE_SIZE;
+			if (!is_reserved(p))
+				page = (void *)(uintptr_t)p;
+		}
+	}
+	if (page)
+		memset(page, 0, PAGE_SIZE);
+	return page;
+}
+
+void free_page(void *page)
+{
+	if (!page)
+		return;
+	struct free_page *f = page;
+	f->next = free_list;
+	free_list = f;
+}

@@ -1,0 +1,96 @@
+/*
+ * Interrupt descriptor table.  Every vector is fatal for now: the handler
+ * prints one line, hands a register frame to the VMM through the panic port
+ * and exits with EXIT_EXCEPTION.
+ */
+#include "lib.h"
+
+#define IDT_ENTRIES   256
+#define STUB_SIZE     16     /* idt_stubs.S aligns each stub to 16 bytes */
+#define SEL_CODE64    0x08   /* boot.S GDT */
+#define GATE_INT64    0x8E   /* present, DPL 0, 64-bit interrupt gate (IF cleared) */
+
+struct idt_gate {
+	uint16_t offset_low;
+	uint16_t selector;
+	uint8_t ist;
+	uint8_t type_attr;
+	uint16_t offset_mid;
+	uint32_t offset_high;
+	uint32_t reserved;
+} __attribute__((packed));
+_Static_assert(sizeof(struct idt_gate) == 16, "long-mode IDT gate is 16 bytes");
+
+/* Stack layout built by idt_stubs.S + the CPU, lowest address first. */
+struct saved_regs {
+	uint64_t r15, r14, r13, r12, r11, r10, r9, r8;
+	uint64_t rbp, rdi, rsi, rdx, rcx, rbx, rax;
+	uint64_t vector, error_code;
+	uint64_t rip, cs, rflags, rsp, ss; /* pushed by the CPU */
+};
+
+void exception_handler(const struct saved_regs *r) __attribute__((noreturn));
+
+extern char idt_stubs[];
+static struct idt_gate idt[IDT_ENTRIES] __attribute__((aligned(16)));
+
+/* Static, so its physical address (== virtual, identity map) is stable. */
+static struct exception_frame panic_frame;
+static volatile int in_handler;
+
+static const char *const exception_names[32] = {
+	"#DE", "#DB", "NMI", "#BP", "#OF", "#BR", "#UD", "#NM",
+	"#DF", "CSO", "#TS", "#NP", "#SS", "#GP", "#PF", "reserved",
+	"#MF", "#AC", "#MC", "#XM", "#VE", "#CP", "reserved", "reserved",
+	"reserved", "reserved", "reserved", "reserved", "#HV", "#VC", "#SX", "reserved",
+};
+
+const char *exception_name(unsigned vector)
+{
+	return vector < 32 ? exception_names[vector] : "interrupt";
+}
+
+void idt_init(void)
+{
+	for (unsigned v = 0; v < IDT_ENTRIES; v++) {
+		uint64_t addr = (uintptr_t)idt_stubs + (uint64_t)v * STUB_SIZE;
+		idt[v] = (struct idt_gate){
+			.offset_low = (uint16_t)addr,
+			.selector = SEL_CODE64,
+			.type_attr = GATE_INT64,
+			.offset_mid = (uint16_t)(addr >> 16),
+			.offset_high = (uint32_t)(addr >> 32),
+		};
+	}
+	struct descriptor_ptr p = { .limit = sizeof(idt) - 1, .base = (uintptr_t)idt };
+	lidt(&p);
+}
+
+void exception_handler(const struct saved_regs *r)
+{
+	/* A fault while reporting a fault: skip the printing, just get out. */
+	if (in_handler)
+		exit(EXIT_EXCEPTION);
+	in_handler = 1;
+
+	struct exception_frame *f = &panic_frame;
+	*f = (struct exception_frame){
+		.vector = r->vector, .error_code = r->error_code,
+		.rip = r->rip, .cs = r->cs, .rflags = r->rflags, .rsp = r->rsp, .ss = r->ss,
+		.rax = r->rax, .rbx = r->rbx, .rcx = r->rcx, .rdx = r->rdx,
+		.rsi = r->rsi, .rdi = r->rdi, .rbp = r->rbp,
+		.r8 = r->r8, .r9 = r->r9, .r10 = r->r10, .r11 = r->r11,
+		.r12 = r->r12, .r13 = r->r13, .r14 = r->r14, .r15 = r->r15,
+		.cr2 = read_cr2(), .cr3 = read_cr3(),
+	};
+
+	printf("EXCEPTION: vector %lu (%s) error 0x%lx at rip 0x%lx",
+	       (unsigned long)f->vector, exception_name((unsigned)f->vector),
+	       (unsigned long)f->error_code, (unsigned long)f->rip);
+	if (f->vector == 14)
+		printf(" cr2 0x%lx", (unsigned long)f->cr2);
+	console_putc('\n');
+
+	outl((uint32_t)(uintptr_t)f, PORT_PANIC);
+	exit(EXIT_EXCEPTION);
+}

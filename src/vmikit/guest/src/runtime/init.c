@@ -1,0 +1,18 @@
+/* Early initialisation, called by boot.S in long mode before kmain. */
+#include "lib.h"
+
+void runtime_init(uint32_t magic, uint32_t mbinfo);
+
+uint32_t boot_magic;
+const struct multiboot_info *boot_info;
+
+void runtime_init(uint32_t magic, uint32_t mbinfo)
+{
+	boot_magic = magic;
+	/* Without the magic EBX means nothing; do not dereference it. */
+	boot_info = magic == MULTIBOOT_BOOTLOADER_MAGIC
+			    ? (const struct multiboot_info *)(uintptr_t)mbinfo
+			    : NULL;
+	idt_init();
+	alloc_init(boot_info);
+}
