@@ -51,15 +51,27 @@ def _stream(data: bytes) -> None:
 @click.argument("guest", default="hello")
 @click.option("--memory", "memory_mib", type=int, default=128, show_default=True, help="Guest RAM in MiB.")
 @click.option("--timeout", type=float, default=30.0, show_default=True, help="Watchdog limit in seconds.")
-@click.option("--stats", is_flag=True, help="Print exit counts by reason after the run.")
+@click.option("--rom", type=click.Choice(["full", "minimal", "none"]), default="full", show_default=True,
+              help="VMI ROM profile: every call, no optional calls, or no ROM (a bare machine).")
+@click.option("--annotations", type=click.Choice(["honour", "ignore"]), default="honour", show_default=True,
+              help="Whether the hypervisor honours call annotations (queued SetPTE).")
+@click.option("--extension", "extensions", multiple=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="A Python file registering experimental 0xFF calls (repeatable).")
+@click.option("--stats", is_flag=True, help="Print exit counts by reason, port and call after the run.")
 @click.option("--json", "json_file", type=click.Path(dir_okay=False, path_type=Path), help="Write a JSON summary here.")
-def run(guest: str, memory_mib: int, timeout: float, stats: bool, json_file: Path | None) -> None:
+def run(guest: str, memory_mib: int, timeout: float, rom: str, annotations: str, extensions: tuple[Path, ...],
+        stats: bool, json_file: Path | None) -> None:
     """Run GUEST (a bundled guest name or an ELF path) and exit with its status."""
-    from vmikit.machine.board import Machine
+    from vmikit.hypervisor.experimental import ExperimentalCalls, load_extension
+    from vmikit.session import Session
 
+    calls = ExperimentalCalls()
+    for extension in extensions:
+        load_extension(extension, calls)
     image = resolve_image(guest)
-    with Machine(image, memory_mib=memory_mib, timeout=timeout, console=_stream) as machine:
-        result = machine.run()
+    with Session(image, rom=rom, annotations=annotations, memory_mib=memory_mib, timeout=timeout,
+                 console=_stream, experimental=calls) as session:
+        result = session.run()
     summary = {"guest": guest, "image": str(image), "memory_mib": memory_mib, **result.summary()}
     if stats:
         _print_stats(summary)
@@ -75,12 +87,15 @@ def _print_stats(summary: dict[str, object]) -> None:
     exits = summary["exits"]
     assert isinstance(exits, dict)
     table = Table(title=f"exits: {exits['total']} in {summary['wall_seconds']} s")
-    table.add_column("reason")
-    table.add_column("count", justify="right")
+    table.add_column("reason / port / call")
+    table.add_column("calls", justify="right")
+    table.add_column("exits", justify="right")
     for reason, count in exits["by_reason"].items():
-        table.add_row(reason, str(count))
+        table.add_row(reason, "", str(count))
     for port, count in exits["by_port"].items():
-        table.add_row(f"  port {port}", str(count))
+        table.add_row(f"  port {port}", "", str(count))
+    for name, counts in exits.get("by_call", {}).items():
+        table.add_row(f"  {name}", str(counts["calls"]), str(counts["exits"]))
     Console(stderr=True).print(table)
 
 

@@ -34,6 +34,8 @@ class RunResult:
     wall_seconds: float
     console_dropped: int = 0
     ports: dict[str, int] = field(default_factory=dict)
+    rom_writes: int = 0  # guest writes to the read-only ROM, refused
+    mmio_unmapped: int = 0  # accesses to guest-physical addresses nothing decodes
 
     @property
     def exits_total(self) -> int:
@@ -45,6 +47,8 @@ class RunResult:
             "exits": {"total": self.exits_total, "by_reason": dict(self.exits_by_reason), "by_port": dict(self.ports)},
             "wall_seconds": round(self.wall_seconds, 6),
             "console_bytes_dropped": self.console_dropped,
+            "rom_writes_refused": self.rom_writes,
+            "mmio_unmapped": self.mmio_unmapped,
         }
 
 
@@ -80,7 +84,8 @@ class Machine:
     """A one-vCPU x86 PC-like board running a multiboot kernel."""
 
     def __init__(self, image: Path, *, memory_mib: int = 128, engine: Engine | None = None,
-                 console: ConsoleSink | None = None, timeout: float = 30.0, cmdline: str = "") -> None:
+                 console: ConsoleSink | None = None, timeout: float = 30.0, cmdline: str = "",
+                 rom: bytes | None = None) -> None:
         if not layout.MIN_MEMORY_MIB <= memory_mib <= layout.MAX_MEMORY_MIB:
             raise UsageError(f"--memory {memory_mib} MiB is out of range",
                              f"choose {layout.MIN_MEMORY_MIB} to {layout.MAX_MEMORY_MIB} MiB")
@@ -95,13 +100,32 @@ class Machine:
         self._port_counts: dict[int, int] = {}
         self._panic: GuestException | None = None
         self._panic_error: str | None = None
+        self.rom: Region | None = None
+        self.rom_writes = 0
+        self.mmio_unmapped = 0
         self._own_engine = engine is None
         self.engine = engine or open_engine()
         self.vm = self.engine.create_vm()
-        for region in (Region(0, layout.LOW_RAM_END, name="low"),
-                       Region(layout.HIGH_RAM_BASE, self.ram_end - layout.HIGH_RAM_BASE, name="high")):
+        try:
+            self._build(image, cmdline, rom)
+        except BaseException:
+            self.close()
+            raise
+
+    def _build(self, image: Path, cmdline: str, rom: bytes | None) -> None:
+        regions = [Region(0, layout.LOW_RAM_END, name="low"),
+                   Region(layout.HIGH_RAM_BASE, self.ram_end - layout.HIGH_RAM_BASE, name="high")]
+        if rom is not None:
+            if len(rom) > layout.ROM_IMAGE_MAX:
+                raise UsageError(f"the ROM image is {len(rom)} bytes, more than the {layout.ROM_IMAGE_MAX}-byte window",
+                                 "drop calls from the ROM profile")
+            self.rom = Region(layout.ROM_BASE, layout.ROM_IMAGE_MAX, readonly=True, name="rom")
+            regions += [self.rom, Region(layout.ROM_DATA_BASE, layout.ROM_DATA_SIZE, name="rom-data")]
+        for region in regions:
             self.memory.add(region)
             self.vm.add_memory(region)
+        if rom is not None:
+            self.memory.write(layout.ROM_BASE, rom)
         self.kernel: LoadedKernel = load_multiboot(image, self.memory, self.ram_end, cmdline)
         self.vcpu = self.vm.create_vcpu(BootState(entry=self.kernel.entry, rax=MULTIBOOT_BOOTLOADER_MAGIC,
                                                   rbx=self.kernel.info_addr))
@@ -142,10 +166,15 @@ class Machine:
         return handler(port, size) if handler is not None else (1 << (8 * size)) - 1
 
     def mmio_read(self, addr: int, size: int) -> int:
+        self.mmio_unmapped += 1
         return (1 << (8 * size)) - 1  # unmapped: the bus floats high
 
     def mmio_write(self, addr: int, size: int, value: int) -> None:
-        pass  # unmapped or read-only: dropped (counted as an mmio exit)
+        # A write to the read-only ROM is refused (dropped) and reported; to nowhere, dropped.
+        if layout.ROM_BASE <= addr < layout.ROM_BASE + layout.ROM_IMAGE_MAX and self.rom is not None:
+            self.rom_writes += 1
+        else:
+            self.mmio_unmapped += 1
 
     # --- running ---------------------------------------------------------
 
@@ -192,10 +221,14 @@ class Machine:
             exit_status=status, console=self.console.text(), exits_by_reason=self.vcpu.exit_counts(),
             wall_seconds=wall, console_dropped=self.console.dropped,
             ports={f"{p:#x}": n for p, n in sorted(self._port_counts.items())},
+            rom_writes=self.rom_writes, mmio_unmapped=self.mmio_unmapped,
         )
 
     def close(self) -> None:
+        if self.vm is None:
+            return
         self.vm.close()
+        self.vm = None  # type: ignore[assignment]
         if self._own_engine:
             close = getattr(self.engine, "close", None)
             if close:
