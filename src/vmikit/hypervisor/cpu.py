@@ -8,6 +8,10 @@ from vmikit.hypervisor.registry import FamilyHandlers
 
 HANDLERS = FamilyHandlers("CPU")
 
+# Spec calls this hypervisor leaves out (QueryCall says so; the dispatcher answers NOT_SUPPORTED):
+# Reboot (the board has no reset) and RDPMC (no virtual PMU).
+UNIMPLEMENTED = frozenset({"CPU.Reboot", "CPU.RDPMC"})
+
 CR0_PE, CR0_TS, CR0_PG = 1 << 0, 1 << 3, 1 << 31
 CR4_PAE = 1 << 5
 RFLAGS_IF = 1 << 9
@@ -133,11 +137,6 @@ def shutdown(ctx: CallContext, code: int, *_: int) -> tuple[int, ...]:
     raise StopRun(code & 0xFFFFFFFF)
 
 
-@HANDLERS.call("Reboot")
-def reboot(ctx: CallContext, *_: int) -> tuple[int, ...]:
-    raise HypercallError("NOT_SUPPORTED")  # the board has no reset; the guest may fall back natively
-
-
 @HANDLERS.call("GetDR")
 def get_dr(ctx: CallContext, reg: int, *_: int) -> tuple[int, ...]:
     if reg not in DEBUG_REGISTERS:
@@ -154,11 +153,6 @@ def set_dr(ctx: CallContext, reg: int, value: int, _: int) -> tuple[int, ...]:
     except ValueError:
         raise HypercallError("INVALID_ARGUMENT") from None
     return ()
-
-
-@HANDLERS.call("RDPMC")
-def rdpmc(ctx: CallContext, *_: int) -> tuple[int, ...]:
-    raise HypercallError("NOT_SUPPORTED")  # no virtual PMU on this board
 
 
 def _set_if(ctx: CallContext, enabled: bool) -> tuple[int, ...]:

@@ -28,8 +28,6 @@ class Mmu:
 
     def check_cr3(self, ctx: CallContext, root: int) -> None:
         check_range(ctx, root & ~0xFFF, PAGE, align=PAGE)
-        if self.tables and root & ~0xFFF not in self.tables:
-            raise HypercallError("NOT_PAGE_TABLE")  # once the guest registers tables, CR3 must load one
         if self.tables.get(root & ~0xFFF, 4) != 4:
             raise HypercallError("WRONG_LEVEL")
 

@@ -1,6 +1,6 @@
 """Every guest-physical address and I/O port the board uses, in one place.
 
-The guest C runtime (``vmikit/guest/src/board.h``) mirrors these values; a
+The guest C runtime (``vmikit/guest/src/include/board.h``) mirrors these values; a
 test checks that the two agree.
 """
 
@@ -32,7 +32,7 @@ KVM_IDENTITY_MAP_ADDR = 0xFFFBC000
 PORT_SERIAL = 0x3F8  # COM1 transmit holding register
 PORT_SERIAL_LSR = 0x3FD  # line status: always "transmitter empty"
 PORT_EXIT = 0xF4  # QEMU isa-debug-exit convention: outl(code)
-PORT_PANIC = 0xF5  # outl(guest-physical address of a struct exception_frame)
+PORT_PANIC = 0xF9  # outl(gpa of a struct exception_frame); clear of isa-debug-exit at 0xF4-0xF7 (iosize=4)
 PORT_HYPERCALL = 0xF8  # VMI hypercalls from the ROM (see hypervisor/)
 
 # Guest exit codes the runtime uses (written to PORT_EXIT).

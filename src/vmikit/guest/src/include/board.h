@@ -11,7 +11,7 @@
 
 #define PORT_SERIAL         0x3F8 /* COM1 THR: outb, no need to poll the LSR */
 #define PORT_EXIT           0xF4  /* outl(code): QEMU isa-debug-exit / VMM exit */
-#define PORT_PANIC          0xF5  /* outl(phys addr of struct exception_frame) */
+#define PORT_PANIC          0xF9  /* outl(phys addr of struct exception_frame); outside QEMU isa-debug-exit 0xF4-0xF7 */
 
 #define EXIT_OK             0 /* every test passed */
 #define EXIT_FAILED_TESTS   1 /* at least one report() said FAIL */
