@@ -1,0 +1,159 @@
+"""Build the ROM with the host gcc/binutils, cached by a hash of every input.
+
+Steps: generate entries.S, rom_layout.h, vmi_spec.h and the linker script into a
+temporary directory; compile + link at ROM_BASE (data at ROM_DATA_BASE); objcopy the
+image section only; pad and patch (image.finalize); check it with parse_rom. The
+result goes to <cache root>/<sha256>/rom.bin, the directory renamed into place
+atomically so concurrent builders never see half a build.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+from vmikit.abi import cheader
+from vmikit.abi.model import Spec
+from vmikit.abi.spec import load_spec
+from vmikit.errors import HostError
+from vmikit.rom import generate
+from vmikit.rom.image import RomImage, RomProfile, finalize, parse_rom
+
+CFLAGS: tuple[str, ...] = (
+    "-m64", "-std=gnu11", "-ffreestanding", "-fno-pic", "-fno-pie",
+    "-mno-red-zone", "-mgeneral-regs-only", "-mcmodel=small",
+    "-O2", "-nostdlib", "-fno-stack-protector", "-fno-asynchronous-unwind-tables",
+    "-fno-tree-loop-distribute-patterns",  # no memset/memcpy calls: there is no libc
+    "-Wall", "-Wextra", "-Werror",
+)
+LDFLAGS: tuple[str, ...] = ("-nostdlib", "-static", "-no-pie", "-Wl,--build-id=none", "-Wl,-z,noexecstack")
+IMAGE_SECTION = ".rom"
+_INSTALL_HINT = "install it with `apt-get install gcc binutils`"
+
+
+def default_cache_dir() -> Path:
+    """``$VMIKIT_CACHE_DIR/rom``, else ``$XDG_CACHE_HOME/vmikit/rom``, else ``~/.cache/vmikit/rom``."""
+    root = os.environ.get("VMIKIT_CACHE_DIR")
+    if root:
+        return Path(root).expanduser() / "rom"
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "vmikit" / "rom"
+
+
+def _tool(name: str) -> str:
+    path = shutil.which(name)
+    if path is None:
+        raise HostError(f"{name} not found (needed to build the VMI ROM)", _INSTALL_HINT)
+    return path
+
+
+@functools.lru_cache(maxsize=None)
+def _tool_version(path: str) -> str:
+    try:
+        return subprocess.run([path, "--version"], capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError) as err:
+        raise HostError(f"cannot run {path} --version: {err}", _INSTALL_HINT) from err
+
+
+def _sources(spec: Spec, profile: RomProfile, honour: bool) -> dict[str, str]:
+    """Every file of the build by name: hand-written ones and generated ones."""
+    src = generate.SOURCE_DIR
+    stubs = generate.plan_stubs(spec, profile, honour)
+    files = {
+        "hcall.S": (src / "hcall.S").read_text(),
+        "linker.ld": generate.linker_script((src / "linker.ld.in").read_text()),
+        "entries.S": generate.entries_asm(spec, stubs, honour),
+        "rom_layout.h": generate.layout_header(spec, profile, honour),
+        "vmi_spec.h": cheader.generate(spec),
+    }
+    if honour:
+        files["queue.c"] = (src / "queue.c").read_text()
+    return files
+
+
+def _digest(files: dict[str, str], profile: RomProfile, honour: bool, gcc: str, objcopy: str) -> str:
+    h = hashlib.sha256()
+
+    def feed(label: str, data: str) -> None:
+        raw = data.encode()
+        h.update(label.encode() + b"\0" + len(raw).to_bytes(8, "little") + raw)
+
+    feed("profile", profile.value)
+    feed("honour", str(honour))
+    feed("cflags", "\0".join(CFLAGS))
+    feed("ldflags", "\0".join(LDFLAGS))
+    feed("gcc", _tool_version(gcc))
+    feed("objcopy", _tool_version(objcopy))
+    for name in sorted(files):
+        feed(f"file:{name}", files[name])
+    return h.hexdigest()
+
+
+def _first_error(log: str) -> str:
+    lines = [line.strip() for line in log.splitlines() if line.strip()]
+    for pattern in ("error:", "undefined reference", "overflowed", "fatal"):
+        for line in lines:
+            if pattern in line:
+                return line
+    return lines[0] if lines else "no compiler output"
+
+
+def _compile(workdir: Path, files: dict[str, str], gcc: str, objcopy: str, log_path: Path) -> bytes:
+    """Write the sources, compile, link, extract the image; returns the linked image bytes."""
+    for name, text in files.items():
+        (workdir / name).write_text(text)
+    units = ["entries.S"] + (["queue.c"] if "queue.c" in files else [])
+    commands = [
+        [gcc, *CFLAGS, *LDFLAGS, "-I.", "-Wl,-T,linker.ld", "-Wl,-Map,rom.map", *units, "-o", "rom.elf"],
+        [objcopy, "-O", "binary", "-j", IMAGE_SECTION, "rom.elf", "rom.linked"],
+    ]
+    log: list[str] = []
+    for cmd in commands:
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=workdir)
+        log.append("$ " + " ".join(cmd) + "\n" + proc.stdout + proc.stderr)
+        if proc.returncode != 0:
+            log_path.parent.mkdir(parents=True, exist_ok=True)
+            log_path.write_text("\n".join(log))
+            raise HostError(f"building the VMI ROM failed: {_first_error(proc.stdout + proc.stderr)}",
+                            f"full log in {log_path}")
+    (workdir / "build.log").write_text("\n".join(log))
+    return (workdir / "rom.linked").read_bytes()
+
+
+def build_rom(profile: RomProfile = RomProfile.FULL, *, honour_annotations: bool = True,
+              spec: Spec | None = None, cache_dir: Path | None = None) -> RomImage:
+    """Build (or reuse from the cache) the ROM image for this profile and annotation mode."""
+    spec = spec or load_spec()
+    gcc, objcopy = _tool("gcc"), _tool("objcopy")
+    files = _sources(spec, profile, honour_annotations)
+    digest = _digest(files, profile, honour_annotations, gcc, objcopy)
+    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    final = root / digest
+    image_path = final / "rom.bin"
+    if not image_path.is_file():
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            workdir = Path(tempfile.mkdtemp(prefix=".build-rom-", dir=root))
+        except OSError as err:
+            raise HostError(f"cannot create ROM cache directory {root}: {err}",
+                            "set VMIKIT_CACHE_DIR to a writable directory") from err
+        try:
+            image = finalize(_compile(workdir, files, gcc, objcopy, root / "logs" / f"rom-{digest[:16]}.log"))
+            parse_rom(image, spec)  # never cache an image the guest would reject
+            (workdir / "rom.bin").write_bytes(image)
+            try:
+                os.rename(workdir, final)  # atomic; fails if a racing builder got there first
+            except OSError:
+                if not image_path.is_file():
+                    raise
+        except ValueError as err:
+            raise HostError(f"the built VMI ROM is invalid: {err}", "this is a vmikit bug; please report it") from err
+        finally:
+            shutil.rmtree(workdir, ignore_errors=True)
+    parsed = parse_rom(image_path.read_bytes(), spec)
+    return RomImage(parsed.data, profile, honour_annotations, parsed.entries, parsed.raw_entry)
