@@ -23,6 +23,7 @@ ROM_SIGNATURE = b"VMIK"
 PT_POOL_BASE = 0x0200_0000  # page-table pool (docs/paging.md): read-only slot under trap/direct
 PT_POOL_SIZE = 0x0100_0000
 DATA_POOL_BASE = 0x0400_0000  # frames the mmu workload maps (a workload convention)
+DATA_POOL_SIZE = 0x0200_0000
 HIGH_RAM_BASE = 0x100000  # kernels are linked here (1 MiB)
 MIN_MEMORY_MIB = 4
 MAX_MEMORY_MIB = 3072  # stay below the 32-bit PCI hole: one flat high RAM slot

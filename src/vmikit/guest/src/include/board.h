@@ -11,6 +11,11 @@
 
 #define PORT_SERIAL         0x3F8 /* COM1 THR: outb, no need to poll the LSR */
 #define PORT_EXIT           0xF4  /* outl(code): QEMU isa-debug-exit / VMM exit */
+/* Page-table pool and workload data pool (docs/paging.md); alloc_page never returns them. */
+#define PT_POOL_BASE        0x02000000ull
+#define PT_POOL_SIZE        0x01000000ull
+#define DATA_POOL_BASE      0x04000000ull
+#define DATA_POOL_SIZE      0x02000000ull
 #define PORT_PANIC          0xF9  /* outl(phys addr of struct exception_frame); outside QEMU isa-debug-exit 0xF4-0xF7 */
 
 #define EXIT_OK             0 /* every test passed */

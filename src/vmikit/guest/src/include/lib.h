@@ -64,6 +64,7 @@ const char *exception_name(unsigned vector);
 /* alloc.c */
 void alloc_init(const struct multiboot_info *mbi);
 void *alloc_page(void); /* zeroed 4 KiB page, or NULL when memory is exhausted */
+void *alloc_pt_page(void); /* a fresh, zero page of the page-table pool, or NULL; never written here */
 void free_page(void *page);
 
 #endif

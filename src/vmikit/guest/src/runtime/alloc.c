@@ -14,7 +14,7 @@
 #include "lib.h"
 
 #define MAX_RANGES    32
-#define MAX_RESERVED  8
+#define MAX_RESERVED  9
 #define MEM_LIMIT     0x100000000ull /* end of boot.S's identity map */
 #define ONE_MIB       0x100000ull
 
@@ -56,10 +56,25 @@ static void add_range(uint64_t base, uint64_t len)
 		ranges[nranges++] = (struct range){ lo, hi };
 }
 
+/* The page-table pool: fresh (zero) pages only, never reused, never written by this allocator
+ * (under trap and direct paging the pool is read-only to the guest). */
+static uint64_t pt_next = PT_POOL_BASE, pt_end = PT_POOL_BASE;
+
+void *alloc_pt_page(void)
+{
+	if (pt_next >= pt_end)
+		return NULL;
+	uint64_t page = pt_next;
+	pt_next += PAGE_SIZE;
+	return (void *)(uintptr_t)page;
+}
+
 void alloc_init(const struct multiboot_info *mbi)
 {
 	if (!mbi)
 		return; /* no boot information: no memory to hand out */
+	/* The pools are for page tables and the workloads' data frames: not general allocation. */
+	reserve(PT_POOL_BASE, DATA_POOL_BASE + DATA_POOL_SIZE - PT_POOL_BASE);
 
 	reserve((uintptr_t)mbi, sizeof(*mbi));
 	if (mbi->flags & MULTIBOOT_INFO_CMDLINE)
@@ -76,8 +91,11 @@ void alloc_init(const struct multiboot_info *mbi)
 		uint64_t p = mbi->mmap_addr, end = p + mbi->mmap_length;
 		while (p + sizeof(struct multiboot_mmap_entry) <= end) {
 			const struct multiboot_mmap_entry *e = (const void *)(uintptr_t)p;
-			if (e->type == MULTIBOOT_MEMORY_AVAILABLE)
+			if (e->type == MULTIBOOT_MEMORY_AVAILABLE) {
 				add_range(e->base, e->len);
+				if (e->base <= PT_POOL_BASE && e->base + e->len >= PT_POOL_BASE + PT_POOL_SIZE)
+					pt_end = PT_POOL_BASE + PT_POOL_SIZE;
+			}
 			p += (uint64_t)e->size + sizeof(e->size);
 		}
 	} else if (mbi->flags & MULTIBOOT_INFO_MEMORY) {
