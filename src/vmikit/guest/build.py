@@ -12,6 +12,14 @@ VMI layer adds a generated C header directory and its own .c files::
 or registers a guest once with :func:`register_guest` so that
 ``build_guest(name)`` and ``vmikit run NAME`` find it.
 
+Every guest also gets the guest VMI layer: ``src/vmi/vmi.c`` is compiled in,
+``vmi_spec.h`` is generated from the packaged spec into a content-addressed
+directory ``<cache root>/include/<sha256 of the header>/`` that goes on the
+include path (so the header's contents are part of the cache key), and the
+link wraps ``kmain`` so that ``vmi_init()`` runs first. Next to each image,
+``<name>.json`` records which ``vmi_spec.h`` the compiler actually used (from
+``gcc -M``) and its sha256 (:func:`build_info`).
+
 The result is an ELF32 (``objcopy -O elf32-i386``) multiboot image linked at
 1 MiB, the format QEMU's ``-kernel`` and the vmikit loader both take. Images are
 cached under ``<cache root>/<sha256>/<name>.elf`` where the hash covers every
@@ -24,6 +32,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -37,15 +46,19 @@ from vmikit.errors import HostError, UsageError
 
 __all__ = [
     "CFLAGS",
+    "VMI_LDFLAGS",
     "LDFLAGS",
     "GuestSpec",
     "available_guests",
     "build_guest",
+    "build_info",
     "default_cache_dir",
     "guest_hash",
     "guest_source_dir",
     "guest_spec",
     "register_guest",
+    "vmi_header_dir",
+    "vmi_header_text",
 ]
 
 # Compiler flags for every translation unit (C and .S). Part of the cache key.
@@ -74,6 +87,10 @@ LDFLAGS: tuple[str, ...] = (
     "-Wl,-z,max-page-size=0x1000",  # keeps the multiboot header in the first 8 KiB
     "-Wl,-z,noexecstack",
 )
+
+# The VMI layer runs vmi_init() before kmain by wrapping the runtime's call to kmain.
+VMI_LDFLAGS: tuple[str, ...] = ("-Wl,--wrap=kmain",)
+VMI_HEADER = "vmi_spec.h"
 
 _INSTALL_HINT = "install it with `apt-get install gcc binutils`"
 _NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
@@ -161,6 +178,42 @@ def default_cache_dir() -> Path:
     return base / "vmikit" / "guests"
 
 
+def vmi_header_text() -> str:
+    """The guest C header generated from the packaged spec (what ``vmikit spec header`` prints)."""
+    from vmikit.abi import load_spec
+    from vmikit.abi.cheader import generate
+
+    return generate(load_spec())
+
+
+def vmi_header_dir(cache_dir: Path | None = None) -> Path:
+    """``<cache root>/include/<sha256>/`` holding the generated ``vmi_spec.h`` (written once, atomically)."""
+    data = vmi_header_text().encode()
+    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    directory = root / "include" / hashlib.sha256(data).hexdigest()
+    target = directory / VMI_HEADER
+    if target.is_file() and target.read_bytes() == data:
+        return directory
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".vmi_spec-", dir=directory)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, target)
+    except OSError as err:
+        raise HostError(f"cannot write the generated {VMI_HEADER} under {root}: {err}",
+                        "set VMIKIT_CACHE_DIR to a writable directory") from err
+    return directory
+
+
+def build_info(image: Path) -> dict[str, object]:
+    """What ``build_guest`` recorded about ``image``: ``vmi_spec_h`` (path) and ``vmi_spec_sha256``."""
+    info = Path(image).with_suffix(".json")
+    if not info.is_file():
+        raise UsageError(f"no build record for {image}", "build the guest with vmikit.guest.build.build_guest")
+    return json.loads(info.read_text())
+
+
 def _tool(name: str) -> str:
     path = shutil.which(name)
     if path is None:
@@ -188,6 +241,7 @@ class _Plan:
     hashed_files: tuple[Path, ...]
     cflags: tuple[str, ...]
     digest: str
+    vmi_source: Path
 
 
 def _files_under(directory: Path, suffixes: Sequence[str]) -> list[Path]:
@@ -202,14 +256,17 @@ def _plan(
     include_dirs: Iterable[Path],
     gcc: str,
     objcopy: str,
+    cache_dir: Path | None = None,
 ) -> _Plan:
     src = (source_dir or guest_source_dir()).resolve()
     spec = guest_spec(name, source_dir=src)
     runtime_dir = src / "runtime"
     runtime_include = src / "include"
+    vmi_dir = src / "vmi"
     linker_script = runtime_dir / "linker.ld"
-    if not linker_script.is_file():
-        raise HostError(f"guest runtime missing: {linker_script}", "reinstall vmikit")
+    for needed in (linker_script, vmi_dir / "vmi.c"):
+        if not needed.is_file():
+            raise HostError(f"guest runtime missing: {needed}", "reinstall vmikit")
 
     extra_src = tuple(Path(p).resolve() for p in (*spec.extra_sources, *extra_sources))
     extra_inc = tuple(Path(p).resolve() for p in (*spec.include_dirs, *include_dirs))
@@ -220,8 +277,12 @@ def _plan(
         if not path.is_dir():
             raise UsageError(f"guest {name!r}: include directory not found: {path}", "check the path")
 
-    sources = (*_files_under(runtime_dir, _SOURCE_SUFFIXES), *extra_src, spec.main_source.resolve())
-    headers = [h for d in (*extra_inc, runtime_include) for h in _files_under(d, _HEADER_SUFFIXES)]
+    # Caller's include dirs first (they may override anything), then the generated spec header,
+    # the VMI layer and the runtime.
+    includes = (*extra_inc, vmi_header_dir(cache_dir).resolve(), vmi_dir, runtime_include)
+    sources = (*_files_under(runtime_dir, _SOURCE_SUFFIXES), *_files_under(vmi_dir, _SOURCE_SUFFIXES),
+               *extra_src, spec.main_source.resolve())
+    headers = [h for d in includes for h in _files_under(d, _HEADER_SUFFIXES)]
     hashed = (*sources, *headers, linker_script)
     cflags = (*CFLAGS, *spec.extra_cflags)
 
@@ -232,10 +293,10 @@ def _plan(
 
     feed("guest", name.encode())
     feed("cflags", "\0".join(cflags).encode())
-    feed("ldflags", "\0".join(LDFLAGS).encode())
+    feed("ldflags", "\0".join((*LDFLAGS, *VMI_LDFLAGS)).encode())
     feed("gcc", _tool_version(gcc).encode())
     feed("objcopy", _tool_version(objcopy).encode())
-    for i, d in enumerate((*extra_inc, runtime_include)):
+    for i, d in enumerate(includes):
         feed(f"include[{i}]", d.name.encode())
     for path in hashed:
         # Name relative to a well-known root where possible so the key does not
@@ -248,11 +309,12 @@ def _plan(
     return _Plan(
         spec=spec,
         sources=tuple(sources),
-        include_dirs=(*extra_inc, runtime_include),
+        include_dirs=includes,
         linker_script=linker_script,
         hashed_files=tuple(hashed),
         cflags=cflags,
         digest=h.hexdigest(),
+        vmi_source=vmi_dir / "vmi.c",
     )
 
 
@@ -262,6 +324,7 @@ def guest_hash(
     source_dir: Path | None = None,
     extra_sources: Iterable[Path] = (),
     include_dirs: Iterable[Path] = (),
+    cache_dir: Path | None = None,
 ) -> str:
     """The sha256 cache key ``build_guest`` would use for these inputs."""
     return _plan(
@@ -271,6 +334,7 @@ def guest_hash(
         include_dirs=include_dirs,
         gcc=_tool("gcc"),
         objcopy=_tool("objcopy"),
+        cache_dir=cache_dir,
     ).digest
 
 
@@ -288,8 +352,11 @@ def _run_toolchain(plan: _Plan, gcc: str, objcopy: str, workdir: Path, log_path:
     elf64 = workdir / f"{plan.spec.name}.elf64"
     elf32 = workdir / f"{plan.spec.name}.elf"
     includes = [f"-I{d}" for d in plan.include_dirs]
+    deps = workdir / "vmi.d"
     commands = [
-        [gcc, *plan.cflags, *includes, *LDFLAGS, f"-Wl,-T,{plan.linker_script}",
+        # Which vmi_spec.h the compiler really picks (the include path decides): recorded below.
+        [gcc, *plan.cflags, *includes, "-M", "-MF", str(deps), str(plan.vmi_source)],
+        [gcc, *plan.cflags, *includes, *LDFLAGS, *VMI_LDFLAGS, f"-Wl,-T,{plan.linker_script}",
          *map(str, plan.sources), "-o", str(elf64)],
         [objcopy, "-O", "elf32-i386", str(elf64), str(elf32)],
     ]
@@ -304,6 +371,14 @@ def _run_toolchain(plan: _Plan, gcc: str, objcopy: str, workdir: Path, log_path:
                 f"building guest {plan.spec.name!r} failed: {_first_error(proc.stdout + proc.stderr)}",
                 f"full log in {log_path}",
             )
+    used = [Path(t) for t in deps.read_text().replace("\\\n", " ").split() if Path(t).name == VMI_HEADER]
+    if len(used) != 1:
+        raise HostError(f"building guest {plan.spec.name!r}: cannot tell which {VMI_HEADER} was used",
+                        "report this to the vmikit developers")
+    header = (workdir / used[0]).resolve()
+    info = {"vmi_spec_h": str(header), "vmi_spec_sha256": hashlib.sha256(header.read_bytes()).hexdigest(),
+            "include_dirs": [str(d) for d in plan.include_dirs]}
+    (workdir / f"{plan.spec.name}.json").write_text(json.dumps(info, indent=2) + "\n")
     return elf32
 
 
@@ -323,6 +398,7 @@ def build_guest(
     """
     gcc = _tool("gcc")
     objcopy = _tool("objcopy")
+    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     plan = _plan(
         name,
         source_dir=source_dir,
@@ -330,8 +406,8 @@ def build_guest(
         include_dirs=tuple(include_dirs),
         gcc=gcc,
         objcopy=objcopy,
+        cache_dir=root,
     )
-    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     final = root / plan.digest / f"{name}.elf"
     if final.is_file():
         return final
@@ -343,6 +419,7 @@ def build_guest(
         raise HostError(f"cannot create guest cache directory {root}: {err}", "set VMIKIT_CACHE_DIR to a writable directory") from err
     try:
         image = _run_toolchain(plan, gcc, objcopy, workdir, root / "logs" / f"{name}-{plan.digest[:16]}.log")
+        os.replace(image.with_suffix(".json"), final.with_suffix(".json"))  # the record first: the image marks completion
         os.replace(image, final)  # atomic: a racing builder's identical image is simply replaced
     finally:
         shutil.rmtree(workdir, ignore_errors=True)

@@ -1,0 +1,607 @@
+/*
+ * The guest VMI layer: ROM discovery, call resolution, and one function per
+ * spec call that uses the ROM entry when resolved and the native instruction
+ * otherwise.  See vmi.h and docs/rom-abi.md.
+ */
+#include "lib.h"
+#include "vmi.h"
+
+#define ROM_SCAN_START 0xC0000ul
+#define ROM_SCAN_END   0xE0000ul
+#define ROM_SCAN_STEP  0x800ul
+#define RFLAGS_IF      (1ul << 9)
+#define CR0_TS         (1ul << 3)
+#define CR4_PGE        (1ul << 7)
+
+struct vmi_rom_header {
+	uint16_t signature;    /* 0xAA55 */
+	uint8_t blocks;        /* length in 512-byte blocks */
+	uint8_t init[3];
+	uint16_t zero;
+	char vmi_signature[4]; /* "VMIK" */
+	uint16_t major, minor;
+	uint32_t size, count, table, flags, raw, data_base, data_size;
+	uint8_t pad[3];
+	uint8_t checksum;
+} __attribute__((packed));
+_Static_assert(sizeof(struct vmi_rom_header) == 48, "ROM header is 48 bytes");
+
+struct vmi_rom_entry {
+	uint32_t call_id, offset;
+};
+
+typedef long (*vmi_raw_t)(uint32_t call_id, uint64_t a0, uint64_t a1, uint64_t a2, uint64_t *res);
+
+vmi_entry_t vmi_table[VMI_NSLOTS];
+unsigned vmi_getter_failures;
+static const struct vmi_rom_header *rom;
+static vmi_raw_t rom_raw;
+static int initialised;
+
+/* --- discovery and resolution ---------------------------------------------- */
+
+static int rom_valid(uintptr_t base)
+{
+	const struct vmi_rom_header *h = (const void *)base;
+	const volatile uint8_t *bytes = (const void *)base;
+
+	if (memcmp(h->vmi_signature, "VMIK", 4) != 0 || h->major != VMI_VERSION_MAJOR)
+		return 0;
+	uint32_t size = h->blocks * 512u;
+	if (size < sizeof(*h) || base + size > ROM_SCAN_END || h->size != size)
+		return 0;
+	uint8_t sum = 0;
+	for (uint32_t i = 0; i < size; i++)
+		sum += bytes[i];
+	if (sum != 0)
+		return 0;
+	if (h->table < sizeof(*h) || h->table % 4 || h->count > (size - h->table) / sizeof(struct vmi_rom_entry))
+		return 0;
+	if (h->raw >= size)
+		return 0;
+	const struct vmi_rom_entry *e = (const void *)(base + h->table);
+	for (uint32_t i = 0; i < h->count; i++)
+		if (e[i].offset < sizeof(*h) || e[i].offset >= size)
+			return 0;
+	return 1;
+}
+
+static vmi_entry_t rom_lookup(uint32_t call_id)
+{
+	const struct vmi_rom_entry *e = (const void *)((uintptr_t)rom + rom->table);
+	for (uint32_t i = 0; i < rom->count; i++)
+		if (e[i].call_id == call_id)
+			return (vmi_entry_t)((uintptr_t)rom + e[i].offset);
+	return NULL;
+}
+
+static void resolve(uint32_t family, uint32_t ncalls)
+{
+	for (uint32_t call = 0; call < ncalls; call++) {
+		uint32_t id = VMI_CALLID(family, call, 0);
+		vmi_table[VMI_SLOT(id)] = rom_lookup(id);
+		if (family == VMI_FAMILY_MMU) {
+			uint32_t queued = id | VMI_ANN_QUEUE;
+			vmi_entry_t q = rom_lookup(queued);
+			vmi_table[VMI_SLOT(queued)] = q ? q : vmi_table[VMI_SLOT(id)];
+		}
+	}
+}
+
+int vmi_init(void)
+{
+	if (initialised)
+		return rom != NULL;
+	initialised = 1;
+	/* Without a ROM every read of this window may be an MMIO exit: 2 bytes a step. */
+	for (uintptr_t base = ROM_SCAN_START; base < ROM_SCAN_END; base += ROM_SCAN_STEP) {
+		if (*(const volatile uint16_t *)base == 0xAA55 && rom_valid(base)) {
+			rom = (const void *)base;
+			break;
+		}
+	}
+	if (!rom)
+		return 0;
+	resolve(VMI_FAMILY_CPU, VMI_FAMILY_CPU_NCALLS);
+	resolve(VMI_FAMILY_SEGMENTATION, VMI_FAMILY_SEGMENTATION_NCALLS);
+	resolve(VMI_FAMILY_MMU, VMI_FAMILY_MMU_NCALLS);
+	resolve(VMI_FAMILY_QUERY, VMI_FAMILY_QUERY_NCALLS);
+	if (rom->raw)
+		rom_raw = (vmi_raw_t)((uintptr_t)rom + rom->raw);
+	return 1;
+}
+
+/* The runtime calls kmain; the build links with --wrap=kmain so that we run first. */
+void __real_kmain(uint32_t magic, uint32_t mbinfo);
+void __wrap_kmain(uint32_t magic, uint32_t mbinfo);
+void __wrap_kmain(uint32_t magic, uint32_t mbinfo)
+{
+	vmi_init();
+	__real_kmain(magic, mbinfo);
+}
+
+int vmi_rom_present(void) { return rom != NULL; }
+uint32_t vmi_rom_version(void) { return rom ? (uint32_t)rom->major << 16 | rom->minor : 0; }
+uint32_t vmi_rom_flags(void) { return rom ? rom->flags : 0; }
+uint32_t vmi_rom_entries(void) { return rom ? rom->count : 0; }
+uint64_t vmi_rom_base(void) { return (uintptr_t)rom; }
+
+long vmi_raw_call(uint32_t call_id, uint64_t a0, uint64_t a1, uint64_t a2, uint64_t res[4])
+{
+	return rom_raw ? rom_raw(call_id, a0, a1, a2, res) : VMI_ERR_NOT_SUPPORTED;
+}
+
+/* --- the two shapes of a call ---------------------------------------------- */
+
+/* Return the ROM entry's status from the enclosing function if `id` resolved. */
+#define ROM_CALL(id, a0, a1, a2, res)                                         \
+	do {                                                                  \
+		vmi_entry_t e_ = vmi_entry(id);                               \
+		if (e_)                                                       \
+			return e_((uint64_t)(a0), (uint64_t)(a1), (uint64_t)(a2), (res)); \
+	} while (0)
+
+/* Getter: return result 0 of the ROM entry (0 + a counted failure if it fails), else `native`. */
+#define ROM_GET(id, a0, native)                                               \
+	do {                                                                  \
+		vmi_entry_t e_ = vmi_entry(id);                               \
+		if (e_) {                                                     \
+			uint64_t r_[4] = { 0 };                               \
+			if (e_((uint64_t)(a0), 0, 0, r_) == VMI_ERR_OK)       \
+				return r_[0];                                 \
+			vmi_getter_failures++;                                \
+			return 0;                                             \
+		}                                                             \
+		return (native);                                              \
+	} while (0)
+
+/* A ROM entry with one result stored through `out`. */
+static long rom_result(vmi_entry_t e, uint64_t a0, uint64_t *out)
+{
+	uint64_t r[4] = { 0 };
+	long status = e(a0, 0, 0, r);
+	if (status == VMI_ERR_OK && out)
+		*out = r[0];
+	return status;
+}
+
+/* --- CPU ------------------------------------------------------------------- */
+
+long vmi_cpuid(uint32_t leaf, uint32_t subleaf, uint32_t out[4])
+{
+	vmi_entry_t e = vmi_entry(VMI_CALL_CPU_CPUID);
+	if (e) {
+		uint64_t r[4] = { 0 };
+		long status = e(leaf, subleaf, 0, r);
+		for (int i = 0; i < 4; i++)
+			out[i] = status == VMI_ERR_OK ? (uint32_t)r[i] : 0;
+		return status;
+	}
+	struct cpuid_result c = cpuid(leaf, subleaf);
+	out[0] = c.eax, out[1] = c.ebx, out[2] = c.ecx, out[3] = c.edx;
+	return VMI_ERR_OK;
+}
+
+uint64_t vmi_rdtsc(void) { ROM_GET(VMI_CALL_CPU_RDTSC, 0, rdtsc()); }
+
+long vmi_rdmsr(uint32_t msr, uint64_t *value)
+{
+	vmi_entry_t e = vmi_entry(VMI_CALL_CPU_RDMSR);
+	if (e)
+		return rom_result(e, msr, value);
+	*value = rdmsr(msr);
+	return VMI_ERR_OK;
+}
+
+long vmi_wrmsr(uint32_t msr, uint64_t value)
+{
+	ROM_CALL(VMI_CALL_CPU_WRMSR, msr, value, 0, NULL);
+	wrmsr(msr, value);
+	return VMI_ERR_OK;
+}
+
+uint64_t vmi_get_cr0(void) { ROM_GET(VMI_CALL_CPU_GETCR0, 0, read_cr0()); }
+uint64_t vmi_get_cr2(void) { ROM_GET(VMI_CALL_CPU_GETCR2, 0, read_cr2()); }
+uint64_t vmi_get_cr3(void) { ROM_GET(VMI_CALL_CPU_GETCR3, 0, read_cr3()); }
+uint64_t vmi_get_cr4(void) { ROM_GET(VMI_CALL_CPU_GETCR4, 0, read_cr4()); }
+
+long vmi_set_cr0(uint64_t value)
+{
+	ROM_CALL(VMI_CALL_CPU_SETCR0, value, 0, 0, NULL);
+	write_cr0(value);
+	return VMI_ERR_OK;
+}
+
+long vmi_set_cr2(uint64_t value)
+{
+	ROM_CALL(VMI_CALL_CPU_SETCR2, value, 0, 0, NULL);
+	write_cr2(value);
+	return VMI_ERR_OK;
+}
+
+long vmi_set_cr3(uint64_t root)
+{
+	ROM_CALL(VMI_CALL_CPU_SETCR3, root, 0, 0, NULL);
+	write_cr3(root);
+	return VMI_ERR_OK;
+}
+
+long vmi_set_cr4(uint64_t value)
+{
+	ROM_CALL(VMI_CALL_CPU_SETCR4, value, 0, 0, NULL);
+	write_cr4(value);
+	return VMI_ERR_OK;
+}
+
+long vmi_clts(void)
+{
+	ROM_CALL(VMI_CALL_CPU_CLTS, 0, 0, 0, NULL);
+	__asm__ __volatile__("clts" ::: "memory");
+	return VMI_ERR_OK;
+}
+
+long vmi_wbinvd(void)
+{
+	ROM_CALL(VMI_CALL_CPU_WBINVD, 0, 0, 0, NULL);
+	__asm__ __volatile__("wbinvd" ::: "memory");
+	return VMI_ERR_OK;
+}
+
+static inline uint64_t read_rflags(void)
+{
+	uint64_t f;
+	__asm__ __volatile__("pushfq; popq %0" : "=r"(f) : : "memory");
+	return f;
+}
+
+static inline void write_rflags(uint64_t f)
+{
+	__asm__ __volatile__("pushq %0; popfq" : : "r"(f) : "memory", "cc");
+}
+
+long vmi_halt(void)
+{
+	ROM_CALL(VMI_CALL_CPU_HALT, 0, 0, 0, NULL);
+	if (read_rflags() & RFLAGS_IF) /* with IF clear nothing could wake us: return at once */
+		__asm__ __volatile__("sti; hlt" ::: "memory");
+	return VMI_ERR_OK;
+}
+
+long vmi_shutdown(uint32_t code)
+{
+	vmi_entry_t e = vmi_entry(VMI_CALL_CPU_SHUTDOWN);
+	if (e) {
+		long status = e(code, 0, 0, NULL);
+		if (status != VMI_ERR_OK)
+			return status;
+	}
+	outl(code, PORT_EXIT);
+	return VMI_ERR_NOT_SUPPORTED; /* nobody listening on the exit port */
+}
+
+long vmi_reboot(void)
+{
+	ROM_CALL(VMI_CALL_CPU_REBOOT, 0, 0, 0, NULL);
+	outb(0xFE, 0x64); /* keyboard-controller reset */
+	return VMI_ERR_NOT_SUPPORTED;
+}
+
+#define DR_CASE(n)                                                                     \
+	case n:                                                                        \
+		if (get)                                                               \
+			__asm__ __volatile__("mov %%dr" #n ", %0" : "=r"(*value));     \
+		else                                                                   \
+			__asm__ __volatile__("mov %0, %%dr" #n : : "r"(*value) : "memory"); \
+		return VMI_ERR_OK;
+
+static long native_dr(int get, uint32_t reg, uint64_t *value)
+{
+	switch (reg) {
+	DR_CASE(0) DR_CASE(1) DR_CASE(2) DR_CASE(3) DR_CASE(6) DR_CASE(7)
+	default:
+		return VMI_ERR_INVALID_ARGUMENT;
+	}
+}
+
+long vmi_get_dr(uint32_t reg, uint64_t *value)
+{
+	vmi_entry_t e = vmi_entry(VMI_CALL_CPU_GETDR);
+	return e ? rom_result(e, reg, value) : native_dr(1, reg, value);
+}
+
+long vmi_set_dr(uint32_t reg, uint64_t value)
+{
+	ROM_CALL(VMI_CALL_CPU_SETDR, reg, value, 0, NULL);
+	return native_dr(0, reg, &value);
+}
+
+long vmi_rdpmc(uint32_t counter, uint64_t *value)
+{
+	vmi_entry_t e = vmi_entry(VMI_CALL_CPU_RDPMC);
+	if (e)
+		return rom_result(e, counter, value);
+	uint32_t lo, hi;
+	__asm__ __volatile__("rdpmc" : "=a"(lo), "=d"(hi) : "c"(counter));
+	*value = (uint64_t)hi << 32 | lo;
+	return VMI_ERR_OK;
+}
+
+long vmi_enable_interrupts(void)
+{
+	ROM_CALL(VMI_CALL_CPU_ENABLEINTERRUPTS, 0, 0, 0, NULL);
+	sti();
+	return VMI_ERR_OK;
+}
+
+long vmi_disable_interrupts(void)
+{
+	ROM_CALL(VMI_CALL_CPU_DISABLEINTERRUPTS, 0, 0, 0, NULL);
+	cli();
+	return VMI_ERR_OK;
+}
+
+uint64_t vmi_get_interrupt_mask(void) { ROM_GET(VMI_CALL_CPU_GETINTERRUPTMASK, 0, read_rflags()); }
+
+long vmi_set_interrupt_mask(uint64_t flags)
+{
+	ROM_CALL(VMI_CALL_CPU_SETINTERRUPTMASK, flags, 0, 0, NULL);
+	write_rflags((read_rflags() & ~RFLAGS_IF) | (flags & RFLAGS_IF));
+	return VMI_ERR_OK;
+}
+
+long vmi_io_delay(void)
+{
+	ROM_CALL(VMI_CALL_CPU_IODELAY, 0, 0, 0, NULL);
+	outb(0, 0x80);
+	return VMI_ERR_OK;
+}
+
+/* --- Segmentation ---------------------------------------------------------- */
+
+static long native_load_table(int idt, uint64_t base, uint32_t limit)
+{
+	if (limit > 0xFFFF)
+		return VMI_ERR_INVALID_ARGUMENT;
+	struct descriptor_ptr p = { .limit = (uint16_t)limit, .base = base };
+	if (idt)
+		lidt(&p);
+	else
+		__asm__ __volatile__("lgdt %0" : : "m"(p) : "memory");
+	return VMI_ERR_OK;
+}
+
+long vmi_set_gdt(uint64_t base, uint32_t limit)
+{
+	ROM_CALL(VMI_CALL_SEGMENTATION_SETGDT, base, limit, 0, NULL);
+	return native_load_table(0, base, limit);
+}
+
+long vmi_set_idt(uint64_t base, uint32_t limit)
+{
+	ROM_CALL(VMI_CALL_SEGMENTATION_SETIDT, base, limit, 0, NULL);
+	return native_load_table(1, base, limit);
+}
+
+long vmi_set_ldt(uint16_t selector)
+{
+	ROM_CALL(VMI_CALL_SEGMENTATION_SETLDT, selector, 0, 0, NULL);
+	__asm__ __volatile__("lldt %0" : : "r"(selector) : "memory");
+	return VMI_ERR_OK;
+}
+
+long vmi_set_tr(uint16_t selector)
+{
+	ROM_CALL(VMI_CALL_SEGMENTATION_SETTR, selector, 0, 0, NULL);
+	__asm__ __volatile__("ltr %0" : : "r"(selector) : "memory");
+	return VMI_ERR_OK;
+}
+
+static long get_table(uint32_t id, struct descriptor_ptr (*native)(void), uint64_t *base, uint32_t *limit)
+{
+	vmi_entry_t e = vmi_entry(id);
+	if (e) {
+		uint64_t r[4] = { 0 };
+		long status = e(0, 0, 0, r);
+		if (status == VMI_ERR_OK)
+			*base = r[0], *limit = (uint32_t)r[1];
+		return status;
+	}
+	struct descriptor_ptr p = native();
+	*base = p.base, *limit = p.limit;
+	return VMI_ERR_OK;
+}
+
+long vmi_get_gdt(uint64_t *base, uint32_t *limit)
+{
+	return get_table(VMI_CALL_SEGMENTATION_GETGDT, sgdt, base, limit);
+}
+
+long vmi_get_idt(uint64_t *base, uint32_t *limit)
+{
+	return get_table(VMI_CALL_SEGMENTATION_GETIDT, sidt, base, limit);
+}
+
+static inline uint16_t native_sldt(void)
+{
+	uint16_t s;
+	__asm__ __volatile__("sldt %0" : "=r"(s));
+	return s;
+}
+
+static inline uint16_t native_str(void)
+{
+	uint16_t s;
+	__asm__ __volatile__("str %0" : "=r"(s));
+	return s;
+}
+
+uint16_t vmi_get_ldt(void) { ROM_GET(VMI_CALL_SEGMENTATION_GETLDT, 0, native_sldt()); }
+uint16_t vmi_get_tr(void) { ROM_GET(VMI_CALL_SEGMENTATION_GETTR, 0, native_str()); }
+
+/* Base of the 16-byte system descriptor `selector` names in the loaded GDT. */
+static uint64_t system_base(uint16_t selector)
+{
+	const uint64_t *d = (const uint64_t *)(uintptr_t)(sgdt().base + (selector & ~7u));
+	return ((d[0] >> 16) & 0xFFFFFF) | ((d[0] >> 56) & 0xFF) << 24 | (d[1] & 0xFFFFFFFF) << 32;
+}
+
+/* Store a descriptor as the hypervisor would: 16 bytes for a present system descriptor, else 8. */
+static long store_descriptor(uint64_t addr, uint64_t low, uint64_t high)
+{
+	int wide = !(low >> 44 & 1) && (low >> 47 & 1);
+	volatile uint64_t *d = (volatile uint64_t *)(uintptr_t)addr;
+	d[0] = low;
+	if (wide)
+		d[1] = high;
+	return VMI_ERR_OK;
+}
+
+long vmi_write_gdt_entry(uint32_t index, uint64_t low, uint64_t high)
+{
+	ROM_CALL(VMI_CALL_SEGMENTATION_WRITEGDTENTRY, index, low, high, NULL);
+	return store_descriptor(sgdt().base + index * 8ul, low, high);
+}
+
+long vmi_write_ldt_entry(uint32_t index, uint64_t low, uint64_t high)
+{
+	ROM_CALL(VMI_CALL_SEGMENTATION_WRITELDTENTRY, index, low, high, NULL);
+	uint16_t ldt = native_sldt();
+	if (!(ldt & ~7u))
+		return VMI_ERR_INVALID_ARGUMENT;
+	return store_descriptor(system_base(ldt) + index * 8ul, low, high);
+}
+
+long vmi_write_idt_entry(uint32_t index, uint64_t low, uint64_t high)
+{
+	ROM_CALL(VMI_CALL_SEGMENTATION_WRITEIDTENTRY, index, low, high, NULL);
+	if (index > 0xFF)
+		return VMI_ERR_INVALID_ARGUMENT;
+	volatile uint64_t *g = (volatile uint64_t *)(uintptr_t)(sidt().base + index * 16ul);
+	g[0] = low;
+	g[1] = high;
+	return VMI_ERR_OK;
+}
+
+long vmi_update_kernel_stack(uint64_t stack)
+{
+	ROM_CALL(VMI_CALL_SEGMENTATION_UPDATEKERNELSTACK, stack, 0, 0, NULL);
+	uint16_t tr = native_str();
+	if (!(tr & ~7u))
+		return VMI_ERR_INVALID_ARGUMENT;
+	memcpy((void *)(uintptr_t)(system_base(tr) + 4), &stack, sizeof(stack)); /* TSS.rsp0 */
+	return VMI_ERR_OK;
+}
+
+/* --- MMU ------------------------------------------------------------------- */
+
+static long store_pte(uint64_t *ptep, uint64_t pte)
+{
+	*(volatile uint64_t *)ptep = pte;
+	return VMI_ERR_OK;
+}
+
+long vmi_set_pte(uint64_t *ptep, uint64_t pte)
+{
+	ROM_CALL(VMI_CALL_MMU_SETPTE, (uintptr_t)ptep, pte, 0, NULL);
+	return store_pte(ptep, pte);
+}
+
+long vmi_set_pte_queued(uint64_t *ptep, uint64_t pte)
+{
+	ROM_CALL(VMI_CALL_MMU_SETPTE | VMI_ANN_QUEUE, (uintptr_t)ptep, pte, 0, NULL);
+	return store_pte(ptep, pte);
+}
+
+long vmi_set_long_pte(uint64_t *ptep, uint64_t pte)
+{
+	ROM_CALL(VMI_CALL_MMU_SETLONGPTE, (uintptr_t)ptep, pte, 0, NULL);
+	return store_pte(ptep, pte);
+}
+
+long vmi_set_long_pte_queued(uint64_t *ptep, uint64_t pte)
+{
+	ROM_CALL(VMI_CALL_MMU_SETLONGPTE | VMI_ANN_QUEUE, (uintptr_t)ptep, pte, 0, NULL);
+	return store_pte(ptep, pte);
+}
+
+static void native_flush(uint32_t flags)
+{
+	uint64_t cr4 = read_cr4();
+	if ((flags & VMI_FLUSH_GLOBAL) && (cr4 & CR4_PGE)) {
+		write_cr4(cr4 & ~CR4_PGE); /* toggling PGE drops global translations too */
+		write_cr4(cr4);
+	} else if (flags & (VMI_FLUSH_TLB | VMI_FLUSH_GLOBAL)) {
+		write_cr3(read_cr3());
+	}
+}
+
+long vmi_flush_tlb(uint32_t flags)
+{
+	if (flags & ~(VMI_FLUSH_TLB | VMI_FLUSH_GLOBAL))
+		return VMI_ERR_INVALID_ARGUMENT;
+	vmi_entry_t e = vmi_entry(VMI_CALL_MMU_FLUSHTLB);
+	if (e) {
+		long status = e(flags, 0, 0, NULL);
+		if (status != VMI_ERR_OK)
+			return status;
+	}
+	native_flush(flags);
+	return VMI_ERR_OK;
+}
+
+long vmi_inval_page(uint64_t va)
+{
+	vmi_entry_t e = vmi_entry(VMI_CALL_MMU_INVALPAGE);
+	if (e) {
+		long status = e(va, 0, 0, NULL);
+		if (status != VMI_ERR_OK)
+			return status;
+	}
+	invlpg((const void *)(uintptr_t)va);
+	return VMI_ERR_OK;
+}
+
+long vmi_allocate_page(uint64_t table, uint32_t level)
+{
+	ROM_CALL(VMI_CALL_MMU_ALLOCATEPAGE, table, level, 0, NULL);
+	return VMI_ERR_OK; /* natively a page table is just memory */
+}
+
+long vmi_release_page(uint64_t table)
+{
+	ROM_CALL(VMI_CALL_MMU_RELEASEPAGE, table, 0, 0, NULL);
+	return VMI_ERR_OK;
+}
+
+long vmi_flush_queue(void)
+{
+	/* The queue lives in the ROM's data area; the ROM's entry flushes its own buffer.
+	 * (0, 0) is also a valid empty batch should an entry pass its arguments on. */
+	uint64_t r[4] = { 0 };
+	ROM_CALL(VMI_CALL_MMU_FLUSHQUEUE, 0, 0, 0, r);
+	return VMI_ERR_OK; /* natively nothing is ever queued */
+}
+
+/* --- Query ------------------------------------------------------------------ */
+
+long vmi_get_version(uint32_t *version)
+{
+	vmi_entry_t e = vmi_entry(VMI_CALL_QUERY_GETVERSION);
+	uint64_t v = 0;
+	long status = e ? rom_result(e, 0, &v) : VMI_ERR_NOT_SUPPORTED;
+	if (status == VMI_ERR_OK)
+		*version = (uint32_t)v;
+	return status;
+}
+
+long vmi_has_family(uint32_t family, uint64_t *present)
+{
+	vmi_entry_t e = vmi_entry(VMI_CALL_QUERY_HASFAMILY);
+	return e ? rom_result(e, family, present) : VMI_ERR_NOT_SUPPORTED;
+}
+
+long vmi_query_call(uint32_t call_id, uint64_t *info)
+{
+	vmi_entry_t e = vmi_entry(VMI_CALL_QUERY_QUERYCALL);
+	return e ? rom_result(e, call_id, info) : VMI_ERR_NOT_SUPPORTED;
+}

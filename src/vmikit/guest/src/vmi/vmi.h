@@ -1,0 +1,120 @@
+/*
+ * The guest VMI layer: one C function per call in the spec.
+ *
+ * vmi_init() (run by the runtime before kmain) scans the option-ROM window
+ * for a VMI ROM (docs/rom-abi.md) and resolves every call once into a table:
+ * the ROM entry for (family, call, annotation) if there is one, else the one
+ * for (family, call, 0), else nothing.  Each function below calls the
+ * resolved ROM entry, or does the native thing (the instruction itself, a
+ * store into the table memory, ...) when there is none -- so the same guest
+ * binary runs with a full ROM, a minimal ROM, and on a bare machine.
+ *
+ * Conventions: functions returning `long` return VMI_ERR_OK (0) or a
+ * negative VMI_ERR_* (native paths return 0, Query calls without a ROM
+ * VMI_ERR_NOT_SUPPORTED).  Getters returning a value return 0 if the ROM call
+ * failed and count the failure in vmi_getter_failures.  Pointers to page-table
+ * entries and tables are guest-physical == guest-virtual (the runtime's
+ * identity map of the first 4 GiB).
+ */
+#ifndef VMIKIT_VMI_H
+#define VMIKIT_VMI_H
+
+#include <stdint.h>
+
+#include "vmi_spec.h"
+
+/* A ROM entry: long entry(u64 a0, u64 a1, u64 a2, u64 *res), res NULL or u64[4]. */
+typedef long (*vmi_entry_t)(uint64_t a0, uint64_t a1, uint64_t a2, uint64_t *res);
+
+/* Slots of the resolution table: one per spec call, plus one per MMU call with `queue`. */
+#define VMI__BASE_CPU    0
+#define VMI__BASE_SEG    (VMI__BASE_CPU + VMI_FAMILY_CPU_NCALLS)
+#define VMI__BASE_MMU    (VMI__BASE_SEG + VMI_FAMILY_SEGMENTATION_NCALLS)
+#define VMI__BASE_QUERY  (VMI__BASE_MMU + VMI_FAMILY_MMU_NCALLS)
+#define VMI__BASE_QUEUED (VMI__BASE_QUERY + VMI_FAMILY_QUERY_NCALLS)
+#define VMI_NSLOTS       (VMI__BASE_QUEUED + VMI_FAMILY_MMU_NCALLS)
+#define VMI__FAMILY_BASE(f)                                                  \
+	((f) == VMI_FAMILY_CPU ? VMI__BASE_CPU :                             \
+	 (f) == VMI_FAMILY_SEGMENTATION ? VMI__BASE_SEG :                    \
+	 (f) == VMI_FAMILY_MMU ? VMI__BASE_MMU : VMI__BASE_QUERY)
+/* Slot of a call ID; the only annotated slots are MMU calls with VMI_ANN_QUEUE. */
+#define VMI_SLOT(id)                                                             \
+	((VMI_CALLID_FAMILY(id) == VMI_FAMILY_MMU && (VMI_CALLID_ANNOTATION(id) & VMI_ANN_QUEUE)) \
+		 ? VMI__BASE_QUEUED + VMI_CALLID_CALL(id)                        \
+		 : VMI__FAMILY_BASE(VMI_CALLID_FAMILY(id)) + VMI_CALLID_CALL(id))
+
+extern vmi_entry_t vmi_table[VMI_NSLOTS];
+extern unsigned vmi_getter_failures;
+
+/* The ROM entry a call ID resolved to (NULL: native fallback). */
+static inline vmi_entry_t vmi_entry(uint32_t call_id) { return vmi_table[VMI_SLOT(call_id)]; }
+
+/* --- discovery ----------------------------------------------------------- */
+int vmi_init(void);              /* 1 if a ROM was found; idempotent */
+int vmi_rom_present(void);
+uint32_t vmi_rom_version(void);  /* major << 16 | minor from the ROM header, 0 without a ROM */
+uint32_t vmi_rom_flags(void);    /* header flags (bit 0: honours annotations), 0 without a ROM */
+uint32_t vmi_rom_entries(void);  /* entries in the ROM's table */
+uint64_t vmi_rom_base(void);     /* guest-physical address of the accepted ROM, 0 without */
+
+/* --- CPU ----------------------------------------------------------------- */
+long vmi_cpuid(uint32_t leaf, uint32_t subleaf, uint32_t out[4]);
+uint64_t vmi_rdtsc(void);
+long vmi_rdmsr(uint32_t msr, uint64_t *value);
+long vmi_wrmsr(uint32_t msr, uint64_t value);
+uint64_t vmi_get_cr0(void);
+uint64_t vmi_get_cr2(void);
+uint64_t vmi_get_cr3(void);
+uint64_t vmi_get_cr4(void);
+long vmi_set_cr0(uint64_t value);
+long vmi_set_cr2(uint64_t value);
+long vmi_set_cr3(uint64_t root);
+long vmi_set_cr4(uint64_t value);
+long vmi_clts(void);
+long vmi_wbinvd(void);
+long vmi_halt(void);              /* native: returns at once when RFLAGS.IF is clear */
+long vmi_shutdown(uint32_t code); /* does not return unless the ROM refused */
+long vmi_reboot(void);
+long vmi_get_dr(uint32_t reg, uint64_t *value);
+long vmi_set_dr(uint32_t reg, uint64_t value);
+long vmi_rdpmc(uint32_t counter, uint64_t *value);
+long vmi_enable_interrupts(void);
+long vmi_disable_interrupts(void);
+uint64_t vmi_get_interrupt_mask(void); /* RFLAGS; only IF (bit 9) is meaningful */
+long vmi_set_interrupt_mask(uint64_t flags);
+long vmi_io_delay(void);
+
+/* --- Segmentation -------------------------------------------------------- */
+long vmi_set_gdt(uint64_t base, uint32_t limit);
+long vmi_set_idt(uint64_t base, uint32_t limit);
+long vmi_set_ldt(uint16_t selector);
+long vmi_set_tr(uint16_t selector);
+long vmi_get_gdt(uint64_t *base, uint32_t *limit);
+long vmi_get_idt(uint64_t *base, uint32_t *limit);
+uint16_t vmi_get_ldt(void);
+uint16_t vmi_get_tr(void);
+long vmi_write_gdt_entry(uint32_t index, uint64_t low, uint64_t high);
+long vmi_write_idt_entry(uint32_t index, uint64_t low, uint64_t high);
+long vmi_write_ldt_entry(uint32_t index, uint64_t low, uint64_t high);
+long vmi_update_kernel_stack(uint64_t stack);
+
+/* --- MMU ----------------------------------------------------------------- */
+long vmi_set_pte(uint64_t *ptep, uint64_t pte);
+long vmi_set_pte_queued(uint64_t *ptep, uint64_t pte);       /* MMU.SetPTE | queue */
+long vmi_set_long_pte(uint64_t *ptep, uint64_t pte);
+long vmi_set_long_pte_queued(uint64_t *ptep, uint64_t pte);  /* MMU.SetLongPTE | queue */
+long vmi_flush_tlb(uint32_t flags);                          /* VMI_FLUSH_TLB | VMI_FLUSH_GLOBAL */
+long vmi_inval_page(uint64_t va);
+long vmi_allocate_page(uint64_t table, uint32_t level);
+long vmi_release_page(uint64_t table);
+long vmi_flush_queue(void);                                  /* completes the ROM's per-CPU queue */
+
+/* --- Query (VMI_ERR_NOT_SUPPORTED without a ROM) ------------------------- */
+long vmi_get_version(uint32_t *version);
+long vmi_has_family(uint32_t family, uint64_t *present);
+long vmi_query_call(uint32_t call_id, uint64_t *info);
+
+/* Any call ID through the ROM's raw entry (experimental calls, malformed IDs). */
+long vmi_raw_call(uint32_t call_id, uint64_t a0, uint64_t a1, uint64_t a2, uint64_t res[4]);
+
+#endif
