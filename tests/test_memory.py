@@ -17,7 +17,7 @@ SIZE = 0x4000
 def memory() -> GuestMemory:
     mem = GuestMemory()
     mem.add(Region(LOW, SIZE))
-    mem.add(Region(0x10000, 0x1000, readonly=True, name="rom"))
+    mem.add(Region(0x10000, 0x1000, readonly=True, name="rom", kind="rom"))
     return mem
 
 
@@ -52,7 +52,7 @@ def test_roundtrip_and_objects(memory: GuestMemory) -> None:
     assert memory.read_u64(LOW) == 0xDEADBEEF
 
 
-def test_is_ram_excludes_readonly(memory: GuestMemory) -> None:
+def test_is_ram_excludes_rom(memory: GuestMemory) -> None:
     assert memory.is_ram(LOW, SIZE)
     assert not memory.is_ram(0x10000, 8)
     assert not memory.is_ram(LOW + SIZE - 4, 8)

@@ -51,16 +51,21 @@ def _stream(data: bytes) -> None:
 @click.argument("guest", default="hello")
 @click.option("--memory", "memory_mib", type=int, default=128, show_default=True, help="Guest RAM in MiB.")
 @click.option("--timeout", type=float, default=30.0, show_default=True, help="Watchdog limit in seconds.")
-@click.option("--rom", type=click.Choice(["full", "minimal", "none"]), default="full", show_default=True,
-              help="VMI ROM profile: every call, no optional calls, or no ROM (a bare machine).")
+@click.option("--rom", type=click.Choice(["full", "minimal", "none"]), default=None,
+              help="VMI ROM profile: every call, no optional calls, or no ROM (a bare machine). "
+                   "Default: full, or none with --paging trap.")
+@click.option("--paging", type=click.Choice(["native", "trap", "direct", "shadow"]), default="native",
+              show_default=True, help="Page-table style (docs/paging.md).")
+@click.option("--audit", is_flag=True, help="Check every page-table invariant after each update batch (slow).")
+@click.option("--cmdline", default="", help="The guest's multiboot command line (e.g. pages=4096).")
 @click.option("--annotations", type=click.Choice(["honour", "ignore"]), default="honour", show_default=True,
               help="Whether the hypervisor honours call annotations (queued SetPTE).")
 @click.option("--extension", "extensions", multiple=True, type=click.Path(dir_okay=False, path_type=Path),
               help="A Python file registering experimental 0xFF calls (repeatable).")
 @click.option("--stats", is_flag=True, help="Print exit counts by reason, port and call after the run.")
 @click.option("--json", "json_file", type=click.Path(dir_okay=False, path_type=Path), help="Write a JSON summary here.")
-def run(guest: str, memory_mib: int, timeout: float, rom: str, annotations: str, extensions: tuple[Path, ...],
-        stats: bool, json_file: Path | None) -> None:
+def run(guest: str, memory_mib: int, timeout: float, rom: str | None, paging: str, audit: bool, cmdline: str,
+        annotations: str, extensions: tuple[Path, ...], stats: bool, json_file: Path | None) -> None:
     """Run GUEST (a bundled guest name or an ELF path) and exit with its status."""
     from vmikit.hypervisor.experimental import ExperimentalCalls, load_extension
     from vmikit.session import Session
@@ -69,8 +74,8 @@ def run(guest: str, memory_mib: int, timeout: float, rom: str, annotations: str,
     for extension in extensions:
         load_extension(extension, calls)
     image = resolve_image(guest)
-    with Session(image, rom=rom, annotations=annotations, memory_mib=memory_mib, timeout=timeout,
-                 console=_stream, experimental=calls) as session:
+    with Session(image, rom=rom, annotations=annotations, paging=paging, memory_mib=memory_mib, timeout=timeout,
+                 console=_stream, experimental=calls, audit=audit, cmdline=cmdline) as session:
         result = session.run()
     summary = {"guest": guest, "image": str(image), "memory_mib": memory_mib, **result.summary()}
     if stats:

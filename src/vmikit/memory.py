@@ -32,6 +32,7 @@ class Region:
     size: int
     readonly: bool = False  # read-only to the guest (KVM read-only slot); the VMM may still write
     name: str = "ram"
+    kind: str = "ram"  # "ram": guest RAM (even if read-only to it); "rom"; "private": the hypervisor's own
     mem: mmap.mmap = field(init=False, repr=False)
     view: memoryview = field(init=False, repr=False)
     host_addr: int = field(init=False, repr=False)
@@ -77,8 +78,15 @@ class GuestMemory:
         raise GuestMemoryError(gpa, length)
 
     def is_ram(self, gpa: int, length: int = 1) -> bool:
-        """True if the range lies wholly inside one guest-writable RAM region."""
-        return any(r.contains(gpa, length) and not r.readonly for r in self.regions)
+        """True if the range lies wholly inside one region of guest RAM (not ROM, not hypervisor-private)."""
+        return any(r.contains(gpa, length) and r.kind == "ram" for r in self.regions)
+
+    def kind_of(self, gpa: int, length: int = 1) -> str | None:
+        """The kind of the one region holding the whole range, or None."""
+        for region in self.regions:
+            if region.contains(gpa, length):
+                return region.kind
+        return None
 
     def read(self, gpa: int, length: int) -> bytes:
         region = self.region_for(gpa, length)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from vmikit.errors import UsageError
 from vmikit.hypervisor import ExperimentalCalls, Hypervisor
+from vmikit.hypervisor.mmu import PAGING_STYLES, DirectMmu, Mmu, ShadowMmu, TrapMmu
 from vmikit.machine import layout
 from vmikit.machine.board import ConsoleSink, Machine, RunResult
 
@@ -25,6 +26,7 @@ class SessionResult:
     by_call: dict[str, dict[str, int]]
     rom: str
     annotations: str
+    paging: dict[str, object]
 
     @property
     def exit_status(self) -> int:
@@ -39,15 +41,28 @@ class SessionResult:
         exits = data["exits"]
         assert isinstance(exits, dict)
         exits["by_call"] = self.by_call
-        return {"rom": self.rom, "annotations": self.annotations, **data}
+        return {"rom": self.rom, "annotations": self.annotations, "paging": self.paging, **data}
 
 
 class Session:
     """One guest on one board; use as a context manager."""
 
-    def __init__(self, image: Path, *, rom: str = "full", annotations: str = "honour", memory_mib: int = 128,
-                 timeout: float = 30.0, console: ConsoleSink | None = None,
-                 experimental: ExperimentalCalls | None = None) -> None:
+    def __init__(self, image: Path, *, rom: str | None = None, annotations: str = "honour", paging: str = "native",
+                 memory_mib: int = 128, timeout: float = 30.0, console: ConsoleSink | None = None,
+                 experimental: ExperimentalCalls | None = None, audit: bool = False, cmdline: str = "") -> None:
+        if paging not in PAGING_STYLES:
+            raise UsageError(f"unknown paging style '{paging}'", f"use --paging {'|'.join(PAGING_STYLES)}")
+        if rom is None:
+            rom = "none" if paging == "trap" else "full"
+        if paging == "trap" and rom != "none":
+            raise UsageError("trap paging emulates an unmodified guest, which has no ROM", "use --rom none with --paging trap")
+        if paging in ("direct", "shadow") and rom == "none":
+            raise UsageError(f"{paging} paging works through VMI calls, which need the ROM",
+                             f"use --rom full or --rom minimal with --paging {paging}")
+        pool_end_mib = (layout.PT_POOL_BASE + layout.PT_POOL_SIZE) >> 20
+        if paging != "native" and memory_mib <= pool_end_mib:
+            raise UsageError(f"{paging} paging needs the page-table pool, which ends at {pool_end_mib} MiB",
+                             f"give the guest more memory (--memory {2 * pool_end_mib} or more)")
         if rom not in ROM_CHOICES:
             raise UsageError(f"unknown ROM profile '{rom}'", f"use --rom {'|'.join(ROM_CHOICES)}")
         if annotations not in ANNOTATION_CHOICES:
@@ -60,17 +75,49 @@ class Session:
             from vmikit.rom import RomProfile, build_rom
 
             rom_bytes = build_rom(RomProfile(rom), honour_annotations=honour).data
-        self.machine = Machine(image, memory_mib=memory_mib, timeout=timeout, console=console, rom=rom_bytes)
+        self.machine = Machine(image, memory_mib=memory_mib, timeout=timeout, console=console, rom=rom_bytes,
+                               cmdline=cmdline, pool_readonly=paging in ("trap", "direct"),
+                               private=(layout.SHADOW_BASE, layout.SHADOW_SIZE) if paging == "shadow" else None)
+        self.mmu = self._make_mmu(paging)
         self.hypervisor: Hypervisor | None = None
         if rom != "none":  # a bare machine has no hypervisor to call
-            self.hypervisor = Hypervisor(honour_annotations=honour, experimental=experimental)
+            self.hypervisor = Hypervisor(honour_annotations=honour, experimental=experimental, mmu=self.mmu,
+                                         audit=audit)
             self.hypervisor.attach(self.machine.memory, self.machine.vcpu)
             self.machine.on_out(layout.PORT_HYPERCALL, self.hypervisor.on_hypercall)
+        self.audit = audit
+        self.audits = 0
+        self.audit_problems: list[str] = []
+        if isinstance(self.mmu, DirectMmu):  # trap and direct: stores into the read-only pool exit here
+            self.machine.on_mmio_write(layout.PT_POOL_BASE, layout.PT_POOL_SIZE, self._guest_store)
+
+    def _make_mmu(self, paging: str) -> Mmu:
+        memory = self.machine.memory
+        if paging == "native":
+            return Mmu(memory)
+        phys_bits = self.machine.vcpu.cpuid(0x80000008, 0)[0] & 0xFF or 48
+        if paging == "trap":
+            return TrapMmu(memory, (layout.PT_POOL_BASE, layout.PT_POOL_SIZE), phys_bits)
+        if paging == "direct":
+            return DirectMmu(memory, phys_bits)
+        return ShadowMmu(memory, layout.SHADOW_BASE, layout.SHADOW_SIZE, phys_bits)
+
+    def _guest_store(self, addr: int, size: int, value: int) -> None:
+        assert isinstance(self.mmu, DirectMmu)
+        self.mmu.on_guest_store(addr, size, value)
+        if self.audit and self.hypervisor is None:  # trap: audit after every emulated store
+            self.audits += 1
+            self.audit_problems += self.mmu.audit()[:10]
 
     def run(self) -> SessionResult:
         result = self.machine.run()
         by_call = self.hypervisor.stats() if self.hypervisor else {}
-        return SessionResult(result, by_call, self.rom, self.annotations)
+        paging: dict[str, object] = dict(self.mmu.stats())
+        if self.audit:
+            hv = self.hypervisor
+            problems = (hv.audit_problems if hv else []) + self.audit_problems + self.mmu.audit()
+            paging["audit"] = {"runs": (hv.audits if hv else 0) + self.audits + 1, "problems": problems}
+        return SessionResult(result, by_call, self.rom, self.annotations, paging)
 
     def close(self) -> None:
         self.machine.close()

@@ -41,7 +41,8 @@ class Hypervisor:
     """Dispatches hypercalls for one guest."""
 
     def __init__(self, spec: Spec | None = None, *, honour_annotations: bool = True,
-                 experimental: ExperimentalCalls | None = None) -> None:
+                 experimental: ExperimentalCalls | None = None, mmu: Mmu | None = None,
+                 audit: bool = False) -> None:
         self.spec = spec or load_spec()
         self.honour_annotations = honour_annotations
         self.experimental = experimental or ExperimentalCalls()
@@ -50,7 +51,10 @@ class Hypervisor:
         self.exits: Counter[int] = Counter()  # by full call ID: calls that cost an exit
         self.handler_failures: list[str] = []
         self._errors = {name: value & U64_MASK for name, value in self.spec.errors.items()}
-        self.mmu = Mmu()
+        self._mmu = mmu
+        self.audit = audit  # walk every registered table after each update batch (a debug mode)
+        self.audit_problems: list[str] = []
+        self.audits = 0
         self._build_routes()
         self._ctx: CallContext | None = None
         self._vcpu: Vcpu | None = None
@@ -85,6 +89,19 @@ class Hypervisor:
     def attach(self, memory: GuestMemory, vcpu: Vcpu) -> None:
         self._vcpu = vcpu
         self._ctx = CallContext(self.spec, memory, vcpu, self)
+        if self._mmu is None:
+            self._mmu = Mmu(memory)
+
+    @property
+    def mmu(self) -> Mmu:
+        assert self._mmu is not None, "attach() first"
+        return self._mmu
+
+    def run_audit(self) -> None:
+        self.audits += 1
+        for problem in self.mmu.audit():
+            if len(self.audit_problems) < 100:
+                self.audit_problems.append(problem)
 
     def on_hypercall(self, port: int, size: int, value: int) -> None:
         ctx = self._ctx

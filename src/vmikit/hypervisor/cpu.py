@@ -71,8 +71,13 @@ def _get(name: str):  # type: ignore[no-untyped-def]
     return handler
 
 
-for _reg in ("cr0", "cr2", "cr3", "cr4"):
+for _reg in ("cr0", "cr2", "cr4"):
     HANDLERS.call(f"Get{_reg.upper()}")(_get(_reg))
+
+
+@HANDLERS.call("GetCR3")
+def get_cr3(ctx: CallContext, *_: int) -> tuple[int, ...]:
+    return (ctx.hypervisor.mmu.guest_cr3(ctx.vcpu.get_control().cr3),)  # shadow: the guest's root
 
 
 def _set_control(ctx: CallContext, **changes: int) -> tuple[int, ...]:
@@ -100,10 +105,9 @@ def set_cr2(ctx: CallContext, value: int, *_: int) -> tuple[int, ...]:
 
 @HANDLERS.call("SetCR3")
 def set_cr3(ctx: CallContext, root: int, *_: int) -> tuple[int, ...]:
-    ctx.hypervisor.mmu.check_cr3(ctx, root)
-    result = _set_control(ctx, cr3=root)
-    ctx.hypervisor.mmu.cr3_loaded(ctx, root)
-    return result
+    if root >> 52:
+        raise HypercallError("INVALID_ARGUMENT")
+    return _set_control(ctx, cr3=ctx.hypervisor.mmu.load_cr3(root))
 
 
 @HANDLERS.call("SetCR4")

@@ -85,7 +85,8 @@ class Machine:
 
     def __init__(self, image: Path, *, memory_mib: int = 128, engine: Engine | None = None,
                  console: ConsoleSink | None = None, timeout: float = 30.0, cmdline: str = "",
-                 rom: bytes | None = None) -> None:
+                 rom: bytes | None = None, pool_readonly: bool = False,
+                 private: tuple[int, int] | None = None) -> None:
         if not layout.MIN_MEMORY_MIB <= memory_mib <= layout.MAX_MEMORY_MIB:
             raise UsageError(f"--memory {memory_mib} MiB is out of range",
                              f"choose {layout.MIN_MEMORY_MIB} to {layout.MAX_MEMORY_MIB} MiB")
@@ -101,25 +102,36 @@ class Machine:
         self._panic: GuestException | None = None
         self._panic_error: str | None = None
         self.rom: Region | None = None
+        self._mmio_writers: list[tuple[int, int, OutHandler]] = []
         self.rom_writes = 0
         self.mmio_unmapped = 0
         self._own_engine = engine is None
         self.engine = engine or open_engine()
         self.vm = self.engine.create_vm()
         try:
-            self._build(image, cmdline, rom)
+            self._build(image, cmdline, rom, pool_readonly, private)
         except BaseException:
             self.close()
             raise
 
-    def _build(self, image: Path, cmdline: str, rom: bytes | None) -> None:
-        regions = [Region(0, layout.LOW_RAM_END, name="low"),
-                   Region(layout.HIGH_RAM_BASE, self.ram_end - layout.HIGH_RAM_BASE, name="high")]
+    def _build(self, image: Path, cmdline: str, rom: bytes | None, pool_readonly: bool,
+               private: tuple[int, int] | None) -> None:
+        regions = [Region(0, layout.LOW_RAM_END, name="low")]
+        pool_end = layout.PT_POOL_BASE + layout.PT_POOL_SIZE
+        if self.ram_end > pool_end:
+            # The page-table pool is its own slot, so trap/direct paging can make it read-only.
+            regions += [Region(layout.HIGH_RAM_BASE, layout.PT_POOL_BASE - layout.HIGH_RAM_BASE, name="high"),
+                        Region(layout.PT_POOL_BASE, layout.PT_POOL_SIZE, readonly=pool_readonly, name="pt-pool"),
+                        Region(pool_end, self.ram_end - pool_end, name="high2")]
+        else:
+            regions.append(Region(layout.HIGH_RAM_BASE, self.ram_end - layout.HIGH_RAM_BASE, name="high"))
+        if private is not None:
+            regions.append(Region(private[0], private[1], name="hypervisor", kind="private"))
         if rom is not None:
             if len(rom) > layout.ROM_IMAGE_MAX:
                 raise UsageError(f"the ROM image is {len(rom)} bytes, more than the {layout.ROM_IMAGE_MAX}-byte window",
                                  "drop calls from the ROM profile")
-            self.rom = Region(layout.ROM_BASE, layout.ROM_IMAGE_MAX, readonly=True, name="rom")
+            self.rom = Region(layout.ROM_BASE, layout.ROM_IMAGE_MAX, readonly=True, name="rom", kind="rom")
             regions += [self.rom, Region(layout.ROM_DATA_BASE, layout.ROM_DATA_SIZE, name="rom-data")]
         for region in regions:
             self.memory.add(region)
@@ -141,6 +153,10 @@ class Machine:
 
     def on_in(self, port: int, handler: InHandler) -> None:
         self._in[port] = handler
+
+    def on_mmio_write(self, base: int, size: int, handler: OutHandler) -> None:
+        """Guest writes into [base, base+size) that exit (read-only slots) go to handler(addr, size, value)."""
+        self._mmio_writers.append((base, base + size, handler))
 
     def _exit_port(self, port: int, size: int, value: int) -> None:
         raise StopRun(value)
@@ -170,6 +186,10 @@ class Machine:
         return (1 << (8 * size)) - 1  # unmapped: the bus floats high
 
     def mmio_write(self, addr: int, size: int, value: int) -> None:
+        for base, end, handler in self._mmio_writers:
+            if base <= addr < end:
+                handler(addr, size, value)
+                return
         # A write to the read-only ROM is refused (dropped) and reported; to nowhere, dropped.
         if layout.ROM_BASE <= addr < layout.ROM_BASE + layout.ROM_IMAGE_MAX and self.rom is not None:
             self.rom_writes += 1
