@@ -1,0 +1,174 @@
+"""The page-table rules of docs/paging.md, checked on the validator itself (no guest needed).
+
+Each rule is broken once and must give its documented error and change nothing;
+a hypothesis state machine then throws random updates at direct and shadow
+paging and the auditor must find every invariant intact after each step.
+"""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import settings, strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
+
+from vmikit.hypervisor.context import HypercallError
+from vmikit.hypervisor.mmu import DirectMmu, ShadowMmu, TrapMmu
+from vmikit.hypervisor.pagetables import A, D, P, PS, RW
+from vmikit.memory import GuestMemory, Region
+
+POOL = 0x200000
+RAM_END = 0x800000
+ROM = 0xC0000
+SHADOW = 0x1000000
+
+
+def memory() -> GuestMemory:
+    mem = GuestMemory()
+    mem.add(Region(0, 0xA0000))
+    mem.add(Region(ROM, 0x8000, readonly=True, kind="rom"))
+    mem.add(Region(0x100000, POOL - 0x100000))
+    mem.add(Region(POOL, 0x200000, readonly=True, name="pool"))
+    mem.add(Region(POOL + 0x200000, RAM_END - POOL - 0x200000))
+    mem.add(Region(SHADOW, 0x100000, kind="private"))
+    return mem
+
+
+def table(n: int) -> int:
+    return POOL + n * 0x1000
+
+
+@pytest.fixture(params=["direct", "shadow"])
+def mmu(request: pytest.FixtureRequest) -> DirectMmu:
+    mem = memory()
+    m = ShadowMmu(mem, SHADOW, 0x100000) if request.param == "shadow" else DirectMmu(mem)
+    for n, level in enumerate((4, 3, 2, 1)):
+        assert m.allocate(table(n), level) is None
+    for n in range(3):  # PML4[0] -> PDPT -> PD -> PT
+        assert m.check_pte(table(n), table(n + 1) | P | RW) is None
+        m.apply_pte(table(n), table(n + 1) | P | RW)
+    m.load_cr3(table(0))
+    return m
+
+
+def snapshot(m: DirectMmu) -> bytes:
+    return m.memory.read(POOL, 0x100000) + m.memory.read(SHADOW, 0x100000)
+
+
+BROKEN = [  # (what, table index, entry value, error)
+    ("leaf maps beyond RAM", 3, (RAM_END + 0x1000) | P, "BAD_ADDRESS"),
+    ("leaf maps hypervisor memory", 3, SHADOW | P, "BAD_ADDRESS"),
+    ("writable leaf maps a table", 3, table(1) | P | RW, "PERMISSION"),
+    ("writable leaf maps the ROM", 3, ROM | P | RW, "PERMISSION"),
+    ("2 MiB writable leaf covers tables", 2, POOL | P | RW | PS, "PERMISSION"),
+    ("non-leaf to an unregistered page", 1, 0x300000 | P | RW, "NOT_PAGE_TABLE"),
+    ("non-leaf to a wrong-level table", 1, table(3) | P | RW, "WRONG_LEVEL"),
+    ("PS in a PML4 entry", 0, table(1) | P | PS, "RESERVED_PTE_BITS"),
+    ("2 MiB leaf with low frame bits", 2, 0x402000 | P | PS, "RESERVED_PTE_BITS"),
+    ("2 MiB leaf across the ROM hole", 2, 0 | P | PS, "BAD_ADDRESS"),
+    ("bits above MAXPHYADDR", 3, (1 << 50) | 0x300000 | P, "RESERVED_PTE_BITS"),
+]
+
+
+@pytest.mark.parametrize("what,index,value,error", BROKEN, ids=[b[0] for b in BROKEN])
+def test_each_rule_gives_its_error_and_changes_nothing(mmu: DirectMmu, what: str, index: int, value: int,
+                                                       error: str) -> None:
+    before = snapshot(mmu)
+    assert mmu.check_pte(table(index) + 8, value) == error
+    assert snapshot(mmu) == before
+    assert mmu.audit() == []
+
+
+def test_valid_updates_are_applied_with_accessed_and_dirty(mmu: DirectMmu) -> None:
+    assert mmu.check_pte(table(3) + 8, 0x300000 | P | RW) is None
+    mmu.apply_pte(table(3) + 8, 0x300000 | P | RW)
+    stored = mmu.memory.read_u64(table(3) + 8)
+    assert stored & ~(A | D) == 0x300000 | P | RW
+    assert mmu.check_pte(table(3) + 16, ROM | P) is None  # the ROM read-only is fine
+    assert mmu.audit() == []
+
+
+def test_cr3_loads_only_registered_roots(mmu: DirectMmu) -> None:
+    with pytest.raises(HypercallError) as err:
+        mmu.load_cr3(0x300000)
+    assert err.value.error == "NOT_PAGE_TABLE"
+    with pytest.raises(HypercallError) as err:
+        mmu.load_cr3(table(1))
+    assert err.value.error == "WRONG_LEVEL"
+
+
+def test_release_in_use_is_refused(mmu: DirectMmu) -> None:
+    assert mmu.release(table(2)) == "IN_USE"  # referenced by the PDPT
+    assert mmu.release(table(0)) == "IN_USE"  # loaded in CR3
+    mmu.apply_pte(table(2), 0)  # unlink the PT
+    assert mmu.release(table(3)) is None
+    assert mmu.release(table(3)) == "NOT_PAGE_TABLE"
+    assert mmu.audit() == []
+
+
+def test_registering_a_page_mapped_writable_is_refused(mmu: DirectMmu) -> None:
+    mmu.apply_pte(table(3) + 8, 0x300000 | P | RW)
+    assert mmu.allocate(0x300000, 1) == "PERMISSION"
+    mmu.apply_pte(table(3) + 8, 0x300000 | P)  # read-only now
+    assert mmu.allocate(0x300000, 1) is None
+
+
+def test_shadow_cr3_points_at_the_shadow_and_get_returns_the_guest_root() -> None:
+    mem = memory()
+    m = ShadowMmu(mem, SHADOW, 0x100000)
+    assert m.allocate(table(0), 4) is None
+    hardware = m.load_cr3(table(0))
+    assert SHADOW <= hardware < SHADOW + 0x100000
+    assert m.guest_cr3(hardware) == table(0)
+
+
+def test_trap_learns_levels_top_down_and_refuses_bad_stores() -> None:
+    mem = memory()
+    m = TrapMmu(mem, (POOL, 0x100000))
+    m.on_guest_store(table(0), 8, table(1) | P | RW)  # a root, linking a PDPT
+    m.on_guest_store(table(1) + 4, 4, 0)  # a partial store, still valid
+    m.on_guest_store(table(1), 8, table(2) | P | RW)
+    m.on_guest_store(table(2), 8, table(3) | P | RW)
+    m.on_guest_store(table(3), 8, 0x300000 | P | RW)
+    assert m.tables.level == {table(0): 4, table(1): 3, table(2): 2, table(3): 1}
+    before = snapshot(m)
+    m.on_guest_store(table(3) + 8, 8, table(0) | P | RW)  # writable alias of a table
+    assert snapshot(m) == before and m.refused["PERMISSION"] == 1
+    assert m.emulated == 5 and m.audit() == []
+
+
+class RandomUpdates(RuleBasedStateMachine):
+    """Random registrations, updates and releases; rejected ones must change nothing."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.mmu = ShadowMmu(memory(), SHADOW, 0x100000)
+
+    @rule(n=st.integers(0, 15), level=st.integers(0, 5))
+    def allocate(self, n: int, level: int) -> None:
+        before = snapshot(self.mmu)
+        if self.mmu.allocate(table(n), level) is not None:
+            assert snapshot(self.mmu) == before
+
+    @rule(n=st.integers(0, 15))
+    def release(self, n: int) -> None:
+        self.mmu.release(table(n))
+
+    @rule(n=st.integers(0, 15), index=st.integers(0, 511),
+          frame=st.sampled_from([table(i) for i in range(16)] + [0x300000, ROM, SHADOW, RAM_END, 0x400000, 0]),
+          flags=st.integers(0, 0xFFF), high=st.sampled_from([0, 1 << 63, 1 << 51]))
+    def update(self, n: int, index: int, frame: int, flags: int, high: int) -> None:
+        ptep = table(n) + 8 * index
+        value = high | frame | flags
+        before = snapshot(self.mmu)
+        if self.mmu.check_pte(ptep, value) is None:
+            self.mmu.apply_pte(ptep, value)
+        else:
+            assert snapshot(self.mmu) == before
+
+    @invariant()
+    def audit_is_clean(self) -> None:
+        assert self.mmu.audit() == []
+
+
+RandomUpdates.TestCase.settings = settings(max_examples=60, stateful_step_count=40, deadline=None)
+test_random_updates_keep_every_invariant = RandomUpdates.TestCase
