@@ -13,7 +13,8 @@
 #define MSR_KERNEL_GS_BASE 0xC0000102u
 #define RFLAGS_IF          (1ul << 9)
 #define CR0_TS             (1ul << 3)
-#define PTE_PW             0x3ul          /* present | writable */
+#define PTE_TABLE          0x23ul         /* present | writable | accessed (docs/paging.md rules) */
+#define PTE_LEAF           0x63ul         /* ... | dirty: the hardware never writes a table */
 #define TEST_VA            0x10000000000ul /* 1 TiB: PML4 slot 2, unmapped at boot */
 #define SEL_TSS            0x18
 #define SEL_LDT            0x28
@@ -73,9 +74,9 @@ static void describe_mode(void)
 		else
 			printf(" 0x%08x", id);
 	}
-	printf("\nINFO: %u of %u calls through the rom; queued SetPTE entry %s\n", through, VMI_CALL_COUNT,
-	       vmi_entry(VMI_CALL_MMU_SETPTE | VMI_ANN_QUEUE) != vmi_entry(VMI_CALL_MMU_SETPTE) ? "specialised"
-											    : "shared");
+	printf("%s\n", through == VMI_CALL_COUNT ? " none" : "");
+	printf("INFO: %u of %u calls through the rom; queued SetPTE entry %s\n", through, VMI_CALL_COUNT,
+	       vmi_entry(VMI_CALL_MMU_SETPTE | VMI_ANN_QUEUE) != vmi_entry(VMI_CALL_MMU_SETPTE) ? "specialised" : "shared");
 }
 
 /* --- CPU -------------------------------------------------------------------- */
@@ -263,7 +264,8 @@ static void test_segmentation(void)
 static void test_mmu(void)
 {
 	uint64_t *pml4 = (uint64_t *)(uintptr_t)(read_cr3() & ~0xFFFul);
-	uint64_t *pdpt = alloc_page(), *pd = alloc_page(), *pt = alloc_page();
+	/* Tables come from the page-table pool, fresh (zero) and registered before use. */
+	uint64_t *pdpt = alloc_pt_page(), *pd = alloc_pt_page(), *pt = alloc_pt_page();
 	uint64_t *p1 = alloc_page(), *p2 = alloc_page();
 	volatile uint64_t *va = (volatile uint64_t *)TEST_VA;
 	const unsigned slot = (TEST_VA >> 39) & 0x1FF;
@@ -278,10 +280,10 @@ static void test_mmu(void)
 		 vmi_allocate_page(PHYS(pdpt), VMI_LEVEL_PDPT);
 	report(a == 0, "MMU.AllocatePage registers fresh PT, PD and PDPT pages");
 
-	long s = vmi_set_pte(&pt[0], PHYS(p1) | PTE_PW) | vmi_set_long_pte(&pd[0], PHYS(pt) | PTE_PW) |
-		 vmi_set_pte(&pdpt[0], PHYS(pd) | PTE_PW) | vmi_set_long_pte(&pml4[slot], PHYS(pdpt) | PTE_PW);
-	report(s == 0 && pt[0] == (PHYS(p1) | PTE_PW) && pd[0] == (PHYS(pt) | PTE_PW) &&
-		       pdpt[0] == (PHYS(pd) | PTE_PW) && pml4[slot] == (PHYS(pdpt) | PTE_PW),
+	long s = vmi_set_pte(&pt[0], PHYS(p1) | PTE_LEAF) | vmi_set_long_pte(&pd[0], PHYS(pt) | PTE_TABLE) |
+		 vmi_set_pte(&pdpt[0], PHYS(pd) | PTE_TABLE) | vmi_set_long_pte(&pml4[slot], PHYS(pdpt) | PTE_TABLE);
+	report(s == 0 && pt[0] == (PHYS(p1) | PTE_LEAF) && pd[0] == (PHYS(pt) | PTE_TABLE) &&
+		       pdpt[0] == (PHYS(pd) | PTE_TABLE) && pml4[slot] == (PHYS(pdpt) | PTE_TABLE),
 	       "MMU.SetPTE and MMU.SetLongPTE link a new PT, PD and PDPT into the live PML4");
 
 	s = vmi_flush_tlb(VMI_FLUSH_TLB);
@@ -289,19 +291,19 @@ static void test_mmu(void)
 	report(s == 0 && va[0] == 0x1111 && p1[1] == 0xFEEDFACE,
 	       "MMU.FlushTLB: a write through the new mapping lands in the physical page");
 
-	s = vmi_set_pte_queued(&pt[0], PHYS(p2) | PTE_PW);
+	s = vmi_set_pte_queued(&pt[0], PHYS(p2) | PTE_LEAF);
 	long i = vmi_inval_page(TEST_VA);
 	report(s == 0 && i == 0 && va[0] == 0x2222, "MMU.SetPTE|queue then MMU.InvalPage: the new mapping is used at once");
 
-	s = vmi_set_long_pte_queued(&pt[0], PHYS(p1) | PTE_PW);
+	s = vmi_set_long_pte_queued(&pt[0], PHYS(p1) | PTE_LEAF);
 	long f = vmi_flush_tlb(VMI_FLUSH_TLB | VMI_FLUSH_GLOBAL);
 	report(s == 0 && f == 0 && va[0] == 0x1111,
 	       "MMU.SetLongPTE|queue then MMU.FlushTLB(global): the new mapping is used at once");
 
-	s = vmi_set_pte_queued(&pt[1], PHYS(p2) | PTE_PW);
-	int deferred = pt[1] != (PHYS(p2) | PTE_PW);
+	s = vmi_set_pte_queued(&pt[1], PHYS(p2) | PTE_LEAF);
+	int deferred = pt[1] != (PHYS(p2) | PTE_LEAF);
 	long q = vmi_flush_queue();
-	report(s == 0 && q == 0 && pt[1] == (PHYS(p2) | PTE_PW), "MMU.FlushQueue completes a queued SetPTE");
+	report(s == 0 && q == 0 && pt[1] == (PHYS(p2) | PTE_LEAF), "MMU.FlushQueue completes a queued SetPTE");
 	printf("INFO: a queued SetPTE was %s\n", deferred ? "deferred until MMU.FlushQueue" : "applied at once");
 	report(deferred == !!(vmi_rom_flags() & 1), "a queued SetPTE is deferred exactly when the ROM honours annotations");
 
@@ -309,11 +311,11 @@ static void test_mmu(void)
 	const unsigned n = VMI_BATCH_MAX_ENTRIES + 8;
 	s = 0;
 	for (unsigned k = 0; k < n; k++)
-		s |= vmi_set_pte_queued(&pt[2 + k], (PHYS(p1) + 0) | PTE_PW);
+		s |= vmi_set_pte_queued(&pt[2 + k], PHYS(p1) | PTE_LEAF);
 	q = vmi_flush_queue();
 	int all = 1;
 	for (unsigned k = 0; k < n; k++)
-		all &= pt[2 + k] == (PHYS(p1) | PTE_PW);
+		all &= pt[2 + k] == (PHYS(p1) | PTE_LEAF);
 	s |= vmi_flush_tlb(VMI_FLUSH_TLB);
 	report(s == 0 && q == 0 && all && va[(2 * PAGE_SIZE) / 8] == 0x1111,
 	       "MMU.SetPTE|queue beyond one batch (VMI_BATCH_MAX_ENTRIES + 8 entries) all land");
