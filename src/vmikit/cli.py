@@ -131,12 +131,27 @@ def doctor(device: str) -> None:
     sys.exit(0 if ok else 3)
 
 
-def _add_optional_groups() -> None:
-    try:
-        from vmikit.abi.cli import spec_group
-    except ImportError:  # the interface layer is not present in this build
-        return
-    main.add_command(spec_group)
+# Commands that live with their subsystem: (module, attribute). Each module defines one click
+# command or group; a subsystem adds itself here and nowhere else in this file.
+SUBCOMMANDS = [
+    ("vmikit.abi.cli", "spec_group"),
+    ("vmikit.bench.cli", "bench"),
+    ("vmikit.fuzz.cli", "fuzz"),
+    ("vmikit.compat.cli", "compat"),
+]
 
 
-_add_optional_groups()
+def _add_subcommands() -> None:
+    import importlib
+
+    for module_name, attribute in SUBCOMMANDS:
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            if exc.name != module_name:  # the subsystem exists but lacks something: that is a real error
+                raise
+            continue
+        main.add_command(getattr(module, attribute))
+
+
+_add_subcommands()
