@@ -148,7 +148,7 @@ def _add_subcommands() -> None:
         try:
             module = importlib.import_module(module_name)
         except ModuleNotFoundError as exc:
-            if exc.name != module_name:  # the subsystem exists but lacks something: that is a real error
+            if exc.name is None or not module_name.startswith(exc.name):  # a real missing dependency
                 raise
             continue
         main.add_command(getattr(module, attribute))
