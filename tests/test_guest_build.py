@@ -207,3 +207,26 @@ def test_divzero_on_qemu(images: dict[str, Path]) -> None:
     proc = _qemu(images["divzero"])
     assert re.search(r"^EXCEPTION: vector 0 \(#DE\) error 0x0 at rip 0x[0-9a-f]+$", proc.stdout, re.M), proc.stdout
     assert proc.returncode == (layout.EXIT_EXCEPTION << 1) | 1, proc.stdout + proc.stderr
+
+
+# --- the VMI layer in every guest ---------------------------------------------------------
+
+@needs_gcc
+def test_every_guest_uses_the_generated_vmi_header(images: dict[str, Path], cache: Path) -> None:
+    from vmikit.abi import load_spec
+    from vmikit.abi.cheader import generate
+
+    expected = generate(load_spec()).encode()
+    header_dir = gb.vmi_header_dir(cache)
+    assert header_dir.parent == cache / "include" and (header_dir / "vmi_spec.h").read_bytes() == expected
+    for name, image in images.items():
+        info = gb.build_info(image)
+        assert Path(str(info["vmi_spec_h"])) == (header_dir / "vmi_spec.h").resolve(), name
+
+
+@needs_gcc
+def test_the_spec_header_is_part_of_the_cache_key(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    original = gb.vmi_header_text()
+    before = gb.guest_hash("hello", cache_dir=tmp_path)
+    monkeypatch.setattr(gb, "vmi_header_text", lambda: original + "/* changed */\n")
+    assert gb.guest_hash("hello", cache_dir=tmp_path) != before
