@@ -16,7 +16,7 @@ Every guest also gets the guest VMI layer: ``src/vmi/vmi.c`` is compiled in,
 ``vmi_spec.h`` is generated from the packaged spec into a content-addressed
 directory ``<cache root>/include/<sha256 of the header>/`` that goes on the
 include path (so the header's contents are part of the cache key), and the
-link wraps ``kmain`` so that ``vmi_init()`` runs first. Next to each image,
+runtime calls ``vmi_init()`` before ``kmain``. Next to each image,
 ``<name>.json`` records which ``vmi_spec.h`` the compiler actually used (from
 ``gcc -M``) and its sha256 (:func:`build_info`).
 
@@ -46,7 +46,6 @@ from vmikit.errors import HostError, UsageError
 
 __all__ = [
     "CFLAGS",
-    "VMI_LDFLAGS",
     "LDFLAGS",
     "GuestSpec",
     "available_guests",
@@ -88,8 +87,6 @@ LDFLAGS: tuple[str, ...] = (
     "-Wl,-z,noexecstack",
 )
 
-# The VMI layer runs vmi_init() before kmain by wrapping the runtime's call to kmain.
-VMI_LDFLAGS: tuple[str, ...] = ("-Wl,--wrap=kmain",)
 VMI_HEADER = "vmi_spec.h"
 
 _INSTALL_HINT = "install it with `apt-get install gcc binutils`"
@@ -293,7 +290,7 @@ def _plan(
 
     feed("guest", name.encode())
     feed("cflags", "\0".join(cflags).encode())
-    feed("ldflags", "\0".join((*LDFLAGS, *VMI_LDFLAGS)).encode())
+    feed("ldflags", "\0".join(LDFLAGS).encode())
     feed("gcc", _tool_version(gcc).encode())
     feed("objcopy", _tool_version(objcopy).encode())
     for i, d in enumerate(includes):
@@ -356,7 +353,7 @@ def _run_toolchain(plan: _Plan, gcc: str, objcopy: str, workdir: Path, log_path:
     commands = [
         # Which vmi_spec.h the compiler really picks (the include path decides): recorded below.
         [gcc, *plan.cflags, *includes, "-M", "-MF", str(deps), str(plan.vmi_source)],
-        [gcc, *plan.cflags, *includes, *LDFLAGS, *VMI_LDFLAGS, f"-Wl,-T,{plan.linker_script}",
+        [gcc, *plan.cflags, *includes, *LDFLAGS, f"-Wl,-T,{plan.linker_script}",
          *map(str, plan.sources), "-o", str(elf64)],
         [objcopy, "-O", "elf32-i386", str(elf64), str(elf32)],
     ]

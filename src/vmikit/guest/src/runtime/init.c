@@ -1,5 +1,6 @@
 /* Early initialisation, called by boot.S in long mode before kmain. */
 #include "lib.h"
+#include "vmi.h"
 
 void runtime_init(uint32_t magic, uint32_t mbinfo);
 
@@ -15,4 +16,5 @@ void runtime_init(uint32_t magic, uint32_t mbinfo)
 			    : NULL;
 	idt_init();
 	alloc_init(boot_info);
+	vmi_init(); /* find the hypervisor's ROM, if any, before guest code makes VMI calls */
 }

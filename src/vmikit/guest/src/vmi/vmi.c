@@ -111,15 +111,6 @@ int vmi_init(void)
 	return 1;
 }
 
-/* The runtime calls kmain; the build links with --wrap=kmain so that we run first. */
-void __real_kmain(uint32_t magic, uint32_t mbinfo);
-void __wrap_kmain(uint32_t magic, uint32_t mbinfo);
-void __wrap_kmain(uint32_t magic, uint32_t mbinfo)
-{
-	vmi_init();
-	__real_kmain(magic, mbinfo);
-}
-
 int vmi_rom_present(void) { return rom != NULL; }
 uint32_t vmi_rom_version(void) { return rom ? (uint32_t)rom->major << 16 | rom->minor : 0; }
 uint32_t vmi_rom_flags(void) { return rom ? rom->flags : 0; }
