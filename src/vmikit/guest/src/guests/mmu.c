@@ -4,7 +4,8 @@
  * Command line (multiboot, e.g. QEMU -append): pages=N (default 2048, clamped
  * to 64..262144), switches=M (default 64).
  *
- *  1. Address space A: a kernel map (mmu_common.h) in registered pool tables.
+ *  1. Address space A: a kernel map (mmu_common.h) in registered pool tables,
+ *     built top-down (each table linked before it is filled).
  *  2. N pages at WORK_BASE -> data frames DATA_POOL_BASE + (i % frames) * 4 KiB,
  *     RW, queued; SetCR3(A); a tag through each VA reads back through the frame.
  *  3. RW cleared on odd pages (queued) + FlushTLB; every 4th page (i % 4 == 0)
@@ -116,11 +117,12 @@ static void clone_b(void)
 	B.pml4 = new_table(VMI_LEVEL_PML4);
 	put(B.pml4, 0, kpdpt | NONLEAF, 0);
 	B.pdpt = new_table(VMI_LEVEL_PDPT);
+	put(B.pml4, (unsigned)((WORK_BASE >> 39) & 511), B.pdpt | NONLEAF, 0);
 	B.pd = new_table(VMI_LEVEL_PD);
 	put(B.pdpt, 0, B.pd | NONLEAF, 0);
-	put(B.pml4, (unsigned)((WORK_BASE >> 39) & 511), B.pdpt | NONLEAF, 0);
 	for (unsigned k = 0; k < npts; k++) {
 		B.pt[k] = new_table(VMI_LEVEL_PT);
+		put(B.pd, k, B.pt[k] | NONLEAF, k & 1);
 		for (unsigned j = 0; j < 512; j++) {
 			uint64_t e = entry_get(A.pt[k], j);
 			if (!(e & PTE_P))
@@ -129,7 +131,6 @@ static void clone_b(void)
 			if (e & PTE_RW)
 				put(A.pt[k], j, e & ~PTE_RW, 1);
 		}
-		put(B.pd, k, B.pt[k] | NONLEAF, 1);
 	}
 	mmu_check(vmi_flush_tlb(VMI_FLUSH_TLB), "flush_tlb", 0);
 }
@@ -224,8 +225,8 @@ static void step_teardown(void)
 
 	/* Still linked from A's PML4: IN_USE under a validating ROM; natively nothing checks. */
 	s = vmi_release_page(A.pdpt);
-	printf("INFO: release of a linked table: status=%ld%s\n", s,
-	       vmi_rom_present() ? (s == VMI_ERR_IN_USE ? " (IN_USE)" : " (expected IN_USE)") : " (native: unchecked)");
+	printf("INFO: release of a linked table: status=%ld (%s)\n", s,
+	       s == VMI_ERR_IN_USE ? "IN_USE" : !vmi_rom_present() ? "native: unchecked" : s ? "unexpected error" : "accepted: not validated");
 	if (s == VMI_ERR_OK && vmi_rom_present())
 		mmu_check(vmi_allocate_page(A.pdpt, VMI_LEVEL_PDPT), "allocate_page", A.pdpt); /* undo */
 }

@@ -4,7 +4,9 @@
  * Not a guest itself (every .c in guests/ is one): static functions only.
  *
  * Every page-table page comes from the pool (alloc_pt_page: fresh, zero), is
- * registered with its level before anything points to it, and is only ever
+ * registered with its level before anything points to it, is linked into its
+ * parent before it is filled (top-down: without a ROM, trap paging learns a
+ * table's level from the entry that links it), and is only ever
  * written through vmi_set_pte / vmi_set_pte_queued.  Every entry has Accessed
  * set, leaves also Dirty, so the hardware never writes a table page.
  * Table memory is read (never written) through the identity map.
@@ -163,11 +165,16 @@ static uint64_t build_kernel_space(uint64_t ram_end, uint64_t *kpdpt)
 	uint64_t pd[4] = { 0 };
 	uint64_t big_end = ram_end & ~(SZ_2M - 1);
 
-	for (unsigned g = 0; g < 4 && (uint64_t)g * SZ_1G < ram_end; g++)
+	/* Top-down: every table is linked before it is filled (trap paging infers levels from links). */
+	put(pml4, 0, pdpt | NONLEAF, 0);
+	for (unsigned g = 0; g < 4 && (uint64_t)g * SZ_1G < ram_end; g++) {
 		pd[g] = new_table(VMI_LEVEL_PD);
+		put(pdpt, g, pd[g] | NONLEAF, 0);
+	}
 
 	/* The first 2 MiB, 4 KiB pages. */
 	uint64_t pt_low = new_table(VMI_LEVEL_PT);
+	put(pd[0], 0, pt_low | NONLEAF, 1);
 	for (uint64_t a = 0; a < SZ_2M; a += SZ_4K) {
 		uint64_t flags = 0;
 		if (a < LOW_RAM_END || (a >= 0x100000ull && a < ram_end))
@@ -179,7 +186,6 @@ static uint64_t build_kernel_space(uint64_t ram_end, uint64_t *kpdpt)
 		if (flags)
 			put(pt_low, (unsigned)(a / SZ_4K), a | flags, 1);
 	}
-	put(pd[0], 0, pt_low | NONLEAF, 1);
 
 	/* 2 MiB pages up to the last whole 2 MiB of RAM; the pool read-only. */
 	for (uint64_t a = SZ_2M; a < big_end; a += SZ_2M) {
@@ -189,15 +195,10 @@ static uint64_t build_kernel_space(uint64_t ram_end, uint64_t *kpdpt)
 	/* A tail that is not a whole 2 MiB (QEMU keeps the top 128 KiB of -m for itself). */
 	if (big_end < ram_end && big_end >= SZ_2M) {
 		uint64_t pt_tail = new_table(VMI_LEVEL_PT);
+		put(pd[big_end / SZ_1G], (unsigned)((big_end % SZ_1G) / SZ_2M), pt_tail | NONLEAF, 1);
 		for (uint64_t a = big_end; a < ram_end; a += SZ_4K)
 			put(pt_tail, (unsigned)((a - big_end) / SZ_4K), a | LEAF_RW, 1);
-		put(pd[big_end / SZ_1G], (unsigned)((big_end % SZ_1G) / SZ_2M), pt_tail | NONLEAF, 1);
 	}
-
-	for (unsigned g = 0; g < 4; g++)
-		if (pd[g])
-			put(pdpt, g, pd[g] | NONLEAF, 0);
-	put(pml4, 0, pdpt | NONLEAF, 0);
 	*kpdpt = pdpt;
 	return pml4;
 }
