@@ -178,3 +178,20 @@ def test_stale_header_is_detected(kvm: str, tmp_path: Path) -> None:
     problems = header_problems(image, result.console)
     assert len(problems) == 2 and "not the header the spec generates" in problems[0], problems
     assert "built with VMI 1.0" in problems[1]
+
+
+def test_reference_doc_is_generated_from_the_spec() -> None:
+    from vmikit.abi import load_spec
+    from vmikit.abi.refdoc import generate
+
+    committed = Path(__file__).resolve().parent.parent / "docs" / "vmi-reference.md"
+    assert committed.read_text() == generate(load_spec()), "run: vmikit spec doc -o docs/vmi-reference.md"
+
+
+def test_readme_extension_example_runs(kvm: str) -> None:
+    from helpers import vmikit
+
+    example = Path(__file__).resolve().parent.parent / "examples" / "muladd.py"
+    proc = vmikit("run", "experiment", "--extension", str(example))
+    assert proc.returncode == 0, proc.stderr
+    assert "RESULT status=0 r0=0x2b r1=0x2a" in proc.stdout

@@ -148,7 +148,8 @@ class Hypervisor:
     def call_name(self, call_id: int) -> str:
         route = self.route_for(call_id)
         if route is None:
-            return f"{call_id:#010x}"
+            legacy = self.spec.legacy_name(call_id >> 16 & 0xFF) if call_id >> 24 == 0 and not call_id & 0xFF00 else None
+            return f"Legacy.{legacy}" if legacy else f"{call_id:#010x}"
         name = route.name
         if call_id >> 24 == 0:
             name = f"Legacy.{self.spec.legacy_name(call_id >> 16 & 0xFF)}->{name}"
