@@ -13,8 +13,9 @@
  *  4. Clone B: shares A's kernel PDPT; its own workload tables with every present
  *     leaf copied read-only; A's leaves made read-only too.  M switches A<->B,
  *     each reading a tag through a VA.  COW break in B for pages i % 16 == 1:
- *     a fresh frame, the contents copied, mapped RW in B only; a write through B
- *     leaves A's view unchanged.
+ *     a fresh frame (from the top of the data pool; only as many pages as there
+ *     are frames no mapping uses), the contents copied, mapped RW in B only; a
+ *     write through B leaves A's view unchanged.
  *  5. Ordering: a pending queued update is visible after FlushTLB, after
  *     InvalPage, and (an update of B queued while in A) right after SetCR3(B).
  *  6. Teardown: A's last workload PT emptied, unlinked and released (status 0);
@@ -42,6 +43,7 @@ struct space {
 static struct space A, B;
 static uint64_t kpdpt;           /* A's kernel PDPT, shared by B */
 static unsigned npages, nswitches, npts;
+static unsigned ncow;            /* COW-broken pages: 1, 17, 33, ... (as many as free frames allow) */
 static unsigned next_spare;      /* spare data frames, taken from the top of the pool */
 
 static inline uint64_t va_of(unsigned i) { return WORK_BASE + (uint64_t)i * SZ_4K; }
@@ -155,7 +157,7 @@ static void step_switches(void)
 static void step_cow(void)
 {
 	unsigned bad = 0;
-	for (unsigned i = 1; i < npages; i += 16) {
+	for (unsigned c = 0, i = 1; c < ncow; c++, i += 16) {
 		uint64_t old = leaf_get(&B, i) & PTE_ADDR;
 		uint64_t f = spare_frame(old);
 		memcpy((void *)(uintptr_t)f, (const void *)(uintptr_t)old, SZ_4K);
@@ -164,7 +166,7 @@ static void step_cow(void)
 	mmu_check(vmi_flush_tlb(VMI_FLUSH_TLB), "flush_tlb", 0);
 
 	switch_to(&B);
-	for (unsigned i = 1; i < npages; i += 16) {
+	for (unsigned c = 0, i = 1; c < ncow; c++, i += 16) {
 		uint64_t fa = leaf_get(&A, i) & PTE_ADDR, fb = leaf_get(&B, i) & PTE_ADDR;
 		uint64_t before = rd64(fa + 8);
 		bad += rd64(va_of(i)) != rd64(fa); /* the copy */
@@ -173,7 +175,7 @@ static void step_cow(void)
 		bad += fa == fb || rd64(fa + 8) != before;
 	}
 	switch_to(&A);
-	for (unsigned i = 1; i < npages; i += 16)
+	for (unsigned c = 0, i = 1; c < ncow; c++, i += 16)
 		bad += rd64(va_of(i) + 8) == COW_TAG(i) || rd64(va_of(i) + 8) != rd64((leaf_get(&A, i) & PTE_ADDR) + 8);
 	report(bad == 0, "COW break in B: writes through B leave A's view unchanged");
 }
@@ -238,6 +240,12 @@ void kmain(uint32_t magic, uint32_t mbinfo)
 	npages = (unsigned)(n < MIN_PAGES ? MIN_PAGES : n > MAX_PAGES ? MAX_PAGES : n);
 	nswitches = (unsigned)(m > 1000000 ? 1000000 : m);
 	npts = (npages + 511) / 512;
+	/* Fresh frames are the data frames no mapping uses (the pool wraps at DATA_FRAMES pages);
+	 * keep 3 for the ordering checks. */
+	unsigned free_frames = npages < DATA_FRAMES ? DATA_FRAMES - npages : 0;
+	ncow = (npages + 14) / 16;
+	if (ncow > (free_frames > 3 ? free_frames - 3 : 0))
+		ncow = free_frames > 3 ? free_frames - 3 : 0;
 	printf("mmu: pages=%u switches=%u\n", npages, nswitches);
 
 	uint64_t ram_end = usable_ram_end();
