@@ -113,7 +113,7 @@ static uint64_t usable_ram_end(void)
 }
 
 /* Value of `key=` (decimal or 0x hex) on the multiboot command line, else `def`. */
-static uint64_t cmdline_value(const char *key, uint64_t def)
+static __attribute__((unused)) uint64_t cmdline_value(const char *key, uint64_t def)
 {
 	const struct multiboot_info *mbi = boot_info;
 	if (!mbi || !(mbi->flags & MULTIBOOT_INFO_CMDLINE) || !mbi->cmdline)
@@ -208,7 +208,7 @@ static uint64_t build_kernel_space(uint64_t ram_end, uint64_t *kpdpt)
 #define FNV_OFFSET 0xcbf29ce484222325ull
 #define FNV_PRIME  0x100000001b3ull
 
-static uint64_t fnv_u64(uint64_t h, uint64_t v)
+static __attribute__((unused)) uint64_t fnv_u64(uint64_t h, uint64_t v)
 {
 	for (int b = 0; b < 8; b++) {
 		h ^= (v >> (8 * b)) & 0xFF;
@@ -217,13 +217,13 @@ static uint64_t fnv_u64(uint64_t h, uint64_t v)
 	return h;
 }
 
-static uint64_t canonical(uint64_t va)
+static __attribute__((unused)) uint64_t canonical(uint64_t va)
 {
 	return (va & (1ull << 47)) ? (va | 0xFFFF000000000000ull) : va;
 }
 
 /* Hash every present leaf with VA >= WORK_BASE under `table` (level `level`, covering `base`). */
-static uint64_t digest_walk(uint64_t h, uint64_t space, uint64_t table, unsigned level, uint64_t base)
+static __attribute__((unused)) uint64_t digest_walk(uint64_t h, uint64_t space, uint64_t table, unsigned level, uint64_t base)
 {
 	unsigned shift = 12 + 9 * (level - 1);
 	uint64_t span = 1ull << shift;
