@@ -25,6 +25,12 @@
  * status is the call's, index=-1, cause=status.  UNCHANGED: the affected entry
  * (or CR3, via GetCR3) reads as before after both attempts, and with a ROM the
  * call did not succeed.
+ * Rules: leaf-non-ram, leaf-writable-table, leaf-writable-rom,
+ * nonleaf-unregistered (an unregistered pool page: trap paging infers it is a
+ * table, by design), nonleaf-non-pool (a RAM page outside the pool),
+ * nonleaf-wrong-level, reserved-pml4-ps, reserved-2m-frame (a 2 MiB leaf with
+ * frame bits 13-20 set), entry-not-in-table, cr3-unregistered, release-in-use,
+ * allocate-mapped-writable.
  * Then: BATCH (5 queued updates, the 3rd bad), applied=<entries that changed>,
  * and PASS lines for the setup and for a valid update after all the rejections.
  */
@@ -242,8 +248,7 @@ void kmain(uint32_t magic, uint32_t mbinfo)
 	put(pd, 0, pt | NONLEAF, 0);
 	for (unsigned j = 0; j < 8; j++)
 		put(pt, j, (DATA_POOL_BASE + j * SZ_4K) | LEAF_RW, 1);
-	/* Registered but unlinked tables, targets of the wrong-level and PS rules. */
-	uint64_t pd_spare = new_table(VMI_LEVEL_PD);
+	/* A registered but unlinked table, target of the PS rule. */
 	uint64_t pdpt_spare = new_table(VMI_LEVEL_PDPT);
 	mmu_check(vmi_set_cr3(pml4), "set_cr3", pml4);
 	report(mmu_bad_calls == 0, "setup: a registered address space, loaded with SetCR3");
@@ -257,7 +262,8 @@ void kmain(uint32_t magic, uint32_t mbinfo)
 	entry_rule("leaf-writable-table", pt, 9, pt | LEAF_RW);
 	entry_rule("leaf-writable-rom", pt, 10, ROM_IMAGE_BASE | LEAF_RW);
 	entry_rule("nonleaf-unregistered", pd, 1, unregistered | NONLEAF);
-	entry_rule("nonleaf-wrong-level", pd, 2, pd_spare | NONLEAF);
+	entry_rule("nonleaf-non-pool", pd, 5, ordinary | NONLEAF);
+	entry_rule("nonleaf-wrong-level", pd, 2, pdpt | NONLEAF); /* a linked level-3 table (known to trap too) */
 	entry_rule("reserved-pml4-ps", pml4, PML4_WORK + 1, pdpt_spare | NONLEAF | PTE_PS);
 	entry_rule("reserved-2m-frame", pd, 3, (4 * SZ_2M + 0x1FE000ull) | LEAF_RO | PTE_PS);
 	entry_rule("entry-not-in-table", ordinary, 0, (DATA_POOL_BASE + 32 * SZ_4K) | LEAF_RW);
