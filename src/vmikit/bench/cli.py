@@ -1,0 +1,82 @@
+"""`vmikit bench`: every workload under every profile, as a table, JSON and a chart."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import click
+
+from vmikit.bench.workloads import FULL, PROFILE_NAMES, QUICK, WORKLOAD_NAMES
+from vmikit.errors import UsageError
+
+
+def _split(values: tuple[str, ...], choices: tuple[str, ...], what: str) -> tuple[str, ...]:
+    chosen: list[str] = []
+    for value in values:
+        for item in value.split(","):
+            item = item.strip()
+            if not item:
+                continue
+            if item not in choices:
+                raise UsageError(f"unknown {what} '{item}'", f"choose from: {', '.join(choices)}")
+            if item not in chosen:
+                chosen.append(item)
+    return tuple(c for c in choices if c in chosen) if chosen else choices
+
+
+@click.command()
+@click.option("--quick", is_flag=True, help=f"Small sizes ({QUICK.n} pages, {QUICK.reps} reps): under a minute.")
+@click.option("--workload", "workloads", multiple=True, metavar="NAME[,NAME]",
+              help=f"Only these workloads (repeatable): {', '.join(WORKLOAD_NAMES)}.")
+@click.option("--profile", "profiles", multiple=True, metavar="NAME[,NAME]",
+              help=f"Only these profiles (repeatable): {', '.join(PROFILE_NAMES)}.")
+@click.option("-n", "--pages", type=click.IntRange(1, 32768), default=None, help="Pages per MMU workload.")
+@click.option("-m", "--switches", type=click.IntRange(1, 1_000_000), default=None, help="Address-space switches.")
+@click.option("--calls", type=click.IntRange(1, 10_000_000), default=None, help="Iterations of null/rdtsc/cpuid.")
+@click.option("--reps", type=click.IntRange(1, 1000), default=None, help="Repetitions of every cell.")
+@click.option("--no-c-reference", is_flag=True, help="Skip the C reference VMM.")
+@click.option("--no-memory", is_flag=True, help="Skip the VMM memory probe (a child process).")
+@click.option("--json", "json_file", type=click.Path(dir_okay=False, path_type=Path), help="Write all results here.")
+@click.option("--plot", "plot_file", type=click.Path(dir_okay=False, path_type=Path), help="Write a chart (PNG) here.")
+def bench(quick: bool, workloads: tuple[str, ...], profiles: tuple[str, ...], pages: int | None,
+          switches: int | None, calls: int | None, reps: int | None, no_c_reference: bool, no_memory: bool,
+          json_file: Path | None, plot_file: Path | None) -> None:
+    """Measure what each VMI call costs under every paging profile, against native and a C reference VMM."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from vmikit.bench.report import plot, print_report
+    from vmikit.bench.runner import BenchConfig, run_bench
+
+    if plot_file is not None:
+        try:
+            import matplotlib  # noqa: F401
+        except ModuleNotFoundError:
+            raise UsageError("--plot needs matplotlib", "pip install matplotlib") from None
+    base = QUICK if quick else FULL
+    overrides = {k: v for k, v in (("n", pages), ("m", switches), ("calls", calls), ("reps", reps)) if v is not None}
+    sizes = dataclasses.replace(base, **overrides)
+    config = BenchConfig(workloads=_split(workloads, WORKLOAD_NAMES, "workload"),
+                         profiles=_split(profiles, PROFILE_NAMES, "profile"), sizes=sizes,
+                         c_reference=not no_c_reference, memory_probe=not no_memory, quick=quick)
+    console = Console()
+    total = len(config.workloads) * len(config.profiles) * sizes.reps
+    columns = (TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=True) as progress:
+        task = progress.add_task("bench", total=total)
+        results = run_bench(
+            config,
+            progress=lambda profile, workload: progress.update(task, advance=1, description=f"{profile} {workload}"),
+            status=lambda text: progress.update(task, description=text))
+    print_report(results, console)
+    if json_file is not None:
+        json_file.write_text(json.dumps(results, indent=2) + "\n")
+        console.print(f"wrote {json_file}")
+    if plot_file is not None:
+        plot(results, plot_file)
+        console.print(f"wrote {plot_file}")
+    if results.get("errors"):
+        raise SystemExit(1)

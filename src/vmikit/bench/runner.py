@@ -1,0 +1,264 @@
+"""Run the bench guest under every profile and turn its markers and console into cells.
+
+One session per profile runs every selected workload in turn (the guest builds its
+address space once). Around each timed section the guest writes a marker to
+``PORT_BENCH``; the handler registered here snapshots the exit counters, the
+hypervisor's per-call counters and the host clock, so exits, calls and wall time
+are those of the timed section only (minus the closing marker's own exit). The
+guest prints the TSC cycles of the section; they become ns with the TSC
+frequency KVM reports (``KVM_GET_TSC_KHZ``).
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import re
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from vmikit.bench.workloads import (
+    GUEST, MARK_END, PORT_BENCH, PROFILE_BY_NAME, PROFILE_NAMES, WORKLOAD_NAMES, FULL, Profile, Sizes, cmdline,
+)
+from vmikit.errors import VmikitError
+
+# The guest's workload numbering (the tag's high half): bench.c's names[], in order.
+GUEST_ORDER = (*WORKLOAD_NAMES, "spin")
+LINE = re.compile(r"^BENCH (\S+) ops=(\d+) cycles=(\d+)\s*$", re.M)
+ERROR = re.compile(r"^BENCH (error|failed) .*$", re.M)
+
+Progress = Callable[[str, str], None]  # (profile, workload) after each repetition
+
+
+@dataclass
+class BenchConfig:
+    workloads: tuple[str, ...] = WORKLOAD_NAMES
+    profiles: tuple[str, ...] = PROFILE_NAMES
+    sizes: Sizes = FULL
+    memory_mib: int = 128
+    timeout: float = 300.0
+    c_reference: bool = True
+    memory_probe: bool = True
+    quick: bool = False
+    extra: dict[str, object] = field(default_factory=dict)
+
+
+def stats(values: list[float]) -> dict[str, float]:
+    return {"min": min(values), "median": statistics.median(values), "max": max(values)}
+
+
+class Recorder:
+    """The PORT_BENCH handler: per timed section, exits, calls and host wall time."""
+
+    def __init__(self, session: object, on_rep: Callable[[str], None] | None = None) -> None:
+        self.session = session
+        self.on_rep = on_rep
+        self.sections: list[dict[str, object]] = []
+        self._open: tuple[int, tuple[float, dict[str, int], dict[int, int], dict[int, int]]] | None = None
+
+    def _snapshot(self) -> tuple[float, dict[str, int], dict[int, int], dict[int, int]]:
+        hv = self.session.hypervisor  # type: ignore[attr-defined]
+        reasons = self.session.machine.vcpu.exit_counts()  # type: ignore[attr-defined]
+        calls = dict(hv.calls) if hv is not None else {}
+        exits = dict(hv.exits) if hv is not None else {}
+        return time.perf_counter(), reasons, calls, exits
+
+    def __call__(self, port: int, size: int, value: int) -> None:
+        snap = self._snapshot()
+        tag = value & ~MARK_END
+        if not value & MARK_END:
+            self._open = (tag, snap)
+            return
+        if self._open is None or self._open[0] != tag:
+            self._open = None
+            return
+        _, begin = self._open
+        self._open = None
+        reasons = {k: v - begin[1].get(k, 0) for k, v in snap[1].items() if v - begin[1].get(k, 0)}
+        reasons["io"] = reasons.get("io", 0) - 1  # the closing marker's own exit
+        if not reasons["io"]:
+            del reasons["io"]
+        calls = {k: v - begin[2].get(k, 0) for k, v in snap[2].items() if v - begin[2].get(k, 0)}
+        exits = {k: v - begin[3].get(k, 0) for k, v in snap[3].items() if v - begin[3].get(k, 0)}
+        index = tag >> 16
+        name = GUEST_ORDER[index] if index < len(GUEST_ORDER) else str(index)
+        self.sections.append({"workload": name, "rep": tag & 0xFFFF, "wall_s": snap[0] - begin[0],
+                              "exits": sum(reasons.values()), "by_reason": reasons, "calls": calls, "call_exits": exits})
+        if self.on_rep is not None:
+            self.on_rep(name)
+
+
+def parse_console(console: str) -> list[tuple[str, int, int]]:
+    return [(m.group(1), int(m.group(2)), int(m.group(3))) for m in LINE.finditer(console)]
+
+
+def run_profile(image: Path, profile: Profile, workloads: tuple[str, ...] | list[str], sizes: Sizes, *,
+                memory_mib: int = 128, timeout: float = 300.0, on_rep: Callable[[str], None] | None = None,
+                rom: str | None = None, paging: str | None = None) -> dict[str, object]:
+    """One session of the bench guest; returns its raw sections and session facts."""
+    from vmikit.session import Session
+
+    line = cmdline(list(workloads), sizes)
+    with Session(image, rom=rom or profile.rom, annotations=profile.annotations, paging=paging or profile.paging,
+                 memory_mib=memory_mib, timeout=timeout, cmdline=line) as session:
+        recorder = Recorder(session, on_rep)
+        session.machine.on_out(PORT_BENCH, recorder)
+        tsc_khz = session.machine.vcpu.tsc_khz()
+        result = session.run()
+        hv = session.hypervisor
+        names = {cid: hv.call_name(cid) for cid in set(hv.calls) | set(hv.exits)} if hv is not None else {}
+    console = result.console
+    errors = ERROR.findall(console)
+    if result.exit_status != 0 or errors:
+        problems = [m.group(0) for m in ERROR.finditer(console)]
+        raise VmikitError(f"bench guest under {profile.name} exited {result.exit_status}: "
+                          f"{'; '.join(problems) or console[-300:]}", "run it alone with `vmikit run bench` to see why")
+    lines = parse_console(console)
+    sections = recorder.sections
+    if len(lines) != len(sections):
+        raise VmikitError(f"bench guest under {profile.name}: {len(lines)} result lines but {len(sections)} "
+                          "marked sections", "is something else writing to the bench port?")
+    for sec, (name, ops, cycles) in zip(sections, lines):
+        if sec["workload"] != name:
+            raise VmikitError(f"bench guest: section {sec['workload']} reported as {name}", "rebuild the bench guest")
+        sec["ops"], sec["cycles"] = ops, cycles
+        sec["calls"] = {names.get(k, hex(k)): v for k, v in sec["calls"].items()}  # type: ignore[union-attr]
+        sec["call_exits"] = {names.get(k, hex(k)): v for k, v in sec["call_exits"].items()}  # type: ignore[union-attr]
+    if not tsc_khz:  # no KVM_GET_TSC_KHZ: calibrate against the host clock on the longest section
+        longest = max(sections, key=lambda s: s["wall_s"])  # type: ignore[arg-type, return-value]
+        tsc_khz = int(longest["cycles"] / longest["wall_s"] / 1000)  # type: ignore[operator]
+        tsc_source = "host clock"
+    else:
+        tsc_source = "KVM_GET_TSC_KHZ"
+    summary = result.summary()
+    return {"profile": profile.name, "cmdline": line, "tsc_khz": tsc_khz, "tsc_source": tsc_source,
+            "sections": sections, "session": {"wall_seconds": summary["wall_seconds"],
+                                              "exits_total": summary["exits"]["total"],  # type: ignore[index]
+                                              "paging": summary["paging"]}}
+
+
+def cells_of(raw: dict[str, object]) -> dict[str, dict[str, object]]:
+    """Per workload of one profile session: min/median/max over its repetitions."""
+    tsc_khz = raw["tsc_khz"]
+    by_workload: dict[str, list[dict[str, object]]] = {}
+    for sec in raw["sections"]:  # type: ignore[union-attr]
+        by_workload.setdefault(sec["workload"], []).append(sec)
+    cells = {}
+    for name, secs in by_workload.items():
+        ns = [s["cycles"] * 1e6 / tsc_khz / s["ops"] for s in secs]  # type: ignore[operator]
+        exits = [s["exits"] / s["ops"] for s in secs]  # type: ignore[operator]
+        wall = [s["wall_s"] for s in secs]
+        ops = secs[0]["ops"]
+        total_ops = sum(s["ops"] for s in secs)  # type: ignore[misc]
+        by_call: dict[str, dict[str, float]] = {}
+        for s in secs:
+            for call, count in s["calls"].items():  # type: ignore[union-attr]
+                entry = by_call.setdefault(call, {"calls": 0, "exits": 0})
+                entry["calls"] += count
+            for call, count in s["call_exits"].items():  # type: ignore[union-attr]
+                by_call.setdefault(call, {"calls": 0, "exits": 0})["exits"] += count
+        for entry in by_call.values():
+            entry["calls_per_op"] = entry["calls"] / total_ops
+            entry["exits_per_op"] = entry["exits"] / total_ops
+        reasons: dict[str, float] = {}
+        for s in secs:
+            for reason, count in s["by_reason"].items():  # type: ignore[union-attr]
+                reasons[reason] = reasons.get(reason, 0) + count / total_ops
+        cells[name] = {"workload": name, "profile": raw["profile"], "ops": ops, "reps": len(secs),
+                       "ns_per_op": stats(ns), "exits_per_op": stats(exits), "wall_s": stats(wall),
+                       "cycles": [s["cycles"] for s in secs], "exits_per_op_by_reason": reasons, "by_call": by_call}
+    return cells
+
+
+def machine_facts() -> dict[str, object]:
+    from vmikit.engine import open_engine
+
+    facts: dict[str, object] = {"hostname": platform.node(), "machine": platform.machine(),
+                                "kernel": platform.release(), "kernel_version": platform.version(),
+                                "python": platform.python_version(), "cpus": os.cpu_count()}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    facts["cpu"] = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    engine = open_engine()
+    try:
+        facts["kvm"] = engine.describe()  # type: ignore[attr-defined]
+    finally:
+        close = getattr(engine, "close", None)
+        if close:
+            close()
+    return facts
+
+
+def run_bench(config: BenchConfig, progress: Progress | None = None,
+              status: Callable[[str], None] | None = None) -> dict[str, object]:
+    """The whole bench: every workload under every profile, C reference, memory probe; JSON-ready."""
+    from vmikit.guest.build import build_guest
+
+    started = time.perf_counter()
+    say = status or (lambda text: None)
+    image = build_guest(GUEST)
+    results: dict[str, object] = {
+        "vmikit_bench": 1,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": machine_facts(),
+        "config": {"workloads": list(config.workloads), "profiles": list(config.profiles),
+                   "repetitions": config.sizes.reps, "calls": config.sizes.calls, "n": config.sizes.n,
+                   "m": config.sizes.m, "memory_mib": config.memory_mib, "quick": config.quick},
+        "image": str(image),
+    }
+    sessions = {}
+    cells: dict[str, dict[str, dict[str, object]]] = {}
+    errors: dict[str, str] = {}
+    for name in config.profiles:
+        profile = PROFILE_BY_NAME[name]
+        say(f"profile {name}")
+        try:
+            raw = run_profile(image, profile, config.workloads, config.sizes, memory_mib=config.memory_mib,
+                              timeout=config.timeout,
+                              on_rep=(lambda w, p=name: progress(p, w)) if progress else None)
+        except VmikitError as err:
+            errors[name] = str(err)
+            continue
+        sessions[name] = {k: v for k, v in raw.items() if k != "sections"}
+        for workload, cell in cells_of(raw).items():
+            cells.setdefault(workload, {})[name] = cell
+    tsc = {s["tsc_khz"] for s in sessions.values()}
+    results["tsc_khz"] = tsc.pop() if len(tsc) == 1 else sorted(tsc)
+    for per_profile in cells.values():
+        native = per_profile.get("native")
+        for cell in per_profile.values():
+            base = native["ns_per_op"]["median"] if native else None  # type: ignore[index]
+            cell["ratio_to_native"] = cell["ns_per_op"]["median"] / base if base else None  # type: ignore[index]
+    results["sessions"] = sessions
+    results["cells"] = cells
+    results["errors"] = errors
+    if config.c_reference:
+        say("C reference")
+        from vmikit.bench.cref import compare
+
+        try:
+            results["c_reference"] = compare(image, config.sizes, memory_mib=config.memory_mib)
+        except VmikitError as err:
+            results["c_reference"] = {"error": str(err)}
+    if config.memory_probe:
+        say("memory probe")
+        from vmikit.bench.memprobe import probe
+
+        try:
+            results["memory"] = probe(config.workloads, config.sizes, memory_mib=config.memory_mib)
+        except VmikitError as err:
+            results["memory"] = {"error": str(err)}
+    from vmikit.bench.targets import targets
+
+    results["targets"] = targets(results)
+    results["bench_wall_seconds"] = round(time.perf_counter() - started, 3)
+    return results
