@@ -230,3 +230,16 @@ def test_the_spec_header_is_part_of_the_cache_key(tmp_path: Path, monkeypatch: p
     before = gb.guest_hash("hello", cache_dir=tmp_path)
     monkeypatch.setattr(gb, "vmi_header_text", lambda: original + "/* changed */\n")
     assert gb.guest_hash("hello", cache_dir=tmp_path) != before
+
+
+def test_a_header_beside_the_guest_source_is_part_of_the_key(tmp_path: Path) -> None:
+    import shutil
+
+    from vmikit.guest.build import guest_hash, guest_source_dir
+
+    tree = tmp_path / "src"
+    shutil.copytree(guest_source_dir(), tree)
+    before = guest_hash("mmu", source_dir=tree)
+    header = tree / "guests" / "mmu_common.h"
+    header.write_text(header.read_text() + "\n/* changed */\n")
+    assert guest_hash("mmu", source_dir=tree) != before

@@ -14,6 +14,8 @@ from typing import TypeVar
 
 T = TypeVar("T", bound=ctypes.Structure)
 
+HUGE_PAGE = 2 << 20
+
 
 class GuestMemoryError(Exception):
     """A guest-physical access outside the guest's memory (a guest error, not a VMM bug)."""
@@ -42,6 +44,10 @@ class Region:
             raise ValueError(f"region {self.name} must be page aligned and non-empty")
         self.mem = mmap.mmap(-1, self.size, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS,
                              mmap.PROT_READ | mmap.PROT_WRITE)
+        if self.size >= HUGE_PAGE:
+            # Transparent huge pages: on nested KVM every first touch of a host page is a costly
+            # two-level fault, so backing guest RAM with 2 MiB pages cuts those faults 512-fold.
+            self.mem.madvise(mmap.MADV_HUGEPAGE)
         self.view = memoryview(self.mem)
         self.host_addr = ctypes.addressof(ctypes.c_char.from_buffer(self.mem))
 

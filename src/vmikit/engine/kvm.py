@@ -38,6 +38,9 @@ def _install_kick_handler() -> None:
 
 
 _CPUID_SIGNIFICANT_INDEX = 1 << 0
+MSR_MTRR_DEF_TYPE = 0x2FF
+MTRR_ENABLE = 1 << 11
+MTRR_TYPE_WRITEBACK = 6
 
 
 def _segment_from_kvm(seg: KvmSegment) -> Segment:
@@ -94,6 +97,9 @@ class KvmVcpuEngine:
         self._vcpu.set_sregs(sregs)
         regs = ks.KvmRegs(rip=boot.entry, rax=boot.rax, rbx=boot.rbx, rsp=boot.rsp, rflags=0x2)
         self._vcpu.set_regs(regs)
+        # Firmware's job: MTRRs enabled with write-back as the default memory type. At reset they
+        # are off, which makes all of RAM uncacheable (each guest memory access then crawls).
+        self._vcpu.set_msrs({MSR_MTRR_DEF_TYPE: MTRR_ENABLE | MTRR_TYPE_WRITEBACK})
 
     def run(self, ops: VcpuOps) -> Exit:
         run = self._run

@@ -279,7 +279,9 @@ def _plan(
     includes = (*extra_inc, vmi_header_dir(cache_dir).resolve(), vmi_dir, runtime_include)
     sources = (*_files_under(runtime_dir, _SOURCE_SUFFIXES), *_files_under(vmi_dir, _SOURCE_SUFFIXES),
                *extra_src, spec.main_source.resolve())
-    headers = [h for d in includes for h in _files_under(d, _HEADER_SUFFIXES)]
+    # Headers next to the guest's own source count too (a guest may include "mmu_common.h").
+    header_dirs = (*includes, spec.main_source.resolve().parent)
+    headers = sorted({h for d in header_dirs for h in _files_under(d, _HEADER_SUFFIXES)})
     hashed = (*sources, *headers, linker_script)
     cflags = (*CFLAGS, *spec.extra_cflags)
 
