@@ -428,8 +428,6 @@ void kmain(uint32_t magic, uint32_t mbinfo)
 {
 	(void)magic;
 	(void)mbinfo;
-	if (number("mtrr", 0))
-		wrmsr(0x2FF, 0x806);
 	unsigned selected[W_COUNT * 2];
 	unsigned nsel = 0, need_space = 0;
 	unsigned reps = (unsigned)number("reps", 5);
