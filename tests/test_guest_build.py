@@ -36,13 +36,14 @@ def images(cache: Path) -> dict[str, Path]:
 
 
 def _defines(header: Path) -> dict[str, int]:
-    pattern = re.compile(r"^\s*#\s*define\s+(\w+)\s+(0[xX][0-9a-fA-F]+|\d+)\b", re.M)
+    pattern = re.compile(r"^\s*#\s*define\s+(\w+)\s+(0[xX][0-9a-fA-F]+|\d+)[uUlL]*\b", re.M)
     return {name: int(value, 0) for name, value in pattern.findall(header.read_text())}
 
 
 def test_board_header_matches_layout() -> None:
     defines = _defines(gb.guest_source_dir() / "include" / "board.h")
-    for name in ("PORT_SERIAL", "PORT_EXIT", "PORT_PANIC", "EXIT_OK", "EXIT_FAILED_TESTS", "EXIT_EXCEPTION"):
+    for name in ("PORT_SERIAL", "PORT_EXIT", "PORT_PANIC", "PORT_BENCH", "PT_POOL_BASE", "PT_POOL_SIZE",
+                 "DATA_POOL_BASE", "DATA_POOL_SIZE", "EXIT_OK", "EXIT_FAILED_TESTS", "EXIT_EXCEPTION"):
         assert defines[name] == getattr(layout, name), name
     assert defines["KERNEL_BASE"] == layout.HIGH_RAM_BASE
 

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-PORT_BENCH = 0xE0  # the guest's markers: outl(tag) before and outl(tag | MARK_END) after a timed section
+from vmikit.machine import layout
+
+PORT_BENCH = layout.PORT_BENCH  # the guest's markers: outl(tag) before and outl(tag | MARK_END) after a timed section
 MARK_END = 0x8000_0000
 GUEST = "bench"
 

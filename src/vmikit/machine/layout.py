@@ -39,6 +39,7 @@ PORT_SERIAL = 0x3F8  # COM1 transmit holding register
 PORT_SERIAL_LSR = 0x3FD  # line status: always "transmitter empty"
 PORT_EXIT = 0xF4  # QEMU isa-debug-exit convention: outl(code)
 PORT_PANIC = 0xF9  # outl(gpa of a struct exception_frame); clear of isa-debug-exit at 0xF4-0xF7 (iosize=4)
+PORT_BENCH = 0xE0  # vmikit bench: the guest marks the start and end of a timed section
 PORT_HYPERCALL = 0xF8  # VMI hypercalls from the ROM (see hypervisor/)
 
 # Guest exit codes the runtime uses (written to PORT_EXIT).

@@ -29,7 +29,6 @@
 #include "lib.h"
 #include "vmi.h"
 
-#define PORT_BENCH  0xE0         /* markers: outl(tag); mirrors vmikit/bench/workloads.py */
 #define MARK_END    0x80000000u
 
 #define PTE_P     0x001ull

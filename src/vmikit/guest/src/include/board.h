@@ -16,6 +16,7 @@
 #define PT_POOL_SIZE        0x01000000ull
 #define DATA_POOL_BASE      0x04000000ull
 #define DATA_POOL_SIZE      0x02000000ull
+#define PORT_BENCH          0xE0  /* vmikit bench: markers around a timed section */
 #define PORT_PANIC          0xF9  /* outl(phys addr of struct exception_frame); outside QEMU isa-debug-exit 0xF4-0xF7 */
 
 #define EXIT_OK             0 /* every test passed */

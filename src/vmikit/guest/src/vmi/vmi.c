@@ -559,8 +559,11 @@ long vmi_release_page(uint64_t table)
 long vmi_flush_queue(void)
 {
 	/* The queue lives in the ROM's data area; the ROM's entry flushes its own buffer.
-	 * (0, 0) is also a valid empty batch should an entry pass its arguments on. */
+	 * (0, 0) is also a valid empty batch should an entry pass its arguments on.
+	 * A ROM that does not honour annotations (flag bit 0 clear) never queues: no exit. */
 	uint64_t r[4] = { 0 };
+	if (!(vmi_rom_flags() & 1))
+		return VMI_ERR_OK;
 	ROM_CALL(VMI_CALL_MMU_FLUSHQUEUE, 0, 0, 0, r);
 	return VMI_ERR_OK; /* natively nothing is ever queued */
 }
