@@ -71,6 +71,7 @@ MODES = {
     "direct": ("--paging", "direct"),
     "shadow": ("--paging", "shadow"),
     "direct-ignore": ("--paging", "direct", "--annotations", "ignore"),
+    "shadow-ignore": ("--paging", "shadow", "--annotations", "ignore"),
 }
 
 
@@ -162,10 +163,19 @@ def _violations(console: str) -> dict[tuple[str, str], tuple[int, int | None, in
             for m in VIOLATION_RE.finditer(console)}
 
 
+def _audit(run: MmuRun) -> dict[str, object]:
+    assert run.summary is not None, run.console
+    audit = run.summary["paging"]["audit"]  # type: ignore[index]
+    assert isinstance(audit, dict)
+    return audit
+
+
 @pytest.mark.parametrize("mode", ["direct", "shadow"])
 def test_every_violation_is_refused(kvm: str, tmp_path: Path, mode: str) -> None:
-    run = run_mmu(tmp_path, *MODES[mode], guest="mmuviolate")
+    run = run_mmu(tmp_path, *MODES[mode], "--audit", guest="mmuviolate")
     assert run.returncode == 0, run.console
+    audit = _audit(run)  # the auditor walked every registered table after each update: all invariants hold
+    assert audit["problems"] == [] and audit["runs"] > 10
     assert "FAIL" not in run.console
     seen = _violations(run.console)
     unchanged = dict(UNCHANGED_RE.findall(run.console))
@@ -192,3 +202,32 @@ def test_violations_accepted_natively(kvm: str, tmp_path: Path) -> None:
     assert all(status == 0 for status, _, _ in seen.values()), run.console
     assert "BATCH applied=5" in run.console
     assert "PASS: valid update after rejections" in run.console
+
+
+@pytest.mark.parametrize("mode", ["trap", "direct", "shadow"])
+def test_auditor_finds_every_invariant_after_each_batch(reference: MmuRun, tmp_path: Path, mode: str) -> None:
+    run = run_mmu(tmp_path, *MODES[mode], "--audit", "--cmdline", "pages=256 switches=4")
+    _ok(run)
+    audit = _audit(run)
+    assert audit["problems"] == [] and audit["runs"] > 10
+
+
+def test_trap_refuses_the_stores_it_must(kvm: str, tmp_path: Path) -> None:
+    """Under trap paging the guest gets no error code: each bad store is dropped and counted."""
+    run = run_mmu(tmp_path, *MODES["trap"], guest="mmuviolate")
+    assert run.summary is not None
+    refused = run.summary["paging"]["refused_writes"]  # type: ignore[index]
+    assert refused.get("PERMISSION", 0) >= 2 and refused.get("RESERVED_PTE_BITS", 0) >= 2, refused
+    assert refused.get("BAD_ADDRESS", 0) >= 1 and refused.get("WRONG_LEVEL", 0) >= 1, refused
+
+
+def test_ignoring_annotations_costs_at_least_50x_the_exits(kvm: str, tmp_path: Path) -> None:
+    """Issue 4: under direct paging, an annotation-unaware ROM makes >= 50x the exits (whole run)."""
+    size = ("--paging", "direct", "--cmdline", "pages=32768 switches=16", "--timeout", "300")
+    honour = run_mmu(tmp_path, *size)
+    ignore = run_mmu(tmp_path, *size, "--annotations", "ignore")
+    _ok(honour)
+    assert ignore.digest == honour.digest and ignore.pass_lines == honour.pass_lines
+    assert honour.summary is not None and ignore.summary is not None
+    total = {name: run.summary["exits"]["total"] for name, run in (("honour", honour), ("ignore", ignore))}  # type: ignore[index]
+    assert total["ignore"] >= 50 * total["honour"], total
