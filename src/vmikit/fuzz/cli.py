@@ -1,0 +1,75 @@
+"""`vmikit fuzz`: the hostile guest against the hypercall surface, judged by the host."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from vmikit.fuzz.runner import FUZZ_PAGING, FuzzConfig, FuzzReport
+
+
+@click.command()
+@click.option("--calls", type=click.IntRange(1), default=20000, show_default=True, help="Fuzzed calls to make.")
+@click.option("--seed", type=click.IntRange(0, 2**64 - 1), default=1, show_default=True,
+              help="PRNG seed: the same seed replays the same calls.")
+@click.option("--paging", type=click.Choice(FUZZ_PAGING), default="direct", show_default=True,
+              help="Page-table style under attack (both validate every update).")
+@click.option("--annotations", type=click.Choice(["honour", "ignore"]), default="honour", show_default=True)
+@click.option("--stores/--no-stores", default=True, show_default=True,
+              help="Also make plain guest stores into the ROM, the page-table pool and the shadow area.")
+@click.option("--audit-every", type=click.IntRange(1), default=1, show_default=True,
+              help="Run the page-table auditor after every K-th call that may change memory.")
+@click.option("--extension", "extensions", multiple=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="A Python file registering experimental 0xFF calls; they are fuzzed too (repeatable).")
+@click.option("--timeout", type=float, default=None, help="Watchdog limit in seconds (default: scaled with --calls).")
+@click.option("--json", "json_file", type=click.Path(dir_okay=False, path_type=Path), help="Write the report here.")
+def fuzz(calls: int, seed: int, paging: str, annotations: str, stores: bool, audit_every: int,
+         extensions: tuple[Path, ...], timeout: float | None, json_file: Path | None) -> None:
+    """Fuzz the hypercall surface; exit 0 only if the hypervisor held."""
+    from vmikit.abi import load_spec
+    from vmikit.fuzz.runner import run_fuzz
+    from vmikit.hypervisor.experimental import ExperimentalCalls, load_extension
+
+    experimental = ExperimentalCalls()
+    for extension in extensions:
+        load_extension(extension, experimental)
+    config = FuzzConfig(calls=calls, seed=seed, paging=paging, annotations=annotations, stores=stores,
+                        audit_every=audit_every, timeout=timeout, experimental=experimental)
+    report = run_fuzz(config)
+    errors = load_spec().errors
+    _print(report, errors)
+    if json_file is not None:
+        json_file.write_text(json.dumps(report.to_json(errors), indent=2) + "\n")
+    sys.exit(0 if report.ok else 1)
+
+
+def _print(report: FuzzReport, errors: dict[str, int]) -> None:
+    g = report.guest
+    exits = report.exits.get("total", "?") if report.exits else "?"
+    click.echo(f"fuzz: seed={report.config.seed} paging={report.config.paging} calls={g.calls} "
+               f"(+{g.canaries} canary) stores={g.stores} experimental={g.experimental} exits={exits} "
+               f"in {report.wall_seconds:.1f} s = {report.calls_per_second:.0f} calls/s; "
+               f"audits={report.audits} (every {report.config.audit_every})")
+    click.echo(f"  accepted: {g.by_status.get(0, 0)}")
+    for name, n in report.rejections(errors).items():
+        click.echo(f"  {name}: {n}")
+    click.echo(f"  rom writes refused: {report.rom_writes_refused}; unmapped mmio: {report.mmio_unmapped}; "
+               f"pool stores refused: {sum(report.refused_pool_writes.values())}")
+    if report.ok:
+        click.echo("fuzz: ok (no VMM exception, no hang, no invariant violation, only spec errors, "
+                   "valid calls still work)")
+        return
+    click.echo(f"fuzz: FAILED (seed {report.config.seed}); replay with: {report.config.replay()}", err=True)
+    for failure in report.failures:
+        click.echo(f"  - {failure}", err=True)
+    for offence in report.offences[:5]:
+        click.echo(f"  host saw: {offence.line()}", err=True)
+        for line in offence.detail[:3]:
+            click.echo(f"      {line}", err=True)
+    if g.last:
+        click.echo(f"  guest FUZZ-LAST: {g.last}", err=True)
+    if report.record:
+        click.echo(f"  guest's last action: {report.record}", err=True)

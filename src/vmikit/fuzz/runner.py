@@ -1,0 +1,284 @@
+"""Run the fuzzing guest and judge the hypervisor.
+
+The host watches every hypercall itself (a thin wrapper around the dispatcher on
+the hypercall port): it counts statuses, notices the first handler exception
+and the first undocumented status, and runs the page-table auditor after every
+call that could change guest memory (families Legacy, Segmentation, MMU and
+Experimental, and unknown families), including rejected ones, so a handler that
+writes before it refuses is caught too. ``audit_every=K`` audits only every
+K-th such call (the last one always): the auditor walks every registered table.
+
+A run passes when the guest finished its calls, no handler raised, the
+watchdog did not fire, the auditor found nothing, every status was a spec
+error, the guest saw no surprise, and valid calls still worked at the end.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from vmikit.abi.model import U64_MASK
+from vmikit.errors import GuestCrash, GuestHang
+from vmikit.fuzz.guestlog import RECORD, GuestLog, describe_record
+from vmikit.hypervisor import ExperimentalCalls, Hypervisor
+from vmikit.machine import layout
+from vmikit.session import Session
+
+MUTATING_FAMILIES = frozenset({0x00, 0x02, 0x03, 0xFF})
+KNOWN_FAMILIES = frozenset({0x00, 0x01, 0x02, 0x03, 0x04})
+FUZZ_PAGING = ("direct", "shadow")
+
+
+@dataclass(frozen=True)
+class FuzzConfig:
+    calls: int = 20000
+    seed: int = 1
+    paging: str = "direct"
+    annotations: str = "honour"
+    stores: bool = True  # plain guest stores into the ROM, the pool, the shadow area, unmapped MMIO
+    audit_every: int = 1
+    memory_mib: int = 128
+    timeout: float | None = None  # default: generous, scaled with calls
+    experimental: ExperimentalCalls | None = None
+    image: Path | None = None  # default: the bundled fuzz guest
+
+    def cmdline(self) -> str:
+        return f"calls={self.calls} seed={self.seed} stores={int(self.stores)} paging={self.paging}"
+
+    def replay(self) -> str:
+        extra = "" if self.stores else " --no-stores"
+        extra += "" if self.annotations == "honour" else f" --annotations {self.annotations}"
+        return f"vmikit fuzz --calls {self.calls} --seed {self.seed} --paging {self.paging}{extra}"
+
+
+@dataclass
+class Offence:
+    """The first hypercall after which something went wrong, as the host saw it."""
+
+    reason: str
+    call: str
+    call_id: int
+    args: tuple[int, int, int]
+    status: int
+    detail: list[str] = field(default_factory=list)
+
+    def line(self) -> str:
+        a0, a1, a2 = self.args
+        return (f"{self.reason}: {self.call} id={self.call_id:#010x} a0={a0:#x} a1={a1:#x} a2={a2:#x} "
+                f"status={_signed(self.status)}")
+
+
+def _signed(value: int) -> int:
+    return value - (1 << 64) if value >> 63 else value
+
+
+class HypercallWatch:
+    """Wraps the dispatcher on the hypercall port; all checks are O(1) except the audit."""
+
+    def __init__(self, session: Session, audit_every: int) -> None:
+        assert session.hypervisor is not None
+        self.hv: Hypervisor = session.hypervisor
+        self.vcpu = session.machine.vcpu
+        self.audit_every = max(1, audit_every)
+        self.documented = {value & U64_MASK for value in self.hv.spec.errors.values()}
+        self.statuses: Counter[int] = Counter()
+        self.undocumented = 0
+        self.audits = 0
+        self.audit_problems: list[str] = []
+        self.offences: list[Offence] = []
+        self.calls = 0
+        self._mutating = 0
+        self._pending_audit = False
+        session.machine.on_out(layout.PORT_HYPERCALL, self.on_hypercall)
+
+    def on_hypercall(self, port: int, size: int, value: int) -> None:
+        regs = self.vcpu.regs
+        args = (regs.rdi, regs.rsi, regs.rdx)
+        failures = len(self.hv.handler_failures)
+        self.hv.on_hypercall(port, size, value)
+        status = regs.rax
+        self.calls += 1
+        self.statuses[status] += 1
+        if len(self.hv.handler_failures) != failures:
+            self._offend("VMM exception in a handler", value, args, status, self.hv.handler_failures[failures:])
+        if status not in self.documented:
+            self.undocumented += 1
+            self._offend("status is not a spec error code", value, args, status)
+        family = value >> 24
+        if family in MUTATING_FAMILIES or family not in KNOWN_FAMILIES:
+            self._mutating += 1
+            self._pending_audit = True
+            if self._mutating % self.audit_every == 0:
+                self.audit(value, args, status)
+
+    def audit(self, call_id: int | None = None, args: tuple[int, int, int] = (0, 0, 0), status: int = 0) -> None:
+        self._pending_audit = False
+        self.audits += 1
+        try:
+            problems = self.hv.mmu.audit()
+        except Exception as exc:  # the auditor itself tripping over the guest's tables is a finding too
+            problems = [f"auditor raised {type(exc).__name__}: {exc}"]
+        if not problems:
+            return
+        fresh = [p for p in problems if p not in self.audit_problems]
+        self.audit_problems += fresh[:100 - len(self.audit_problems)]
+        if fresh:
+            self._offend("page-table invariant broken (auditor)", call_id or 0, args, status, fresh[:5])
+
+    def finish(self) -> None:
+        if self._pending_audit or not self.audits:
+            self.audit()
+
+    def _offend(self, reason: str, call_id: int, args: tuple[int, int, int], status: int,
+                detail: list[str] | None = None) -> None:
+        if len(self.offences) < 20:
+            self.offences.append(Offence(reason, self.hv.call_name(call_id), call_id, args, status, detail or []))
+
+
+@dataclass
+class FuzzReport:
+    config: FuzzConfig
+    guest: GuestLog
+    wall_seconds: float
+    exits: dict[str, object]
+    host_statuses: dict[str, int]
+    audits: int
+    audit_problems: list[str]
+    handler_failures: list[str]
+    offences: list[Offence]
+    crash: str | None = None  # GuestCrash / GuestHang, one line
+    exit_status: int | None = None
+    record: str | None = None  # the guest's last action, read from its memory
+    rom_writes_refused: int = 0
+    mmio_unmapped: int = 0
+    refused_pool_writes: dict[str, int] = field(default_factory=dict)
+    console_tail: str = ""
+
+    @property
+    def calls_per_second(self) -> float:
+        return self.guest.calls / self.wall_seconds if self.wall_seconds else 0.0
+
+    def rejections(self, spec_errors: dict[str, int]) -> dict[str, int]:
+        """The guest's counts of fuzzed calls by status, under the spec's error names."""
+        names = {value: name for name, value in spec_errors.items()}
+        return {names.get(status, f"UNDOCUMENTED({status})"): n
+                for status, n in sorted(self.guest.by_status.items(), reverse=True) if status != 0}
+
+    @property
+    def failures(self) -> list[str]:
+        out = []
+        if self.crash:
+            out.append(self.crash)
+        if self.handler_failures:
+            out.append(f"{len(self.handler_failures)} VMM exception(s) in hypercall handlers: {self.handler_failures[0]}")
+        if self.audit_problems:
+            out.append(f"page-table auditor found {len(self.audit_problems)} problem(s): {self.audit_problems[0]}")
+        undocumented = [s for s in self.host_statuses if s.startswith("UNDOCUMENTED")]
+        if undocumented or self.guest.odd_statuses:
+            out.append(f"undocumented status(es): {undocumented or self.guest.odd_statuses}")
+        if not self.crash:
+            if not self.guest.finished:
+                out.append("the guest did not finish its calls")
+            elif self.guest.calls < self.config.calls:
+                out.append(f"the guest made {self.guest.calls} of {self.config.calls} calls")
+            if self.guest.broken or self.guest.final != "ok":
+                out.append("a valid call stopped working")
+            if self.guest.unexpected:
+                out.append(f"{self.guest.unexpected} surprise(s) in the guest, first: {self.guest.why}")
+            if self.exit_status not in (0, None) and not self.guest.broken:
+                out.append(f"the guest exited with status {self.exit_status}")
+        return out
+
+    @property
+    def ok(self) -> bool:
+        return not self.failures
+
+    def to_json(self, spec_errors: dict[str, int]) -> dict[str, object]:
+        return {
+            "ok": self.ok,
+            "failures": self.failures,
+            "replay": self.config.replay(),
+            "seed": self.config.seed,
+            "paging": self.config.paging,
+            "annotations": self.config.annotations,
+            "audit_every": self.config.audit_every,
+            "calls": self.guest.calls,
+            "canary_calls": self.guest.canaries,
+            "plain_stores": self.guest.stores,
+            "experimental_calls_found": self.guest.experimental,
+            "accepted": self.guest.by_status.get(0, 0),
+            "rejections": self.rejections(spec_errors),
+            "host_statuses": self.host_statuses,
+            "exits": self.exits,
+            "wall_seconds": round(self.wall_seconds, 3),
+            "calls_per_second": round(self.calls_per_second, 1),
+            "audits": self.audits,
+            "audit_problems": self.audit_problems,
+            "handler_failures": self.handler_failures[:20],
+            "offences": [o.line() for o in self.offences],
+            "guest_last": self.guest.last,
+            "guest_surprise": self.guest.why,
+            "guest_record": self.record,
+            "crash": self.crash,
+            "rom_writes_refused": self.rom_writes_refused,
+            "mmio_unmapped": self.mmio_unmapped,
+            "refused_pool_writes": self.refused_pool_writes,
+        }
+
+
+def default_timeout(calls: int) -> float:
+    return 60.0 + calls * 1e-3  # 1 ms a call is ten times the slowest we have seen
+
+
+def run_fuzz(config: FuzzConfig) -> FuzzReport:
+    from vmikit.guest.build import build_guest
+
+    image = config.image or build_guest("fuzz")
+    timeout = config.timeout or default_timeout(config.calls)
+    with Session(image, rom="full", annotations=config.annotations, paging=config.paging,
+                 memory_mib=config.memory_mib, timeout=timeout, experimental=config.experimental,
+                 cmdline=config.cmdline()) as session:
+        watch = HypercallWatch(session, config.audit_every)
+        crash: str | None = None
+        exit_status: int | None = None
+        start = time.perf_counter()
+        try:
+            result = session.machine.run()
+            exit_status = result.exit_status
+            exits: dict[str, object] = dict(result.summary()["exits"])  # type: ignore[arg-type]
+        except GuestHang as err:
+            crash = f"hang: {err.cause}"
+            exits = {}
+        except GuestCrash as err:
+            crash = f"guest crash: {err.cause}"
+            exits = {}
+        except Exception as exc:  # noqa: BLE001 - anything else out of the run loop is a VMM failure
+            crash = f"VMM exception: {type(exc).__name__}: {exc}"
+            exits = {}
+            del exc
+        wall = time.perf_counter() - start
+        watch.finish()
+        machine = session.machine
+        console = machine.console.text()
+        guest = GuestLog.parse(console)
+        record = None
+        if guest.record_gpa is not None:
+            try:
+                record = describe_record(machine.memory.read(guest.record_gpa, RECORD.size))
+            except Exception:  # noqa: BLE001 - a report must not fail on a bad address printed by the guest
+                record = None
+        names = {value & U64_MASK: name for name, value in session.hypervisor.spec.errors.items()}  # type: ignore[union-attr]
+        host_statuses = {names.get(s, f"UNDOCUMENTED({_signed(s)})"): n for s, n in sorted(watch.statuses.items())}
+        stats = session.mmu.stats()
+        return FuzzReport(
+            config=config, guest=guest, wall_seconds=wall, exits=exits, host_statuses=host_statuses,
+            audits=watch.audits, audit_problems=watch.audit_problems,
+            handler_failures=list(session.hypervisor.handler_failures),  # type: ignore[union-attr]
+            offences=watch.offences, crash=crash, exit_status=exit_status, record=record,
+            rom_writes_refused=machine.rom_writes, mmio_unmapped=machine.mmio_unmapped,
+            refused_pool_writes=dict(stats.get("refused_writes", {})),  # type: ignore[call-overload]
+            console_tail="\n".join(console.splitlines()[-30:]),
+        )

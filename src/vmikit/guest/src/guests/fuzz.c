@@ -1,0 +1,965 @@
+/*
+ * fuzz: a hostile guest.  Issues, as fast as it can, random and mutated VMI
+ * calls through the ROM's raw entry (plus the ROM's queue) to attack the
+ * hypervisor, never itself.  Run it with `vmikit fuzz` (docs in vmikit/fuzz/).
+ *
+ * Command line: calls=N seed=S stores=0|1 (plain stores into the ROM, the
+ * page-table pool and the shadow area; default 1).
+ *
+ * How an attack is chosen: pick a call (any spec call, a legacy number, an
+ * unknown call or family, a registered experimental 0xFF call), then mutate
+ * its ID (unknown annotation bits, sometimes reserved bits) and draw its
+ * arguments from a per-call generator.  The generator knows which values the
+ * guest can survive if the hypervisor accepts them, and which it must refuse:
+ *
+ *   never called        CPU.Shutdown (ends the run) -- except with reserved
+ *                       bits set, which must be refused before dispatch;
+ *   reject-only values  SetCR0/SetCR4 (bits above 31, clearing PG/PE/PAE,
+ *                       NW without CD, reserved CR4 bits), SetCR3 (anything
+ *                       but a registered PML4: such a root has no identity
+ *                       map and would kill the guest), SetGDT/SetIDT (limit
+ *                       > 0xFFFF, unmapped, ROM, past RAM, non-canonical
+ *                       bases), WriteIDTEntry (malformed gates, or
+ *                       not-present gates), SetDR(7) (bits above 31), WRMSR of
+ *                       EFER (mode bits) and of MSRs outside the writable set;
+ *   own playground      WriteGDTEntry/SetTR/SetLDT/WriteLDTEntry/
+ *                       UpdateKernelStack act on a private copy of the GDT, at
+ *                       indices the guest never uses, with descriptor bases in
+ *                       scratch RAM, page-table pages, the ROM or nowhere;
+ *   anything            the rest (getters, CPUID, RDMSR, SetCR2, SetDR0-6,
+ *                       IF calls, the MMU family on the guest's own registered
+ *                       tables and random pool pages, Query, FlushQueue with
+ *                       corrupted batches, experimental calls).
+ *
+ * Checks in the guest: every status is a spec error and one the call may
+ * give (e.g. exactly PERMISSION for a writable alias of a page table or the
+ * ROM); a rejected batch changes no table, an accepted one all of its
+ * entries; the ROM stays unchanged under stores; and after every rejected
+ * call Query.GetVersion still answers.  The first surprise prints FUZZ-LAST
+ * (the call) and FUZZ-UNEXPECTED (why); the host also reads `fuzz_record`
+ * after a crash or hang.  The run ends with a few FUZZ lines and
+ * vmi_shutdown(0), or 1 when a valid call stopped working.
+ */
+#include "lib.h"
+#include "vmi.h"
+
+/* --- page-table constants (docs/paging.md) ----------------------------------------- */
+#define P_   0x001ull
+#define RW_  0x002ull
+#define US_  0x004ull
+#define A_   0x020ull
+#define D_   0x040ull
+#define PS_  0x080ull
+#define G_   0x100ull
+#define NX_  (1ull << 63)
+#define ADDR 0x000FFFFFFFFFF000ull
+#define NONLEAF (P_ | RW_ | A_)
+#define LEAF_RW (P_ | RW_ | A_ | D_)
+
+#define ROM_IMAGE   0xC0000ull
+#define ROM_DATA    0xD0000ull
+#define SHADOW_BASE 0xE0000000ull /* shadow paging's private tables (machine/layout.py) */
+#define MMIO_HOLE   0xFEB00000ull /* nothing decodes it */
+#define CR0_NW (1ull << 29)
+#define CR0_CD (1ull << 30)
+#define MSR_STAR 0xC0000081u
+
+#define NPOOL  16 /* pool pages the fuzzer owns: 0..4 its address space, the rest free game */
+#define NDATA  8
+#define NBATCH (VMI_BATCH_MAX_ENTRIES + 44)
+#define ALL_ERRORS 0x7FFu /* bit k: status -k is acceptable (bit 0: OK) */
+#define BIT(e) (1u << (unsigned)-(e))
+#define GDT_FIRST_FREE 8 /* boot GDT uses 0..2; 3..7 left alone */
+
+/* The call being made, for the host to read after a crash or hang (gpa printed at start). */
+struct fuzz_record {
+	uint64_t magic, n, kind, id, a0, a1, a2;
+	int64_t status;
+};
+volatile struct fuzz_record fuzz_record = { .magic = 0x4C41535446555A5Aull };
+enum { KIND_CALL = 0, KIND_STORE = 1, KIND_QUEUED = 2 };
+#define PENDING 0x7FFFFFFFll
+
+static struct vmi_batch_entry batch[NBATCH] __attribute__((aligned(64)));
+
+static uint64_t rng;
+static uint64_t ram_end, boot_cr3;
+static uint64_t pool[NPOOL];
+static int level_of[NPOOL]; /* the guest's model of registrations (0: not registered) */
+static uint64_t data[NDATA], victim, scratch, gdt;
+static uint64_t gdt_limit, idt_base, idt_limit;
+static int direct, stores = 1;
+static uint32_t experimental[256];
+static unsigned n_experimental;
+
+/* Statistics. */
+static uint64_t calls, canaries, by_status[11], odd_status, unexpected, store_ops;
+static int broken;
+
+/* --- helpers ------------------------------------------------------------------------ */
+
+static uint64_t rnd(void) /* xorshift64* */
+{
+	rng ^= rng >> 12;
+	rng ^= rng << 25;
+	rng ^= rng >> 27;
+	return rng * 0x2545F4914F6CDD1Dull;
+}
+
+static uint64_t below(uint64_t n) { return n ? rnd() % n : 0; }
+static int chance(unsigned percent) { return below(100) < percent; }
+
+static uint64_t cmdline_value(const char *key, uint64_t def)
+{
+	const struct multiboot_info *mbi = boot_info;
+	if (!mbi || !(mbi->flags & MULTIBOOT_INFO_CMDLINE) || !mbi->cmdline)
+		return def;
+	const char *s = (const char *)(uintptr_t)mbi->cmdline;
+	size_t klen = strlen(key);
+	for (; *s; s++) {
+		if ((s == (const char *)(uintptr_t)mbi->cmdline || s[-1] == ' ') && !memcmp(s, key, klen) && s[klen] == '=') {
+			const char *p = s + klen + 1;
+			uint64_t v = 0, base = 10;
+			if (p[0] == '0' && (p[1] == 'x' || p[1] == 'X'))
+				base = 16, p += 2;
+			for (;; p++) {
+				unsigned d;
+				if (*p >= '0' && *p <= '9')
+					d = *p - '0';
+				else if (base == 16 && *p >= 'a' && *p <= 'f')
+					d = *p - 'a' + 10;
+				else if (base == 16 && *p >= 'A' && *p <= 'F')
+					d = *p - 'A' + 10;
+				else
+					break;
+				v = v * base + d;
+			}
+			return v;
+		}
+	}
+	return def;
+}
+
+static int cmdline_has(const char *word)
+{
+	const struct multiboot_info *mbi = boot_info;
+	if (!mbi || !(mbi->flags & MULTIBOOT_INFO_CMDLINE) || !mbi->cmdline)
+		return 0;
+	const char *s = (const char *)(uintptr_t)mbi->cmdline;
+	size_t n = strlen(word);
+	for (; *s; s++)
+		if ((s == (const char *)(uintptr_t)mbi->cmdline || s[-1] == ' ') && !memcmp(s, word, n) &&
+		    (s[n] == ' ' || s[n] == 0))
+			return 1;
+	return 0;
+}
+
+static uint64_t usable_ram_end(void)
+{
+	const struct multiboot_info *mbi = boot_info;
+	uint64_t end = 0;
+	if (mbi && (mbi->flags & MULTIBOOT_INFO_MMAP)) {
+		uint64_t p = mbi->mmap_addr, stop = p + mbi->mmap_length;
+		while (p + sizeof(struct multiboot_mmap_entry) <= stop) {
+			const struct multiboot_mmap_entry *e = (const void *)(uintptr_t)p;
+			if (e->type == MULTIBOOT_MEMORY_AVAILABLE && e->base + e->len > end)
+				end = e->base + e->len;
+			p += (uint64_t)e->size + sizeof(e->size);
+		}
+	}
+	return end & ~0xFFFull;
+}
+
+static inline uint64_t rd64(uint64_t a) { return *(volatile uint64_t *)(uintptr_t)a; }
+
+static void print_record(const char *why)
+{
+	printf("FUZZ-LAST n=%lu kind=%lu id=0x%08lx a0=0x%lx a1=0x%lx a2=0x%lx status=%ld seed=0x%lx\n",
+	       (unsigned long)fuzz_record.n, (unsigned long)fuzz_record.kind, (unsigned long)fuzz_record.id,
+	       (unsigned long)fuzz_record.a0, (unsigned long)fuzz_record.a1, (unsigned long)fuzz_record.a2,
+	       (long)fuzz_record.status, (unsigned long)cmdline_value("seed", 1));
+	printf("FUZZ-UNEXPECTED %s\n", why);
+}
+
+static int verbose;
+
+static void surprise(const char *why)
+{
+	if (!unexpected++ || (verbose && unexpected < 60))
+		print_record(why);
+}
+
+static void record(uint64_t kind, uint64_t id, uint64_t a0, uint64_t a1, uint64_t a2)
+{
+	fuzz_record.n = calls;
+	fuzz_record.kind = kind;
+	fuzz_record.id = id;
+	fuzz_record.a0 = a0, fuzz_record.a1 = a1, fuzz_record.a2 = a2;
+	fuzz_record.status = PENDING;
+}
+
+/* A valid call must still work: Query.GetVersion answers the version. */
+static void canary(void)
+{
+	uint64_t r[4] = { 0 };
+	canaries++;
+	long s = vmi_raw_call(VMI_CALL_QUERY_GETVERSION, 0, 0, 0, r);
+	if (s != 0 || r[0] != VMI_VERSION) {
+		broken = 1;
+		surprise("canary: Query.GetVersion stopped working");
+	}
+}
+
+static void count_status(long s)
+{
+	if (s <= 0 && s >= -10)
+		by_status[-s]++;
+	else
+		odd_status++;
+}
+
+/* One fuzzed hypercall through the raw entry; `allowed` is the set of statuses it may give. */
+static long call(uint32_t id, uint64_t a0, uint64_t a1, uint64_t a2, uint32_t allowed, uint64_t r[4])
+{
+	uint64_t junk[4];
+	calls++;
+	record(KIND_CALL, id, a0, a1, a2);
+	long s = vmi_raw_call(id, a0, a1, a2, r ? r : junk);
+	fuzz_record.status = s;
+	count_status(s);
+	if (s > 0 || s < -10)
+		surprise("status is not a spec error code");
+	else if (!(allowed & BIT(s)))
+		surprise("status not one this call may give");
+	if (s)
+		canary();
+	return s;
+}
+
+/* --- the guest's model of its page tables ------------------------------------------- */
+
+static int pool_index(uint64_t gpa)
+{
+	for (int i = 0; i < NPOOL; i++)
+		if (pool[i] == (gpa & ~0xFFFull))
+			return i;
+	return -1;
+}
+
+static int is_table(uint64_t gpa)
+{
+	int i = pool_index(gpa);
+	return i >= 0 && level_of[i];
+}
+
+/* --- argument generators ------------------------------------------------------------ */
+
+static uint64_t any_pool(void) { return pool[below(NPOOL)]; }
+
+/* Addresses at the edges: past RAM, the ROM, the pool, unaligned, huge. */
+static uint64_t hostile_addr(void)
+{
+	switch (below(16)) {
+	case 0: return 0;
+	case 1: return ~0ull;
+	case 2: return 1ull << 63;
+	case 3: return ram_end;
+	case 4: return ram_end - 8;
+	case 5: return ram_end - 4096 + below(4096);
+	case 6: return ROM_IMAGE + below(0x8000);
+	case 7: return any_pool() + 8 * below(512) + (chance(20) ? below(8) : 0);
+	case 8: return SHADOW_BASE + 8 * below(512);
+	case 9: return MMIO_HOLE;
+	case 10: return rnd();
+	case 11: return rnd() & 0xFFFFFFFFull;
+	case 12: return 1ull << 52;
+	case 13: return data[below(NDATA)] + below(4096);
+	case 14: return ROM_DATA + below(0x10000);
+	default: return below(64);
+	}
+}
+
+static uint64_t frame_choice(void)
+{
+	switch (below(12)) {
+	case 0: case 1: return any_pool();
+	case 2: return ROM_IMAGE + 0x1000 * below(8);
+	case 3: return ROM_DATA + 0x1000 * below(16);
+	case 4: case 5: case 6: return data[below(NDATA)];
+	case 7: return ram_end + 0x1000 * below(4);
+	case 8: return SHADOW_BASE;
+	case 9: return MMIO_HOLE;
+	case 10: return rnd() & ADDR;
+	default: return 0;
+	}
+}
+
+static uint64_t pte_value(void)
+{
+	if (chance(5))
+		return rnd();
+	uint64_t v = frame_choice();
+	v |= chance(90) ? P_ : 0;
+	v |= chance(50) ? RW_ : 0;
+	v |= chance(10) ? US_ : 0;
+	v |= chance(70) ? A_ | D_ : 0;
+	v |= chance(15) ? PS_ : 0;
+	v |= chance(5) ? G_ : 0;
+	v |= chance(5) ? NX_ : 0;
+	v |= chance(5) ? 1ull << (52 + below(11)) : 0; /* available bits */
+	v |= chance(5) ? 1ull << (40 + below(12)) : 0; /* maybe above MAXPHYADDR */
+	v |= chance(10) ? below(0x1000) : 0;
+	if (chance(5)) /* a 2 MiB or 1 GiB frame with low bits */
+		v = (v & ~ADDR) | ((frame_choice() & ~0x1FFFFFull) + 0x1000 * below(512)) | PS_;
+	return v;
+}
+
+static uint64_t pte_ptr(void)
+{
+	switch (below(10)) {
+	case 0: return hostile_addr();
+	case 1: return any_pool() + below(4096);  /* maybe unaligned */
+	default: return pool[below(6)] + 8 * below(512); /* the guest's own tables first */
+	}
+}
+
+static uint64_t non_canonical(uint64_t va) { return va | (1ull << (48 + below(15))); }
+
+static uint64_t seg_base(void)
+{
+	switch (below(10)) {
+	case 0: case 1: case 2: return scratch + 8 * below(64);
+	case 3: return pool[below(6)] + 8 * below(64); /* a page-table page */
+	case 4: return any_pool();
+	case 5: return ROM_IMAGE;
+	case 6: return ram_end;
+	case 7: return non_canonical(scratch);
+	case 8: return 1ull << 39;                    /* unmapped */
+	default: return data[below(NDATA)] + 8 * below(64);
+	}
+}
+
+static uint64_t descriptor_low(uint64_t base, uint32_t limit, unsigned type, int system, int present)
+{
+	return (limit & 0xFFFFull) | (base & 0xFFFFFFull) << 16 | (uint64_t)(type & 0xF) << 40 |
+	       (uint64_t)(system ? 0 : 1) << 44 | (uint64_t)below(4) << 45 | (uint64_t)(present ? 1 : 0) << 47 |
+	       (uint64_t)((limit >> 16) & 0xF) << 48 | (uint64_t)below(16) << 52 | ((base >> 24) & 0xFF) << 56;
+}
+
+static uint64_t any_selector(void)
+{
+	switch (below(6)) {
+	case 0: return below(0x10000);
+	case 1: return (GDT_FIRST_FREE + below(512 - GDT_FIRST_FREE)) << 3 | below(4);
+	case 2: return 1ull << 16 | 0x40;
+	case 3: return 0;
+	default: return (GDT_FIRST_FREE + below(16)) << 3;
+	}
+}
+
+/* Does the loaded LDT / TR point into a registered table or the ROM?  Then a write must be refused. */
+static uint64_t seg_base_of(uint16_t sel)
+{
+	uint64_t lo = rd64(gdt + (sel & ~7u)), hi = rd64(gdt + (sel & ~7u) + 8);
+	return ((lo >> 16) & 0xFFFFFF) | ((lo >> 56) & 0xFF) << 24 | (hi & 0xFFFFFFFF) << 32;
+}
+
+static int protected_gpa(uint64_t gpa) { return is_table(gpa) || (gpa >= ROM_IMAGE && gpa < ROM_IMAGE + 0x8000); }
+
+/* --- one attack per spec call -------------------------------------------------------- */
+
+/*
+ * Arguments for the canonical call `c`; returns the statuses it may give.
+ * *skip is set when no safe arguments exist (the call is then not made).
+ */
+static uint32_t gen_args(uint32_t c, uint64_t *a, int *skip)
+{
+	uint64_t v;
+	a[0] = hostile_addr(), a[1] = hostile_addr(), a[2] = chance(80) ? 0 : rnd();
+	switch (c) {
+	case VMI_CALL_CPU_SHUTDOWN:
+		*skip = 1;
+		return 0;
+	case VMI_CALL_CPU_REBOOT:
+	case VMI_CALL_CPU_RDPMC:
+		return BIT(VMI_ERR_NOT_SUPPORTED);
+	case VMI_CALL_CPU_CPUID:
+		a[0] = chance(50) ? below(0x20) | (chance(30) ? 0x80000000u : 0) : rnd();
+		return ALL_ERRORS;
+	case VMI_CALL_CPU_RDMSR:
+		a[0] = chance(30) ? rnd() : chance(50) ? 0xC0000000u + below(0x110) : below(0x1000);
+		return BIT(0) | BIT(VMI_ERR_INVALID_ARGUMENT);
+	case VMI_CALL_CPU_WRMSR:
+		switch (below(4)) {
+		case 0: /* EFER: flip LME/LMA or a reserved bit */
+			a[0] = MSR_EFER;
+			a[1] = rdmsr(MSR_EFER) ^ (1ull << (chance(50) ? 8 + 2 * below(2) : 16 + below(40)));
+			return BIT(VMI_ERR_PERMISSION);
+		case 1: /* harmless MSRs the guest owns (no syscalls, no FS/GS use here) */
+			a[0] = chance(50) ? MSR_STAR : 0xC0000102u;
+			a[1] = chance(50) ? rnd() : non_canonical(rnd() & 0xFFFFFFFFFFFFull);
+			return BIT(0) | BIT(VMI_ERR_INVALID_ARGUMENT);
+		default: /* MSRs outside the writable set */
+			do
+				a[0] = chance(50) ? rnd() & 0xFFFFFFFFull : below(0x200) | (chance(50) ? 0xC0000000u : 0);
+			while (a[0] == MSR_STAR || (a[0] >= 0x174 && a[0] <= 0x176) || a[0] == 0x277 ||
+			       (a[0] >= 0xC0000080u && a[0] <= 0xC0000084u) || (a[0] >= 0xC0000100u && a[0] <= 0xC0000103u));
+			a[1] = rnd();
+			return BIT(VMI_ERR_PERMISSION);
+		}
+	case VMI_CALL_CPU_SETCR0:
+		v = read_cr0();
+		switch (below(5)) {
+		case 0: a[0] = v | 1ull << (32 + below(32)); return BIT(VMI_ERR_INVALID_ARGUMENT);
+		case 1: a[0] = v & ~CR0_PG; return BIT(VMI_ERR_PERMISSION);
+		case 2: a[0] = v & ~CR0_PE; return BIT(VMI_ERR_PERMISSION);
+		case 3: a[0] = (v | CR0_NW) & ~CR0_CD; return BIT(VMI_ERR_INVALID_ARGUMENT);
+		default: a[0] = v; return BIT(0);
+		}
+	case VMI_CALL_CPU_SETCR4:
+		v = read_cr4();
+		switch (below(4)) {
+		case 0: a[0] = v | 1ull << (32 + below(32)); return BIT(VMI_ERR_INVALID_ARGUMENT);
+		case 1: a[0] = v & ~CR4_PAE; return BIT(VMI_ERR_PERMISSION);
+		case 2: a[0] = v | (1ull << 15); return BIT(VMI_ERR_INVALID_ARGUMENT); /* reserved */
+		default: a[0] = v; return BIT(0);
+		}
+	case VMI_CALL_CPU_SETCR3: {
+		int i = (int)below(NPOOL);
+		switch (below(6)) {
+		case 0: a[0] = ram_end + 0x1000 * below(16); return BIT(VMI_ERR_BAD_ADDRESS);
+		case 1: a[0] = (1ull << (52 + below(12))) | boot_cr3; return BIT(VMI_ERR_INVALID_ARGUMENT);
+		case 2: a[0] = boot_cr3; return BIT(VMI_ERR_NOT_PAGE_TABLE);
+		case 3: a[0] = ROM_IMAGE; return BIT(VMI_ERR_BAD_ADDRESS);
+		default:
+			if (level_of[i] == 4) {
+				*skip = 1; /* a registered root without the identity map: accepted, and fatal */
+				return 0;
+			}
+			a[0] = pool[i];
+			return BIT(level_of[i] ? VMI_ERR_WRONG_LEVEL : VMI_ERR_NOT_PAGE_TABLE);
+		}
+	}
+	case VMI_CALL_CPU_SETCR2:
+		a[0] = rnd();
+		return BIT(0) | BIT(VMI_ERR_INVALID_ARGUMENT);
+	case VMI_CALL_CPU_GETDR:
+		a[0] = chance(50) ? below(8) : rnd();
+		return BIT(0) | BIT(VMI_ERR_INVALID_ARGUMENT);
+	case VMI_CALL_CPU_SETDR:
+		a[0] = chance(70) ? below(7) : rnd(); /* DR0-3 any value (DR7 keeps them off), DR6 */
+		a[1] = a[0] == 6 ? rnd() & 0xFFFFFFFFull : rnd();
+		if (a[0] == 6 && chance(50))
+			a[1] = rnd();
+		if (chance(15)) { /* DR7 only with bits the CPU refuses */
+			a[0] = 7;
+			a[1] = 1ull << (32 + below(32));
+			return BIT(VMI_ERR_INVALID_ARGUMENT);
+		}
+		return BIT(0) | BIT(VMI_ERR_INVALID_ARGUMENT);
+	case VMI_CALL_CPU_SETINTERRUPTMASK:
+		a[0] = rnd();
+		return BIT(0);
+	case VMI_CALL_SEGMENTATION_SETGDT:
+	case VMI_CALL_SEGMENTATION_SETIDT: {
+		uint64_t base = c == VMI_CALL_SEGMENTATION_SETGDT ? gdt : idt_base;
+		uint64_t limit = c == VMI_CALL_SEGMENTATION_SETGDT ? gdt_limit : idt_limit;
+		switch (below(6)) {
+		case 0: a[0] = base, a[1] = 0x10000 + below(1ull << 32); return BIT(VMI_ERR_INVALID_ARGUMENT);
+		case 1: a[0] = 1ull << 39 | below(1ull << 39), a[1] = below(0x10000); return BIT(VMI_ERR_BAD_ADDRESS);
+		case 2: a[0] = ROM_IMAGE, a[1] = below(0x1000); return BIT(VMI_ERR_BAD_ADDRESS);
+		case 3: a[0] = ram_end - 0x800, a[1] = 0x1000 + below(0xF000); return BIT(VMI_ERR_BAD_ADDRESS);
+		case 4: /* a non-canonical base that the identity map would translate */
+			a[0] = non_canonical(base), a[1] = limit;
+			return BIT(VMI_ERR_BAD_ADDRESS) | BIT(VMI_ERR_INVALID_ARGUMENT);
+		default: a[0] = base, a[1] = limit; return BIT(0);
+		}
+	}
+	case VMI_CALL_SEGMENTATION_WRITEGDTENTRY: {
+		int system = chance(50);
+		unsigned type = system && chance(60) ? (unsigned)(chance(50) ? 0x2 : 0x9) : (unsigned)below(16);
+		a[0] = chance(10) ? 0 : chance(10) ? 512 + below(1ull << 20) : GDT_FIRST_FREE + below(512 - GDT_FIRST_FREE - 1);
+		a[1] = chance(10) ? rnd() : descriptor_low(seg_base(), (uint32_t)(chance(50) ? 0x67 + below(0x1000) : rnd()), type, system, chance(85));
+		a[2] = chance(10) ? rnd() : system ? seg_base() >> 32 : 0;
+		return a[0] == 0 || a[0] >= 512 ? BIT(VMI_ERR_INVALID_ARGUMENT) : BIT(0) | BIT(VMI_ERR_INVALID_ARGUMENT);
+	}
+	case VMI_CALL_SEGMENTATION_SETLDT:
+	case VMI_CALL_SEGMENTATION_SETTR:
+		a[0] = any_selector();
+		if ((a[0] >> 3) < GDT_FIRST_FREE && a[0] >= 8) /* the guest's own code/data selectors */
+			a[0] = 0x10;
+		return ALL_ERRORS;
+	case VMI_CALL_SEGMENTATION_WRITEIDTENTRY:
+		switch (below(5)) {
+		case 0: a[0] = 256 + below(1ull << 32); a[1] = rnd(); a[2] = rnd(); return BIT(VMI_ERR_INVALID_ARGUMENT);
+		case 1: /* present, not an interrupt or trap gate */
+			a[0] = below(256);
+			do
+				a[1] = ((rnd() | 1ull << 47) & ~(0xFull << 40)) | (below(16) << 40);
+			while (((a[1] >> 40) & 0xF) == 0xE || ((a[1] >> 40) & 0xF) == 0xF);
+			a[2] = 0;
+			return BIT(VMI_ERR_INVALID_ARGUMENT);
+		case 2: /* present gate with a null selector */
+			a[0] = below(256);
+			a[1] = (rnd() | 1ull << 47 | 0xEull << 40) & ~(0xFFFFull << 16) & ~(1ull << 44);
+			a[2] = 0;
+			return BIT(VMI_ERR_INVALID_ARGUMENT);
+		case 3: /* present gate, upper dword of high set */
+			a[0] = below(256);
+			a[1] = (0x08ull << 16) | 1ull << 47 | 0xEull << 40;
+			a[2] = 1ull << (32 + below(32));
+			return BIT(VMI_ERR_INVALID_ARGUMENT);
+		default: /* not present, at a vector no interrupt ever uses */
+			a[0] = 64 + below(192);
+			a[1] = rnd() & ~(1ull << 47);
+			a[2] = rnd() & 0xFFFFFFFFull;
+			return BIT(0);
+		}
+	case VMI_CALL_SEGMENTATION_WRITELDTENTRY: {
+		uint16_t sel = vmi_get_ldt();
+		a[0] = chance(20) ? rnd() & 0xFFFFFFFF : below(8);
+		a[1] = chance(50) ? 0x00CF92000000FFFFull : rnd();
+		a[2] = chance(70) ? 0 : rnd();
+		if (sel && protected_gpa(seg_base_of(sel) + 8 * a[0]))
+			return ALL_ERRORS & ~BIT(0);
+		return ALL_ERRORS;
+	}
+	case VMI_CALL_SEGMENTATION_UPDATEKERNELSTACK: {
+		uint16_t sel = vmi_get_tr();
+		a[0] = rnd();
+		if (sel && protected_gpa(seg_base_of(sel) + 4))
+			return ALL_ERRORS & ~BIT(0);
+		return ALL_ERRORS;
+	}
+	case VMI_CALL_MMU_SETPTE:
+	case VMI_CALL_MMU_SETLONGPTE:
+		if (chance(15)) { /* a writable alias of a page table or of the ROM */
+			int t = (int)below(5), pt = 3 + (int)below(2);
+			a[0] = pool[pt] + 8 * below(512);
+			a[1] = (chance(70) ? pool[t] : ROM_IMAGE + 0x1000 * below(8)) | LEAF_RW;
+			if (level_of[pt] != 1)
+				return ALL_ERRORS & ~BIT(VMI_ERR_BATCH_INVALID); /* not a PT now: judged at another level */
+			if (is_table(a[1]) || (a[1] & ADDR) < pool[0])
+				return BIT(VMI_ERR_PERMISSION);
+			return BIT(0);
+		}
+		a[0] = pte_ptr();
+		a[1] = pte_value();
+		return ALL_ERRORS & ~BIT(VMI_ERR_BATCH_INVALID);
+	case VMI_CALL_MMU_FLUSHTLB:
+		a[0] = chance(60) ? below(4) : rnd();
+		return a[0] & ~3ull ? BIT(VMI_ERR_INVALID_ARGUMENT) : BIT(0);
+	case VMI_CALL_MMU_INVALPAGE:
+		a[0] = rnd();
+		return BIT(0);
+	case VMI_CALL_MMU_ALLOCATEPAGE:
+		a[1] = chance(80) ? 1 + below(4) : rnd();
+		switch (below(6)) {
+		case 0: a[0] = victim; return BIT(VMI_ERR_BAD_ADDRESS) | BIT(VMI_ERR_INVALID_ARGUMENT); /* outside the pool */
+		case 1: a[0] = hostile_addr() | (chance(50) ? below(4096) : 0);
+			return ALL_ERRORS & ~BIT(VMI_ERR_BATCH_INVALID);
+		case 2: a[0] = data[below(NDATA)]; return ALL_ERRORS & ~BIT(0) & ~BIT(VMI_ERR_BATCH_INVALID);
+		default: a[0] = pool[5 + below(NPOOL - 5)]; return ALL_ERRORS & ~BIT(VMI_ERR_BATCH_INVALID);
+		}
+	case VMI_CALL_MMU_RELEASEPAGE:
+		a[0] = chance(80) ? pool[5 + below(NPOOL - 5)] : chance(50) ? hostile_addr() : pool[below(5)];
+		return ALL_ERRORS & ~BIT(VMI_ERR_BATCH_INVALID);
+	case VMI_CALL_QUERY_HASFAMILY:
+		a[0] = chance(50) ? below(0x100) : rnd();
+		return a[0] > 0xFF ? BIT(VMI_ERR_INVALID_ARGUMENT) : BIT(0);
+	case VMI_CALL_QUERY_QUERYCALL:
+		a[0] = chance(50) ? rnd() & 0xFFFF00FFull : rnd();
+		return BIT(0) | BIT(VMI_ERR_RESERVED_BITS);
+	case VMI_CALL_MMU_FLUSHQUEUE:
+		*skip = 2; /* its own attack, below */
+		return 0;
+	default:
+		return ALL_ERRORS;
+	}
+}
+
+/* After a successful registration call, keep the model right. */
+static void model_update(uint32_t c, const uint64_t *a)
+{
+	int i = pool_index(a[0]);
+	if (c == VMI_CALL_MMU_ALLOCATEPAGE) {
+		if (i < 0 || (a[0] & 0xFFF))
+			surprise("AllocatePage accepted a page outside the page-table pool");
+		else
+			level_of[i] = (int)a[1];
+	} else if (c == VMI_CALL_MMU_RELEASEPAGE && i >= 0) {
+		level_of[i] = 0;
+	}
+}
+
+/* --- FlushQueue with corrupted batches, and the ROM's queue ---------------------------- */
+
+static void batch_entry(struct vmi_batch_entry *e)
+{
+	e->call_id = chance(85) ? (chance(50) ? VMI_CALL_MMU_SETPTE : VMI_CALL_MMU_SETLONGPTE) |
+					  (chance(30) ? (uint32_t)below(256) : 0)
+				: (uint32_t)rnd();
+	if (chance(3))
+		e->call_id |= (uint32_t)(1 + below(255)) << 8;
+	e->reserved = chance(3) ? (uint32_t)rnd() : 0;
+	e->args[0] = chance(90) ? pool[below(5)] + 8 * below(512) : pte_ptr();
+	e->args[1] = chance(60) ? (frame_choice() & ADDR) | (chance(50) ? LEAF_RW : P_ | A_ | D_) : pte_value();
+	e->args[2] = chance(95) ? 0 : rnd();
+}
+
+/* Entries a batch targets that the guest can read (aligned, in its pool pages). */
+static int readable(uint64_t ptep) { return !(ptep & 7) && pool_index(ptep) >= 0; }
+
+static uint64_t before_values[NBATCH];
+
+static void snapshot(const struct vmi_batch_entry *e, unsigned n)
+{
+	for (unsigned k = 0; k < n; k++)
+		before_values[k] = readable(e[k].args[0]) ? rd64(e[k].args[0]) : 0;
+}
+
+/* A rejected batch leaves every entry it names as it was; an accepted one lands the last
+ * write to each.  (Memory is slow here, so only the named entries are read; the host's
+ * auditor covers every other table word.) */
+static void check_batch(long s, const struct vmi_batch_entry *e, unsigned n)
+{
+	static uint64_t seen[1024]; /* pteps already checked, newest first: a small open hash */
+	memset(seen, 0, sizeof(seen));
+	for (unsigned k = n; k-- > 0;) {
+		uint64_t ptep = e[k].args[0];
+		if (!readable(ptep))
+			continue;
+		if (s != 0) {
+			if (rd64(ptep) != before_values[k])
+				surprise("a rejected batch changed a page table");
+			continue;
+		}
+		unsigned h = (unsigned)((ptep >> 3) * 0x9E3779B1u) & 1023;
+		while (seen[h] && seen[h] != ptep)
+			h = (h + 1) & 1023;
+		if (seen[h] == ptep)
+			continue; /* a later entry wrote it */
+		seen[h] = ptep;
+		if ((rd64(ptep) & ~(A_ | D_)) != (e[k].args[1] & ~(A_ | D_)))
+			surprise("an accepted batch did not land an entry");
+	}
+}
+
+static void attack_flush_queue(uint32_t id)
+{
+	uint64_t n = below(NBATCH + 1), ptr = (uintptr_t)batch, count = n;
+	uint32_t allowed = BIT(0) | BIT(VMI_ERR_BATCH_INVALID);
+	for (unsigned k = 0; k < n && k < NBATCH; k++)
+		batch_entry(&batch[k]);
+	if (chance(10)) {
+		count = chance(50) ? rnd() : VMI_BATCH_MAX_ENTRIES + 1 + below(1ull << 32);
+	} else if (chance(10)) {
+		ptr = chance(50) ? hostile_addr() : ptr + 1 + below(7);
+		allowed |= BIT(VMI_ERR_BAD_ADDRESS);
+	}
+	if (count > VMI_BATCH_MAX_ENTRIES)
+		allowed = BIT(VMI_ERR_INVALID_ARGUMENT);
+	else if (count == 0)
+		allowed = BIT(0);
+	uint64_t r[4] = { 0 };
+	int checked = ptr == (uintptr_t)batch && count <= VMI_BATCH_MAX_ENTRIES;
+	if (checked)
+		snapshot(batch, (unsigned)count);
+	long s = call(id, ptr, count, 0, allowed, r);
+	if (checked)
+		check_batch(s, batch, (unsigned)count);
+	if (s == VMI_ERR_BATCH_INVALID && r[0] >= count)
+		surprise("BATCH_INVALID names an index outside the batch");
+}
+
+/* The ROM's queued SetPTE, then one flush: same all-or-nothing rule. */
+static void attack_queue(void)
+{
+	static struct vmi_batch_entry q[24];
+	unsigned n = 1 + (unsigned)below(24);
+	uint64_t r[4] = { 0 };
+	for (unsigned k = 0; k < n; k++) {
+		batch_entry(&q[k]);
+		q[k].call_id = VMI_CALL_MMU_SETPTE | VMI_ANN_QUEUE, q[k].reserved = 0, q[k].args[2] = 0;
+	}
+	snapshot(q, n);
+	for (unsigned k = 0; k < n; k++) {
+		calls++;
+		record(KIND_QUEUED, q[k].call_id, q[k].args[0], q[k].args[1], 0);
+		long s = vmi_set_pte_queued((uint64_t *)(uintptr_t)q[k].args[0], q[k].args[1]);
+		fuzz_record.status = s;
+		if (s != 0 && !(vmi_rom_flags() & 1)) /* no queue in this ROM: each one is a plain SetPTE */
+			n = k + 1;
+		if (s != 0 && (vmi_rom_flags() & 1))
+			surprise("a queued SetPTE failed before its flush");
+		if (s != 0)
+			break;
+	}
+	calls++;
+	record(KIND_CALL, VMI_CALL_MMU_FLUSHQUEUE, 0, 0, 0);
+	long s = vmi_raw_call(VMI_CALL_MMU_FLUSHQUEUE, 0, 0, 0, r); /* through the raw entry: it pre-flushes */
+	fuzz_record.status = s;
+	count_status(s);
+	if (s != 0 && s != VMI_ERR_BATCH_INVALID && s != VMI_ERR_INVALID_ARGUMENT)
+		surprise("flushing the ROM's queue gave an unexpected status");
+	if (vmi_rom_flags() & 1)
+		check_batch(s, q, n);
+	if (s)
+		canary();
+}
+
+/* --- plain stores: the ROM, the pool, the shadow area, nothing ----------------------------- */
+
+static void attack_store(void)
+{
+	uint64_t addr;
+	store_ops++;
+	switch (below(4)) {
+	case 0: { /* the ROM image is read-only */
+		addr = ROM_IMAGE + below(0x8000);
+		volatile uint8_t *p = (volatile uint8_t *)(uintptr_t)addr;
+		uint8_t old = *p;
+		record(KIND_STORE, 0, addr, (uint8_t)~old, 0);
+		*p = (uint8_t)~old;
+		if (*p != old)
+			surprise("a guest store changed the ROM");
+		break;
+	}
+	case 1: { /* a registered page table: only SetPTE may change it */
+		addr = pool[below(5)] + 8 * below(512);
+		volatile uint64_t *p = (volatile uint64_t *)(uintptr_t)addr;
+		uint64_t old = *p, v = pool[below(5)] | LEAF_RW;
+		record(KIND_STORE, 0, addr, v, 0);
+		*p = v;
+		if (direct && *p != old)
+			surprise("a guest store changed a page table (direct paging)");
+		break;
+	}
+	case 2: /* the hypervisor's shadow tables, if any, through the boot identity map */
+		addr = SHADOW_BASE + 8 * below(512);
+		record(KIND_STORE, 0, addr, LEAF_RW, 0);
+		*(volatile uint64_t *)(uintptr_t)addr = LEAF_RW;
+		break;
+	default: /* nothing decodes this: reads float high */
+		addr = MMIO_HOLE + 8 * below(512);
+		record(KIND_STORE, 0, addr, rnd(), 0);
+		*(volatile uint64_t *)(uintptr_t)addr = fuzz_record.a1;
+		if (*(volatile uint32_t *)(uintptr_t)addr != 0xFFFFFFFFu)
+			surprise("unmapped MMIO did not read as all ones");
+		break;
+	}
+	fuzz_record.status = 0;
+}
+
+/* --- choosing a call ------------------------------------------------------------------ */
+
+static const uint32_t legacy_map[][2] = {
+#define L(n, c) { VMI_LEGACY_##n, VMI_CALL_##c }
+	L(CPUID, CPU_CPUID), L(WRMSR, CPU_WRMSR), L(RDMSR, CPU_RDMSR), L(SETGDT, SEGMENTATION_SETGDT),
+	L(SETLDT, SEGMENTATION_SETLDT), L(SETIDT, SEGMENTATION_SETIDT), L(SETTR, SEGMENTATION_SETTR),
+	L(WRITEGDTENTRY, SEGMENTATION_WRITEGDTENTRY), L(WRITELDTENTRY, SEGMENTATION_WRITELDTENTRY),
+	L(WRITEIDTENTRY, SEGMENTATION_WRITEIDTENTRY), L(UPDATEKERNELSTACK, SEGMENTATION_UPDATEKERNELSTACK),
+	L(SETCR0, CPU_SETCR0), L(SETCR2, CPU_SETCR2), L(SETCR3, CPU_SETCR3), L(SETCR4, CPU_SETCR4),
+	L(GETCR0, CPU_GETCR0), L(SETDR, CPU_SETDR), L(GETDR, CPU_GETDR), L(SETPXE, MMU_SETPTE),
+	L(SETPXELONG, MMU_SETLONGPTE), L(ALLOCATEPAGE, MMU_ALLOCATEPAGE), L(RELEASEPAGE, MMU_RELEASEPAGE),
+	L(FLUSHTLB, MMU_FLUSHTLB), L(INVALPAGE, MMU_INVALPAGE), L(SHUTDOWN, CPU_SHUTDOWN), L(REBOOT, CPU_REBOOT),
+	L(HALT, CPU_HALT), L(SETINTERRUPTMASK, CPU_SETINTERRUPTMASK), L(RDPMC, CPU_RDPMC),
+#undef L
+};
+
+static const struct {
+	uint32_t family, ncalls;
+} families[] = {
+	{ VMI_FAMILY_CPU, VMI_FAMILY_CPU_NCALLS },
+	{ VMI_FAMILY_SEGMENTATION, VMI_FAMILY_SEGMENTATION_NCALLS },
+	{ VMI_FAMILY_MMU, VMI_FAMILY_MMU_NCALLS },
+	{ VMI_FAMILY_QUERY, VMI_FAMILY_QUERY_NCALLS },
+};
+
+static void one_attack(void)
+{
+	uint64_t a[3] = { 0, 0, 0 }, r[4];
+	uint32_t canonical, id, allowed;
+	int skip = 0;
+	unsigned pick = (unsigned)below(100);
+
+	if (stores && pick < 2) {
+		attack_store();
+		return;
+	}
+	if (pick < 6) {
+		attack_queue();
+		return;
+	}
+	if (pick < 12) { /* unknown: a family call past the end, an unknown family, a legacy-only number */
+		unsigned f = (unsigned)below(ARRAY_SIZE(families));
+		switch (below(4)) {
+		case 0: id = VMI_CALLID(families[f].family, families[f].ncalls + below(256 - families[f].ncalls), 0); break;
+		case 1: id = VMI_CALLID(5 + below(0xFA), below(256), 0); break;
+		case 2: id = VMI_CALLID(VMI_FAMILY_LEGACY, VMI_LEGACY_IRET + below(2), 0); break;
+		default: id = VMI_CALLID(VMI_FAMILY_EXPERIMENTAL, below(256), 0); break;
+		}
+		for (unsigned k = 0; k < n_experimental; k++)
+			if (experimental[k] == id)
+				id = VMI_CALLID(0x42, 0, 0);
+		call(id | (uint32_t)below(256), rnd(), rnd(), rnd(), BIT(VMI_ERR_NOT_SUPPORTED), r);
+		return;
+	}
+	if (pick < 17) { /* reserved bits: refused before any handler runs, so any call, any args */
+		unsigned f = (unsigned)below(ARRAY_SIZE(families));
+		id = VMI_CALLID(chance(90) ? families[f].family : below(256), below(families[f].ncalls + 2), 0);
+		call(id | (uint32_t)(1 + below(255)) << 8 | (uint32_t)below(256), hostile_addr(), rnd(), rnd(),
+		     BIT(VMI_ERR_RESERVED_BITS), r);
+		return;
+	}
+	if (pick < 20 && n_experimental) {
+		id = experimental[below(n_experimental)];
+		call(id | (uint32_t)below(256), chance(50) ? hostile_addr() : rnd(), rnd(), rnd(), ALL_ERRORS, r);
+		return;
+	}
+	if (pick < 27) { /* a legacy number */
+		unsigned k = (unsigned)below(ARRAY_SIZE(legacy_map));
+		canonical = legacy_map[k][1];
+		id = VMI_CALLID(VMI_FAMILY_LEGACY, legacy_map[k][0], 0);
+	} else {
+		unsigned f = (unsigned)below(ARRAY_SIZE(families));
+		canonical = id = VMI_CALLID(families[f].family, below(families[f].ncalls), 0);
+	}
+	allowed = gen_args(canonical, a, &skip);
+	if (skip == 2) {
+		attack_flush_queue(id | (chance(20) ? (uint32_t)below(256) : 0));
+		return;
+	}
+	if (skip)
+		return;
+	if (chance(25)) /* annotations: unknown ones must be ignored (queue on SetPTE is honoured or not) */
+		id |= (uint32_t)below(256);
+	long s = call(id, a[0], a[1], a[2], allowed, r);
+	if (s == 0)
+		model_update(canonical, a);
+	/* Restore what must stay the guest's own: its GDT and IDT registers. */
+	if (s == 0 && canonical == VMI_CALL_SEGMENTATION_SETGDT && a[0] != gdt)
+		vmi_set_gdt(gdt, (uint32_t)gdt_limit);
+	if (s == 0 && canonical == VMI_CALL_SEGMENTATION_SETIDT && a[0] != idt_base)
+		vmi_set_idt(idt_base, (uint32_t)idt_limit);
+}
+
+/* --- setup --------------------------------------------------------------------------- */
+
+static int setup(void)
+{
+	ram_end = usable_ram_end();
+	boot_cr3 = read_cr3() & ADDR;
+	for (int i = 0; i < NPOOL; i++)
+		if (!(pool[i] = (uintptr_t)alloc_pt_page()))
+			return 0;
+	for (int i = 0; i < NDATA; i++)
+		if (!(data[i] = (uintptr_t)alloc_page()))
+			return 0;
+	victim = (uintptr_t)alloc_page();
+	scratch = (uintptr_t)alloc_page();
+	gdt = (uintptr_t)alloc_page();
+	if (!victim || !scratch || !gdt)
+		return 0;
+
+	/* A small registered address space: PML4 -> PDPT -> PD -> two PTs -> data pages. */
+	static const int levels[5] = { 4, 3, 2, 1, 1 };
+	long s = 0;
+	for (int i = 0; i < 5; i++) {
+		s |= vmi_allocate_page(pool[i], (uint32_t)levels[i]);
+		level_of[i] = levels[i];
+	}
+	s |= vmi_set_pte((uint64_t *)(uintptr_t)pool[0], pool[1] | NONLEAF);
+	s |= vmi_set_pte((uint64_t *)(uintptr_t)pool[1], pool[2] | NONLEAF);
+	s |= vmi_set_pte((uint64_t *)(uintptr_t)pool[2], pool[3] | NONLEAF);
+	s |= vmi_set_pte((uint64_t *)(uintptr_t)(pool[2] + 8), pool[4] | NONLEAF);
+	for (int i = 0; i < NDATA; i++)
+		s |= vmi_set_pte((uint64_t *)(uintptr_t)(pool[3] + 8 * i), data[i] | (i & 1 ? LEAF_RW : P_ | A_ | D_));
+	if (s)
+		return 0;
+
+	/* A private GDT: the boot entries, then room for the fuzzer's descriptors. */
+	struct descriptor_ptr g = sgdt(), idt = sidt();
+	memcpy((void *)(uintptr_t)gdt, (const void *)(uintptr_t)g.base, g.limit + 1u);
+	gdt_limit = 0xFFF;
+	idt_base = idt.base, idt_limit = idt.limit;
+	if (vmi_set_gdt(gdt, (uint32_t)gdt_limit))
+		return 0;
+
+	/* Experimental calls the user registered. */
+	for (uint32_t n = 0; n < 256; n++) {
+		uint64_t info = 0;
+		uint32_t id = VMI_CALLID(VMI_FAMILY_EXPERIMENTAL, n, 0);
+		if (vmi_query_call(id, &info) == 0 && (info & VMI_QUERY_SUPPORTED))
+			experimental[n_experimental++] = id;
+	}
+	return 1;
+}
+
+static void summary(void)
+{
+	printf("FUZZ calls=%lu canaries=%lu stores=%lu unexpected=%lu odd=%lu broken=%d experimental=%u\n",
+	       (unsigned long)calls, (unsigned long)canaries, (unsigned long)store_ops, (unsigned long)unexpected,
+	       (unsigned long)odd_status, broken, n_experimental);
+	for (unsigned k = 0; k < ARRAY_SIZE(by_status); k++)
+		if (by_status[k])
+			printf("FUZZ status=-%u n=%lu\n", k, (unsigned long)by_status[k]);
+}
+
+/* At the end, valid calls of every kind still work. */
+static void final_checks(void)
+{
+	uint64_t r[4] = { 0 }, info = 0;
+	int ok = 1;
+	ok &= vmi_raw_call(VMI_CALL_CPU_GETCR0, 0, 0, 0, r) == 0 && r[0] == read_cr0();
+	ok &= vmi_query_call(VMI_CALL_MMU_SETPTE, &info) == 0 && (info & VMI_QUERY_SUPPORTED);
+	uint64_t scratch_table = pool[NPOOL - 1];
+	if (level_of[NPOOL - 1] != 1) { /* make it a registered, empty PT again (or refuse) */
+		if (level_of[NPOOL - 1])
+			for (int i = 0; i < NPOOL; i++)
+				if (level_of[i] > 1)
+					for (unsigned k = 0; k < 512; k++)
+						if ((rd64(pool[i] + 8 * k) & ADDR) == scratch_table)
+							vmi_set_pte((uint64_t *)(uintptr_t)(pool[i] + 8 * k), 0);
+		vmi_release_page(scratch_table);
+		level_of[NPOOL - 1] = vmi_allocate_page(scratch_table, 1) == 0 ? 1 : 0;
+	}
+	if (level_of[NPOOL - 1] == 1) {
+		uint64_t v = data[0] | P_ | A_ | D_;
+		ok &= vmi_set_pte((uint64_t *)(uintptr_t)(scratch_table + 8), v) == 0 && rd64(scratch_table + 8) == v;
+	}
+	ok &= vmi_flush_tlb(VMI_FLUSH_TLB) == 0;
+	uint64_t base = 0;
+	uint32_t limit = 0;
+	ok &= vmi_get_gdt(&base, &limit) == 0 && base == gdt && limit == gdt_limit;
+	if (!ok) {
+		broken = 1;
+		surprise("final: a valid call no longer works");
+	}
+	printf("FUZZ-FINAL %s\n", ok ? "ok" : "broken");
+}
+
+void kmain(uint32_t magic, uint32_t mbinfo)
+{
+	(void)magic, (void)mbinfo;
+	uint64_t n = cmdline_value("calls", 10000);
+	rng = cmdline_value("seed", 1) * 0x9E3779B97F4A7C15ull ^ 0xD1B54A32D192ED03ull;
+	if (!rng)
+		rng = 1;
+	stores = (int)cmdline_value("stores", 1);
+	direct = cmdline_has("paging=direct");
+	verbose = cmdline_has("verbose");
+	printf("FUZZ-START calls=%lu seed=0x%lx record=0x%lx\n", (unsigned long)n,
+	       (unsigned long)cmdline_value("seed", 1), (unsigned long)(uintptr_t)&fuzz_record);
+	if (!vmi_rom_present() || !setup()) {
+		printf("FUZZ-SETUP failed: needs a ROM and --paging direct or shadow\n");
+		vmi_shutdown(2);
+		exit(2);
+	}
+	while (calls < n && !broken)
+		one_attack();
+	final_checks();
+	summary();
+	vmi_shutdown(broken ? 1 : 0);
+	exit(broken ? 1 : 0);
+}
