@@ -280,8 +280,9 @@ def _plan(
     sources = (*_files_under(runtime_dir, _SOURCE_SUFFIXES), *_files_under(vmi_dir, _SOURCE_SUFFIXES),
                *extra_src, spec.main_source.resolve())
     # Headers next to the guest's own source count too (a guest may include "mmu_common.h").
+    # dict.fromkeys: no duplicates, and an order that does not depend on where the trees live.
     header_dirs = (*includes, spec.main_source.resolve().parent)
-    headers = sorted({h for d in header_dirs for h in _files_under(d, _HEADER_SUFFIXES)})
+    headers = list(dict.fromkeys(h for d in header_dirs for h in _files_under(d, _HEADER_SUFFIXES)))
     hashed = (*sources, *headers, linker_script)
     cflags = (*CFLAGS, *spec.extra_cflags)
 
