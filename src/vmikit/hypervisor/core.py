@@ -64,7 +64,10 @@ class Hypervisor:
     def _build_routes(self) -> None:
         for module in _family_modules():
             for name, handler in module.handlers.items():
-                call = self.spec.by_name(f"{module.family}.{name}")
+                try:
+                    call = self.spec.by_name(f"{module.family}.{name}")
+                except KeyError:
+                    continue  # an older interface version without this call: the hypervisor does not offer it
                 self.routes[call.call_id()] = Route(call.qualified_name, handler, self._honoured(call))
         for number, legacy_call in self.spec.legacy.items():
             route = self.routes.get(legacy_call.call_id())
