@@ -64,7 +64,7 @@ def test_fuzz_reaches_experimental_calls(kvm: str, tmp_path: Path) -> None:
     ext = tmp_path / "ext.py"
     ext.write_text("@vmi.register(0x07, 'Boom')\n"
                    "def boom(ctx, a, b, c):\n"
-                   "    return (a // b,)  # ZeroDivisionError when b == 0: a bug the fuzzer must report\n")
+                   "    return (1 // (a & 1 ^ 1),)  # ZeroDivisionError for odd a: a bug the fuzzer must report\n")
     proc = vmikit("fuzz", "--calls", "1500", "--seed", "5", "--extension", str(ext), "--json",
                   str(tmp_path / "r.json"), timeout=300)
     data = json.loads((tmp_path / "r.json").read_text())
