@@ -8,12 +8,12 @@ paging and the auditor must find every invariant intact after each step.
 from __future__ import annotations
 
 import pytest
-from hypothesis import settings, strategies as st
+from hypothesis import given, settings, strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from vmikit.hypervisor.context import HypercallError
 from vmikit.hypervisor.mmu import DirectMmu, ShadowMmu, TrapMmu
-from vmikit.hypervisor.pagetables import A, D, P, PS, RW
+from vmikit.hypervisor.pagetables import ERRORS, A, D, P, PS, RW
 from vmikit.memory import GuestMemory, Region
 
 POOL = 0x200000
@@ -172,3 +172,50 @@ class RandomUpdates(RuleBasedStateMachine):
 
 RandomUpdates.TestCase.settings = settings(max_examples=60, stateful_step_count=40, deadline=None)
 test_random_updates_keep_every_invariant = RandomUpdates.TestCase
+
+
+VALUES = st.builds(lambda frame, flags, high: high | frame | flags,
+                   st.sampled_from([table(i) for i in range(6)] + [0x300000, 0x400000, 0x402000, ROM, SHADOW,
+                                                                  RAM_END, 0, POOL, 1 << 40]),
+                   st.integers(0, 0xFFF), st.sampled_from([0, 1 << 63, 1 << 51, 1 << 47]))
+
+
+@given(st.lists(st.tuples(st.integers(1, 4), VALUES), min_size=1, max_size=64))
+@settings(max_examples=200, deadline=None)
+def test_batch_check_equals_the_single_entry_check(entries: list[tuple[int, int]]) -> None:
+    import numpy as np
+
+    mem = memory()
+    tables = DirectMmu(mem).tables
+    for n, level in enumerate((4, 3, 2, 1)):
+        tables.register(table(n), level)
+    levels = np.array([lv for lv, _ in entries])
+    values = np.array([v for _, v in entries], dtype=np.uint64)
+    codes = tables.check_many(levels, values)
+    assert [ERRORS[c] for c in codes] == [tables.check(lv, v) for lv, v in entries]
+
+
+@given(st.lists(st.tuples(st.integers(0, 3), st.integers(0, 511), VALUES), min_size=1, max_size=40,
+                unique_by=lambda e: (e[0], e[1])))
+@settings(max_examples=100, deadline=None)
+def test_batch_apply_equals_applying_one_by_one(entries: list[tuple[int, int, int]]) -> None:
+    import numpy as np
+
+    outcomes = []
+    for batched in (False, True):
+        mem = memory()
+        m = ShadowMmu(mem, SHADOW, 0x100000)
+        for n, level in enumerate((4, 3, 2, 1)):
+            assert m.allocate(table(n), level) is None
+        valid = [(table(n) + 8 * i, v) for n, i, v in entries if m.check_pte(table(n) + 8 * i, v) is None]
+        pteps = np.array([p for p, _ in valid], dtype=np.uint64)
+        values = np.array([v for _, v in valid], dtype=np.uint64)
+        assert m.check_batch(pteps, values) is None
+        if batched:
+            m.apply_batch(pteps, values)
+        else:
+            for p, v in valid:
+                m.apply_pte(p, v)
+        assert m.audit() == []
+        outcomes.append((snapshot(m), m.tables.refs.tolist(), {s: c.tolist() for s, c in m.tables.writable.items()}))
+    assert outcomes[0] == outcomes[1]

@@ -120,6 +120,7 @@ class Session:
         return SessionResult(result, by_call, self.rom, self.annotations, paging)
 
     def close(self) -> None:
+        self.mmu.close()  # its array views pin guest memory
         self.machine.close()
 
     def __enter__(self) -> Session:

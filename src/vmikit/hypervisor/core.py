@@ -11,6 +11,8 @@ import sys
 from collections import Counter
 from dataclasses import dataclass
 
+import numpy as np
+
 from vmikit.abi.model import U64_MASK, Call, Spec
 from vmikit.abi.spec import load_spec
 from vmikit.engine import StopRun, Vcpu
@@ -47,6 +49,7 @@ class Hypervisor:
         self.honour_annotations = honour_annotations
         self.experimental = experimental or ExperimentalCalls()
         self.routes: dict[int, Route] = {}
+        self._queueable: np.ndarray | None = None
         self.calls: Counter[int] = Counter()  # by full call ID: every call, queued ones included
         self.exits: Counter[int] = Counter()  # by full call ID: calls that cost an exit
         self.handler_failures: list[str] = []
@@ -78,6 +81,15 @@ class Hypervisor:
 
     def _honoured(self, call: Call) -> int:
         return self.spec.annotation_mask(call) if self.honour_annotations else 0
+
+    def queueable_keys(self) -> np.ndarray:
+        """Call IDs (annotation masked off) that may appear in a FlushQueue batch."""
+        if self._queueable is None:
+            from vmikit.hypervisor.mmu import set_pte
+
+            keys = [key for key, route in self.routes.items() if route.handler is set_pte]
+            self._queueable = np.array(sorted(keys), dtype=np.uint32)
+        return self._queueable
 
     def route_for(self, call_id: int) -> Route | None:
         return self.routes.get(call_id & KEY_MASK)

@@ -16,8 +16,10 @@ from __future__ import annotations
 import struct
 from collections import Counter
 
+import numpy as np
+
 from vmikit.hypervisor.context import CallContext, HypercallError, check_range
-from vmikit.hypervisor.pagetables import ADDR_MASK, PAGE, PCD, PWT, PageTables, is_leaf, A, D, P
+from vmikit.hypervisor.pagetables import ADDR_MASK, ERRORS, PAGE, PCD, PS, PWT, U64, A, D, P, PageTables, is_leaf
 from vmikit.hypervisor.registry import FamilyHandlers
 from vmikit.memory import GuestMemory
 
@@ -25,6 +27,7 @@ HANDLERS = FamilyHandlers("MMU")
 
 FLUSH_FLAGS = 0x3  # FLUSH_TLB | FLUSH_GLOBAL
 BATCH_ENTRY = struct.Struct("<IIQQQ")  # call_id, reserved, a0, a1, a2 (the spec's vmi_batch_entry)
+BATCH_DTYPE = np.dtype([("call_id", "<u4"), ("reserved", "<u4"), ("a0", "<u8"), ("a1", "<u8"), ("a2", "<u8")])
 PAGING_STYLES = ("native", "trap", "direct", "shadow")
 
 
@@ -45,6 +48,21 @@ class Mmu:
 
     def apply_pte(self, ptep: int, value: int) -> None:
         self.memory.write_u64(ptep, value)
+
+    def check_batch(self, pteps: np.ndarray, values: np.ndarray) -> tuple[int, str] | None:
+        """(index, error) of the first entry that fails, or None when all pass."""
+        for index, (ptep, value) in enumerate(zip(pteps.tolist(), values.tolist())):
+            error = self.check_pte(ptep, value)
+            if error:
+                return index, error
+        return None
+
+    def apply_batch(self, pteps: np.ndarray, values: np.ndarray) -> None:
+        for ptep, value in zip(pteps.tolist(), values.tolist()):
+            self.apply_pte(ptep, value)
+
+    def close(self) -> None:
+        pass
 
     def allocate(self, table: int, level: int) -> str | None:
         if level not in (1, 2, 3, 4):
@@ -96,6 +114,31 @@ class DirectMmu(Mmu):
     def apply_pte(self, ptep: int, value: int) -> None:
         self.tables.apply(ptep, value)
 
+    def check_batch(self, pteps: np.ndarray, values: np.ndarray) -> tuple[int, str] | None:
+        errors = np.zeros(len(pteps), np.int8)
+        levels = self.tables.levels_of(pteps)
+        errors[:] = self.tables.check_many(np.maximum(levels, 1), values)
+        unregistered = levels == 0
+        errors[unregistered] = ERRORS.index("NOT_PAGE_TABLE")
+        misaligned = (pteps & U64(7)) != 0
+        errors[misaligned] = -1  # BAD_ADDRESS below: checked last so it wins, as in check_pte
+        bad = np.flatnonzero(errors)
+        if not len(bad):
+            return None
+        index = int(bad[0])
+        if errors[index] == -1 or (unregistered[index] and not self.memory.is_ram(int(pteps[index]), 8)):
+            return index, "BAD_ADDRESS"
+        return index, str(ERRORS[errors[index]])
+
+    def apply_batch(self, pteps: np.ndarray, values: np.ndarray) -> None:
+        if len(np.unique(pteps)) != len(pteps):  # the same entry twice: order matters, go one by one
+            super().apply_batch(pteps, values)
+        else:
+            self.tables.apply_many(pteps, values)
+
+    def close(self) -> None:
+        self.tables.close()
+
     def allocate(self, table: int, level: int) -> str | None:
         error = self.tables.can_register(table, level)
         if error is None:
@@ -133,6 +176,7 @@ class ShadowMmu(DirectMmu):
     def __init__(self, memory: GuestMemory, shadow_base: int, shadow_size: int, phys_bits: int = 48) -> None:
         super().__init__(memory, phys_bits)
         self.shadow: dict[int, int] = {}  # guest table -> shadow page
+        self.shadow_of = np.zeros(len(self.tables.level_of), U64)  # by guest frame: its shadow page
         self._free = list(range(shadow_base + shadow_size - PAGE, shadow_base - 1, -PAGE))
 
     def _hardware_cannot_write(self) -> bool:
@@ -152,6 +196,7 @@ class ShadowMmu(DirectMmu):
         if error is None and table not in self.shadow:
             page = self._free.pop()
             self.shadow[table] = page
+            self.shadow_of[table >> 12] = page
             values = self.tables.entries(table)
             self.memory.write(page, b"".join(
                 self._shadow_value(level, int(v)).to_bytes(8, "little") for v in values))
@@ -161,6 +206,7 @@ class ShadowMmu(DirectMmu):
         error = super().release(table)
         if error is None:
             page = self.shadow.pop(table)
+            self.shadow_of[table >> 12] = 0
             self.memory.zero(page, PAGE)
             self._free.append(page)
         return error
@@ -170,6 +216,21 @@ class ShadowMmu(DirectMmu):
         super().apply_pte(ptep, value)
         level = self.tables.level[table]
         self.memory.write_u64(self.shadow[table] + (ptep & (PAGE - 1)), self._shadow_value(level, value))
+
+    def apply_batch(self, pteps: np.ndarray, values: np.ndarray) -> None:
+        if len(np.unique(pteps)) != len(pteps):
+            Mmu.apply_batch(self, pteps, values)
+            return
+        self.tables.apply_many(pteps, values)
+        levels = self.tables.levels_of(pteps).astype(np.int64)
+        v = values.astype(U64)
+        present = (v & U64(P)) != 0
+        leaf = (levels == 1) | (((levels == 2) | (levels == 3)) & ((v & U64(PS)) != 0))
+        child = self.shadow_of[np.minimum((v & U64(ADDR_MASK)) >> U64(12), U64(len(self.shadow_of) - 1)).astype(np.int64)]
+        shadow = np.where(leaf, v | U64(A | D), (v & ~U64(ADDR_MASK)) | child | U64(A))
+        shadow[~present] = 0
+        where = self.shadow_of[(pteps >> U64(12)).astype(np.int64)] + (pteps & U64(PAGE - 1))
+        self.tables._scatter(where, shadow)
 
     def load_cr3(self, root: int) -> int:
         super().load_cr3(root)
@@ -293,20 +354,22 @@ def flush_queue(ctx: CallContext, batch: int, count: int, _: int) -> tuple[int, 
     if count == 0:
         return (0,)
     check_range(ctx, batch, count * BATCH_ENTRY.size, align=8)
-    raw = ctx.memory.read(batch, count * BATCH_ENTRY.size)
-    entries = list(BATCH_ENTRY.iter_unpack(raw))
-    for index, (call_id, reserved, a0, a1, _a2) in enumerate(entries):  # check everything first
-        if reserved or call_id & 0xFF00:
-            raise HypercallError("BATCH_INVALID", index, ctx.spec.error("RESERVED_BITS"))
-        route = hv.route_for(call_id)
-        if route is None or route.handler is not set_pte:
-            raise HypercallError("BATCH_INVALID", index, ctx.spec.error("NOT_SUPPORTED"))
-        error = mmu.check_pte(a0, a1)
-        if error:
-            raise HypercallError("BATCH_INVALID", index, ctx.spec.error(error))
-    for call_id, _r, a0, a1, _a2 in entries:  # then apply: nothing can fail now
-        mmu.apply_pte(a0, a1)
-        hv.calls[call_id] += 1
+    entries = np.frombuffer(ctx.memory.read(batch, count * BATCH_ENTRY.size), dtype=BATCH_DTYPE)
+    ids = entries["call_id"]
+    bad_id = (entries["reserved"] != 0) | ((ids & 0xFF00) != 0)  # checked per entry, in order, below
+    queueable = np.isin(ids & np.uint32(0xFFFFFF00), hv.queueable_keys())
+    pteps, values = entries["a0"], entries["a1"]
+    first_bad_id = int(np.argmax(bad_id | ~queueable)) if (bad_id | ~queueable).any() else count
+    failure = mmu.check_batch(pteps[:first_bad_id], values[:first_bad_id]) if first_bad_id else None
+    if failure is not None:
+        index, error = failure
+        raise HypercallError("BATCH_INVALID", index, ctx.spec.error(error))
+    if first_bad_id < count:
+        error = "RESERVED_BITS" if bad_id[first_bad_id] else "NOT_SUPPORTED"
+        raise HypercallError("BATCH_INVALID", first_bad_id, ctx.spec.error(error))
+    mmu.apply_batch(pteps, values)  # every entry passed: nothing can fail now
+    for call_id, n in zip(*np.unique(ids, return_counts=True)):
+        hv.calls[int(call_id)] += int(n)
     if hv.audit:
         hv.run_audit()
     return (count,)

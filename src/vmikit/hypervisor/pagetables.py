@@ -1,17 +1,20 @@
 """The hypervisor's model of the guest's page tables, and the rules every update must keep.
 
 ``PageTables`` knows which guest pages are page tables (and of which level),
-how often each table is referenced, and which frames are mapped writable. It
-validates one entry at a time against that state (``check``) and applies it
-(``apply``), so a batch can be checked entry by entry against the state the
-earlier entries leave, and applied only if all pass (see ``check_batch``).
+how often each table is referenced, and which frames are mapped writable. The
+per-frame state lives in numpy arrays so that a batch of updates is checked and
+applied as arrays (``check_many``/``apply_many``) while a single update uses the
+same arrays from plain Python (``check``/``apply``); a property test keeps the
+two paths equal. Errors are spec error names; the rules are in docs/paging.md.
 
-Errors are spec error names; see docs/paging.md for the rules.
+Within a batch no entry can change what another entry's check depends on (the
+set of registered tables and the memory map), so checking every entry against
+the state before the batch equals checking each against the state the earlier
+entries leave.
 """
 
 from __future__ import annotations
 
-from collections import Counter
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -26,6 +29,13 @@ SIZE_OF_LEAF = {1: 1 << 12, 2: 1 << 21, 3: 1 << 30}
 LARGE = (2, 3)
 MiB2, GiB1 = 1 << 21, 1 << 30
 
+# Error codes of the vectorized check, index = code.
+ERRORS: tuple[str | None, ...] = (None, "RESERVED_PTE_BITS", "BAD_ADDRESS", "PERMISSION", "NOT_PAGE_TABLE",
+                                  "WRONG_LEVEL")
+_RPB, _BAD, _PERM, _NPT, _WL = 1, 2, 3, 4, 5
+_KIND_CODES = {"ram": 1, "rom": 2}
+U64 = np.uint64
+
 
 def is_leaf(level: int, value: int) -> bool:
     return level == 1 or (level in LARGE and bool(value & PS))
@@ -36,22 +46,32 @@ class PageTables:
     memory: GuestMemory
     phys_bits: int = 48
     set_accessed_dirty: bool = False  # store A (and D on leaves): the hardware cannot write read-only tables
-    level: dict[int, int] = field(default_factory=dict)  # table gpa -> level 1..4
-    refs: Counter[int] = field(default_factory=Counter)  # table gpa -> non-leaf entries pointing at it
-    writable: Counter[int] = field(default_factory=Counter)  # (leaf size, frame) key -> writable leaves
-    tables_in: Counter[int] = field(default_factory=Counter)  # 2 MiB / 1 GiB region -> registered tables in it
+    level: dict[int, int] = field(default_factory=dict)  # table gpa -> level 1..4 (also in level_of)
 
-    @property
-    def reserved_mask(self) -> int:
-        return ((1 << 52) - 1) & ~((1 << self.phys_bits) - 1)
+    def __post_init__(self) -> None:
+        spans = [(r.gpa, r.end, _KIND_CODES[r.kind]) for r in self.memory.regions if r.kind in _KIND_CODES]
+        self._spans = spans
+        self.limit = max(end for _, end, _ in spans)
+        frames = self.limit >> 12
+        self.level_of = np.zeros(frames, np.int8)
+        self.refs = np.zeros(frames, np.int32)  # non-leaf entries pointing at each table
+        # Writable leaves by their (aligned) frame, per leaf size; registered tables per 2 MiB / 1 GiB.
+        self.writable = {PAGE: np.zeros(frames, np.int32), MiB2: np.zeros((frames >> 9) + 1, np.int32),
+                         GiB1: np.zeros((frames >> 18) + 1, np.int32)}
+        self.tables_in = {MiB2: np.zeros((frames >> 9) + 1, np.int32), GiB1: np.zeros((frames >> 18) + 1, np.int32)}
+        self.reserved_mask = ((1 << 52) - 1) & ~((1 << self.phys_bits) - 1)
+        self._views = [(r.gpa, r.end, np.frombuffer(r.mem, dtype="<u8")) for r in self.memory.regions]
 
-    # --- the rules -----------------------------------------------------------------
+    # --- the rules, one entry --------------------------------------------------------
 
-    def check(self, level: int, value: int, staged: dict[int, int] | None = None) -> str | None:
-        """The error an entry with ``value`` in a table of ``level`` breaks, or None.
+    def _kind(self, frame: int, size: int) -> int:
+        for start, end, kind in self._spans:
+            if start <= frame and frame + size <= end:
+                return kind
+        return 0
 
-        ``staged`` are tables registered by earlier entries of the same batch (none today).
-        """
+    def check(self, level: int, value: int) -> str | None:
+        """The error an entry with ``value`` in a table of ``level`` breaks, or None."""
         if not value & P:
             return None
         if value & self.reserved_mask or (level == 4 and value & PS):
@@ -62,10 +82,10 @@ class PageTables:
             if level in LARGE and frame & (size - 1) & ~PAGE:  # bit 12 is PAT, the rest must be 0
                 return "RESERVED_PTE_BITS"
             frame &= ~(size - 1)
-            kind = self.memory.kind_of(frame, size)
-            if kind == "rom":
+            kind = self._kind(frame, size)
+            if kind == 2:
                 return "PERMISSION" if value & RW else None
-            if kind != "ram":
+            if kind != 1:
                 return "BAD_ADDRESS"
             if value & RW and self._maps_a_table(frame, size):
                 return "PERMISSION"
@@ -80,49 +100,93 @@ class PageTables:
     def _maps_a_table(self, frame: int, size: int) -> bool:
         if size == PAGE:
             return frame in self.level
-        return self.tables_in[(size, frame)] > 0
+        return bool(self.tables_in[size][frame // size])
+
+    # --- the rules, a batch ------------------------------------------------------------
+
+    def check_many(self, levels: np.ndarray, values: np.ndarray) -> np.ndarray:
+        """``check`` for arrays of levels (int) and values (uint64): an error code per entry (0 = valid)."""
+        v = values.astype(U64, copy=False)
+        lv = levels.astype(np.int64)
+        err = np.zeros(len(v), np.int8)
+        present = (v & U64(P)) != 0
+        ps = (v & U64(PS)) != 0
+        reserved = present & (((v & U64(self.reserved_mask)) != 0) | ((lv == 4) & ps))
+        ok = present & ~reserved
+        leaf = ok & ((lv == 1) | (((lv == 2) | (lv == 3)) & ps))
+        size = np.where(lv == 1, 1 << 12, np.where(lv == 2, 1 << 21, 1 << 30)).astype(U64)
+        raw = v & U64(ADDR_MASK)
+        misaligned = leaf & (lv >= 2) & ((raw & (size - U64(1)) & ~U64(PAGE)) != 0)
+        frame = raw & ~(size - U64(1))
+        kind = np.zeros(len(v), np.int8)
+        for start, end, code in self._spans:
+            kind[(frame >= U64(start)) & (frame + size <= U64(end))] = code
+        rw = (v & U64(RW)) != 0
+        index = np.minimum(frame >> U64(12), U64(len(self.level_of) - 1)).astype(np.int64)
+        maps_table = np.where(lv == 1, self.level_of[index] != 0,
+                              np.where(lv == 2, self.tables_in[MiB2][np.minimum(index >> 9, len(self.tables_in[MiB2]) - 1)] > 0,
+                                       self.tables_in[GiB1][np.minimum(index >> 18, len(self.tables_in[GiB1]) - 1)] > 0))
+        leaf_ok = leaf & ~misaligned
+        err[reserved | misaligned] = _RPB
+        err[leaf_ok & (kind == 0)] = _BAD
+        err[leaf_ok & (kind == 2) & rw] = _PERM
+        err[leaf_ok & (kind == 1) & rw & maps_table] = _PERM
+        nonleaf = ok & ~leaf
+        in_range = raw < U64(self.limit)
+        child = np.where(in_range, self.level_of[np.minimum(raw >> U64(12), U64(len(self.level_of) - 1)).astype(np.int64)], 0)
+        err[nonleaf & (child == 0)] = _NPT
+        err[nonleaf & (child != 0) & (child != lv - 1)] = _WL
+        return err
+
+    def levels_of(self, pteps: np.ndarray) -> np.ndarray:
+        """The level of the table holding each entry address (0 = not in a registered table)."""
+        index = pteps >> U64(12)
+        inside = index < U64(len(self.level_of))
+        return np.where(inside, self.level_of[np.minimum(index, U64(len(self.level_of) - 1)).astype(np.int64)], 0)
+
+    # --- registration ----------------------------------------------------------------------
 
     def can_register(self, table: int, level: int) -> str | None:
-        if table % PAGE or level not in (1, 2, 3, 4):
-            return "INVALID_ARGUMENT" if level not in (1, 2, 3, 4) else "BAD_ADDRESS"
-        if not self.memory.is_ram(table, PAGE):
+        if level not in (1, 2, 3, 4):
+            return "INVALID_ARGUMENT"
+        if table % PAGE or not self.memory.is_ram(table, PAGE):
             return "BAD_ADDRESS"
         current = self.level.get(table)
         if current is not None:
             return None if current == level else "WRONG_LEVEL"
-        if self.writable[(PAGE, table)] or self.writable[(MiB2, table & ~(MiB2 - 1))] or \
-                self.writable[(GiB1, table & ~(GiB1 - 1))]:
+        frame = table >> 12
+        if self.writable[PAGE][frame] or self.writable[MiB2][frame >> 9] or self.writable[GiB1][frame >> 18]:
             return "PERMISSION"  # it would stay writable through that mapping
-        for value in self.entries(table):
-            error = self.check(level, int(value))
-            if error:
-                return error
-        return None
+        errors = self.check_many(np.full(ENTRIES, level), self.entries(table))
+        bad = np.flatnonzero(errors)
+        return ERRORS[errors[bad[0]]] if len(bad) else None
 
     def can_release(self, table: int, roots: set[int]) -> str | None:
         if table not in self.level:
             return "NOT_PAGE_TABLE"
-        if self.refs[table] or table in roots:
+        if self.refs[table >> 12] or table in roots:
             return "IN_USE"
         return None
-
-    # --- state changes (only after the matching check passed) ---------------------
 
     def register(self, table: int, level: int) -> None:
         if table in self.level:
             return
         self.level[table] = level
-        self.tables_in[(MiB2, table & ~(MiB2 - 1))] += 1
-        self.tables_in[(GiB1, table & ~(GiB1 - 1))] += 1
-        for value in self.entries(table):
-            self._count(level, int(value), +1)
+        frame = table >> 12
+        self.level_of[frame] = level
+        self.tables_in[MiB2][frame >> 9] += 1
+        self.tables_in[GiB1][frame >> 18] += 1
+        self._count_many(np.full(ENTRIES, level), self.entries(table), +1)
 
     def release(self, table: int) -> None:
         level = self.level.pop(table)
-        self.tables_in[(MiB2, table & ~(MiB2 - 1))] -= 1
-        self.tables_in[(GiB1, table & ~(GiB1 - 1))] -= 1
-        for value in self.entries(table):
-            self._count(level, int(value), -1)
+        frame = table >> 12
+        self.level_of[frame] = 0
+        self.tables_in[MiB2][frame >> 9] -= 1
+        self.tables_in[GiB1][frame >> 18] -= 1
+        self._count_many(np.full(ENTRIES, level), self.entries(table), -1)
+
+    # --- applying checked entries ---------------------------------------------------------------
 
     def stored(self, level: int, value: int) -> int:
         """The value actually written for a valid entry."""
@@ -131,14 +195,45 @@ class PageTables:
         return value
 
     def apply(self, ptep: int, value: int) -> int:
-        """Write a checked entry into the table holding ``ptep``; returns the old value."""
+        """Write a checked entry into the table holding ``ptep``; returns the stored value."""
         level = self.level[ptep & ~(PAGE - 1)]
         old = self.memory.read_u64(ptep)
         self._count(level, old, -1)
         value = self.stored(level, value)
         self._count(level, value, +1)
         self.memory.write_u64(ptep, value)
-        return old
+        return value
+
+    def apply_many(self, pteps: np.ndarray, values: np.ndarray) -> np.ndarray:
+        """``apply`` for arrays of distinct, checked entries; returns the stored values."""
+        levels = self.levels_of(pteps)
+        old = self._gather(pteps)
+        self._count_many(levels, old, -1)
+        stored = values.astype(U64, copy=True)
+        if self.set_accessed_dirty:
+            present = (stored & U64(P)) != 0
+            leaf = (levels == 1) | (((levels == 2) | (levels == 3)) & ((stored & U64(PS)) != 0))
+            stored[present] |= U64(A)
+            stored[present & leaf] |= U64(D)
+        self._count_many(levels, stored, +1)
+        self._scatter(pteps, stored)
+        return stored
+
+    def _region_views(self, addrs: np.ndarray):  # type: ignore[no-untyped-def]
+        for start, end, view in self._views:
+            mask = (addrs >= U64(start)) & (addrs < U64(end))
+            if mask.any():
+                yield mask, view, ((addrs[mask] - U64(start)) >> U64(3)).astype(np.int64)
+
+    def _gather(self, addrs: np.ndarray) -> np.ndarray:
+        out = np.zeros(len(addrs), U64)
+        for mask, view, index in self._region_views(addrs):
+            out[mask] = view[index]
+        return out
+
+    def _scatter(self, addrs: np.ndarray, values: np.ndarray) -> None:
+        for mask, view, index in self._region_views(addrs):
+            view[index] = values[mask]
 
     def _count(self, level: int, value: int, delta: int) -> None:
         if not value & P:
@@ -147,35 +242,56 @@ class PageTables:
         if is_leaf(level, value):
             if value & RW:
                 size = SIZE_OF_LEAF[level]
-                self.writable[(size, frame & ~(size - 1))] += delta
+                self.writable[size][frame // size] += delta
         else:
-            self.refs[frame] += delta
+            self.refs[frame >> 12] += delta
+
+    def _count_many(self, levels: np.ndarray, values: np.ndarray, delta: int) -> None:
+        v = values.astype(U64, copy=False)
+        present = (v & U64(P)) != 0
+        if not present.any():
+            return
+        lv = np.asarray(levels)
+        leaf = (lv == 1) | (((lv == 2) | (lv == 3)) & ((v & U64(PS)) != 0))
+        frame = v & U64(ADDR_MASK)
+        nonleaf = present & ~leaf
+        np.add.at(self.refs, (frame[nonleaf] >> U64(12)).astype(np.int64), delta)
+        writable = present & leaf & ((v & U64(RW)) != 0)
+        for level, size in SIZE_OF_LEAF.items():
+            sel = writable & (lv == level)
+            if sel.any():
+                np.add.at(self.writable[size], (frame[sel] // U64(size)).astype(np.int64), delta)
 
     def entries(self, table: int) -> np.ndarray:
         return np.frombuffer(self.memory.read(table, PAGE), dtype="<u8")
 
-    # --- the auditor ------------------------------------------------------------------
+    def close(self) -> None:
+        """Drop the array views of guest memory (they pin its mappings open)."""
+        self._views = []
+
+    # --- the auditor ------------------------------------------------------------------------------
 
     def audit(self) -> list[str]:
         """Every invariant, recomputed from the tables themselves; an empty list when all hold."""
         problems: list[str] = []
-        refs: Counter[int] = Counter()
-        writable: Counter[int] = Counter()
+        refs = np.zeros_like(self.refs)
+        writable = {size: np.zeros_like(counts) for size, counts in self.writable.items()}
         for table, level in sorted(self.level.items()):
             values = self.entries(table)
-            for index in np.flatnonzero(values & P):
-                value = int(values[index])
-                error = self.check(level, value)
-                if error:
-                    problems.append(f"table {table:#x} (level {level}) entry {index}: {value:#x} breaks {error}")
+            errors = self.check_many(np.full(ENTRIES, level), values)
+            for index in np.flatnonzero(errors)[:5]:
+                problems.append(f"table {table:#x} (level {level}) entry {index}: {int(values[index]):#x} "
+                                f"breaks {ERRORS[errors[index]]}")
+            for i in np.flatnonzero(values & U64(P)):
+                value = int(values[i])
                 if is_leaf(level, value):
                     if value & RW:
                         size = SIZE_OF_LEAF[level]
-                        writable[(size, value & ADDR_MASK & ~(size - 1))] += 1
+                        writable[size][(value & ADDR_MASK) // size] += 1
                 else:
-                    refs[value & ADDR_MASK] += 1
-        if +refs != +self.refs:
+                    refs[(value & ADDR_MASK) >> 12] += 1
+        if not np.array_equal(refs, self.refs):
             problems.append("reference counts disagree with the tables")
-        if +writable != +self.writable:
+        if any(not np.array_equal(writable[s], self.writable[s]) for s in writable):
             problems.append("writable-mapping counts disagree with the tables")
         return problems
