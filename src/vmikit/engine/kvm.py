@@ -178,8 +178,8 @@ class KvmVcpuEngine:
     def dump_state(self) -> dict[str, int]:
         state: dict[str, int] = {}
         regs = self._vcpu.get_regs()
-        for name, _ in ks.KvmRegs._fields_:
-            state[name] = getattr(regs, name)
+        for field in ks.KvmRegs._fields_:
+            state[field[0]] = getattr(regs, field[0])
         sregs = self._vcpu.get_sregs()
         for name in ("cr0", "cr2", "cr3", "cr4", "efer"):
             state[name] = getattr(sregs, name)

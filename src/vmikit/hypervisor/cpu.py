@@ -80,9 +80,10 @@ def get_cr3(ctx: CallContext, *_: int) -> tuple[int, ...]:
     return (ctx.hypervisor.mmu.guest_cr3(ctx.vcpu.get_control().cr3),)  # shadow: the guest's root
 
 
-def _set_control(ctx: CallContext, **changes: int) -> tuple[int, ...]:
+def _set_control(ctx: CallContext, *, cr0: int | None = None, cr2: int | None = None, cr3: int | None = None,
+                 cr4: int | None = None) -> tuple[int, ...]:
     try:
-        ctx.vcpu.set_control(**changes)
+        ctx.vcpu.set_control(cr0=cr0, cr2=cr2, cr3=cr3, cr4=cr4)
     except ValueError:
         raise HypercallError("INVALID_ARGUMENT") from None
     return ()

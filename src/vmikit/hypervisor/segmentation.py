@@ -98,7 +98,7 @@ def _system_descriptor(ctx: CallContext, selector: int, want: set[int]) -> tuple
 def set_ldt(ctx: CallContext, selector: int, *_: int) -> tuple[int, ...]:
     if selector == 0:
         return _set_tables(ctx, ldt=Segment(selector=0, base=0, limit=0, type=SYS_LDT, present=False))
-    segment, _ = _system_descriptor(ctx, selector, {SYS_LDT})
+    segment, _gpa = _system_descriptor(ctx, selector, {SYS_LDT})
     return _set_tables(ctx, ldt=segment)
 
 
