@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from vmikit.abi.model import Spec
 from vmikit.errors import UsageError
 from vmikit.hypervisor import ExperimentalCalls, Hypervisor
 from vmikit.hypervisor.mmu import PAGING_STYLES, DirectMmu, Mmu, ShadowMmu, TrapMmu
@@ -49,7 +50,10 @@ class Session:
 
     def __init__(self, image: Path, *, rom: str | None = None, annotations: str = "honour", paging: str = "native",
                  memory_mib: int = 128, timeout: float = 30.0, console: ConsoleSink | None = None,
-                 experimental: ExperimentalCalls | None = None, audit: bool = False, cmdline: str = "") -> None:
+                 experimental: ExperimentalCalls | None = None, audit: bool = False, cmdline: str = "",
+                 spec: Spec | None = None) -> None:
+        # spec: the interface version the ROM and hypervisor implement (default: the packaged one);
+        # an older spec stands for an older hypervisor (vmikit compat).
         if paging not in PAGING_STYLES:
             raise UsageError(f"unknown paging style '{paging}'", f"use --paging {'|'.join(PAGING_STYLES)}")
         if rom is None:
@@ -74,14 +78,14 @@ class Session:
         if rom != "none":
             from vmikit.rom import RomProfile, build_rom
 
-            rom_bytes = build_rom(RomProfile(rom), honour_annotations=honour).data
+            rom_bytes = build_rom(RomProfile(rom), honour_annotations=honour, spec=spec).data
         self.machine = Machine(image, memory_mib=memory_mib, timeout=timeout, console=console, rom=rom_bytes,
                                cmdline=cmdline, pool_readonly=paging in ("trap", "direct"),
                                private=(layout.SHADOW_BASE, layout.SHADOW_SIZE) if paging == "shadow" else None)
         self.mmu = self._make_mmu(paging)
         self.hypervisor: Hypervisor | None = None
         if rom != "none":  # a bare machine has no hypervisor to call
-            self.hypervisor = Hypervisor(honour_annotations=honour, experimental=experimental, mmu=self.mmu,
+            self.hypervisor = Hypervisor(spec, honour_annotations=honour, experimental=experimental, mmu=self.mmu,
                                          audit=audit)
             self.hypervisor.attach(self.machine.memory, self.machine.vcpu)
             self.machine.on_out(layout.PORT_HYPERCALL, self.hypervisor.on_hypercall)

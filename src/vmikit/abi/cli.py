@@ -170,3 +170,28 @@ def doc_cmd(ctx: click.Context, output: Path | None) -> None:
     from vmikit.abi import refdoc
 
     _write(refdoc.generate(_spec(ctx)), output)
+
+
+@spec_group.command("diff")
+@click.argument("old")
+@click.argument("new")
+def diff_cmd(old: str, new: str) -> None:
+    """Classify every change from OLD to NEW (spec files, or fixture versions such as 1.0).
+
+    One line per change: class (breaking / compatible / neutral), kind, what changed. Exits 1
+    when NEW's version does not follow the versioning rules (`vmikit spec doc`, "Versioning
+    rules"): a breaking change without a major bump, a compatible one without a minor bump.
+    """
+    from vmikit.abi.diff import check
+    from vmikit.abi.history import resolve
+
+    report = check(load_spec(resolve(old)), load_spec(resolve(new)))
+    for change in report.changes:
+        click.echo(change.line())
+    if not report.changes:
+        click.echo("no changes")
+    for problem in report.problems:
+        click.echo(f"rule violated: {problem}")
+    click.echo(report.summary())
+    if not report.ok:
+        raise click.exceptions.Exit(1)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from vmikit.abi import callid as cid
 from vmikit.abi.model import Call, Spec
+from vmikit.abi.versioning import POLICY, RULES
 
 
 def _md(text: str) -> str:
@@ -17,6 +18,17 @@ def _args(call: Call) -> str:
 def _results(call: Call) -> str:
     slots = [f"`{r.type} {r.name}`" for r in call.results]
     return "status" + ("; " + ", ".join(slots) if slots else "")
+
+
+def _versioning_rules() -> list[str]:
+    """The rules `vmikit spec diff` enforces, from the same table it uses."""
+    out = ["### Versioning rules", ""]
+    for paragraph in POLICY:
+        out += [paragraph, ""]
+    out += ["Every kind of change `vmikit spec diff` reports, and its class:", "",
+            "| change | class | meaning |", "| --- | --- | --- |"]
+    out += [f"| `{r.kind}` | {r.severity} | {_md(r.what)} |" for r in RULES.values()]
+    return out + [""]
 
 
 def generate(spec: Spec) -> str:
@@ -43,6 +55,7 @@ def generate(spec: Spec) -> str:
         "",
         f"Version **{v}** (`Query.GetVersion` answers `0x{v.packed:08x}` = major << 16 | minor). {_md(spec.doc)}",
         "",
+        *_versioning_rules(),
         "## Calling convention",
         "",
         "Slot 0 (RAX) carries the status: `OK` (0) or a negative error code, as a 64-bit value. "

@@ -41,8 +41,12 @@ import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from vmikit.errors import HostError, UsageError
+
+if TYPE_CHECKING:
+    from vmikit.abi.model import Spec
 
 __all__ = [
     "CFLAGS",
@@ -175,17 +179,23 @@ def default_cache_dir() -> Path:
     return base / "vmikit" / "guests"
 
 
-def vmi_header_text() -> str:
-    """The guest C header generated from the packaged spec (what ``vmikit spec header`` prints)."""
+def vmi_header_text(spec: Spec | Path | None = None) -> str:
+    """The guest C header generated from ``spec`` (default: the packaged spec; what ``vmikit spec header`` prints)."""
     from vmikit.abi import load_spec
     from vmikit.abi.cheader import generate
 
-    return generate(load_spec())
+    if spec is None or isinstance(spec, (str, Path)):
+        spec = load_spec(Path(spec) if spec is not None else None)
+    return generate(spec)
 
 
-def vmi_header_dir(cache_dir: Path | None = None) -> Path:
-    """``<cache root>/include/<sha256>/`` holding the generated ``vmi_spec.h`` (written once, atomically)."""
-    data = vmi_header_text().encode()
+def vmi_header_dir(cache_dir: Path | None = None, spec: Spec | Path | None = None) -> Path:
+    """``<cache root>/include/<sha256>/`` holding the generated ``vmi_spec.h`` (written once, atomically).
+
+    ``spec`` builds guests against another interface version (a past spec file, say); the
+    directory is content-addressed, so each version's header gets its own.
+    """
+    data = (vmi_header_text() if spec is None else vmi_header_text(spec)).encode()  # no arg: tests patch it
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     directory = root / "include" / hashlib.sha256(data).hexdigest()
     target = directory / VMI_HEADER
@@ -254,6 +264,7 @@ def _plan(
     gcc: str,
     objcopy: str,
     cache_dir: Path | None = None,
+    interface: Spec | Path | None = None,
 ) -> _Plan:
     src = (source_dir or guest_source_dir()).resolve()
     spec = guest_spec(name, source_dir=src)
@@ -276,7 +287,7 @@ def _plan(
 
     # Caller's include dirs first (they may override anything), then the generated spec header,
     # the VMI layer and the runtime.
-    includes = (*extra_inc, vmi_header_dir(cache_dir).resolve(), vmi_dir, runtime_include)
+    includes = (*extra_inc, vmi_header_dir(cache_dir, interface).resolve(), vmi_dir, runtime_include)
     sources = (*_files_under(runtime_dir, _SOURCE_SUFFIXES), *_files_under(vmi_dir, _SOURCE_SUFFIXES),
                *extra_src, spec.main_source.resolve())
     # Headers next to the guest's own source count too (a guest may include "mmu_common.h").
@@ -325,6 +336,7 @@ def guest_hash(
     extra_sources: Iterable[Path] = (),
     include_dirs: Iterable[Path] = (),
     cache_dir: Path | None = None,
+    spec: Spec | Path | None = None,
 ) -> str:
     """The sha256 cache key ``build_guest`` would use for these inputs."""
     return _plan(
@@ -335,6 +347,7 @@ def guest_hash(
         gcc=_tool("gcc"),
         objcopy=_tool("objcopy"),
         cache_dir=cache_dir,
+        interface=spec,
     ).digest
 
 
@@ -389,12 +402,15 @@ def build_guest(
     source_dir: Path | None = None,
     extra_sources: Iterable[Path] = (),
     include_dirs: Iterable[Path] = (),
+    spec: Spec | Path | None = None,
 ) -> Path:
     """Build guest ``name`` (or reuse the cached image) and return the ELF32 image path.
 
     ``cache_dir`` defaults to :func:`default_cache_dir`; ``source_dir`` replaces
     the bundled runtime + guests tree (tests use a copy); ``extra_sources`` and
-    ``include_dirs`` are added to those the guest was registered with.
+    ``include_dirs`` are added to those the guest was registered with; ``spec``
+    (a Spec or a spec file) generates ``vmi_spec.h`` from another interface version
+    than the packaged one (the header's contents are part of the cache key).
     """
     gcc = _tool("gcc")
     objcopy = _tool("objcopy")
@@ -407,6 +423,7 @@ def build_guest(
         gcc=gcc,
         objcopy=objcopy,
         cache_dir=root,
+        interface=spec,
     )
     final = root / plan.digest / f"{name}.elf"
     if final.is_file():
