@@ -104,6 +104,12 @@ def generate(spec: Spec) -> str:
         out.append(_define(f"VMI_ANNMASK_{_suffix(call)}", f"0x{spec.annotation_mask(call):02x}u", "annotations accepted"))
         out.append(_define(f"VMI_NARGS_{_suffix(call)}", f"{len(call.args)}"))
         out.append(_define(f"VMI_NRESULTS_{_suffix(call)}", f"{len(call.results)}"))
+    # One list of every call, so a guest can walk the calls its header knows and compare
+    # each one's version with the hypervisor's (Query.GetVersion) without hand-kept tables.
+    out += ["", "/* Every call: X(call ID, version it appeared in (major << 16 | minor), optional). */",
+            "#define VMI_FOR_EACH_CALL(X) \\"]
+    out += [f"\tX(0x{c.call_id():08x}u, 0x{c.since.packed:08x}u, {int(c.optional)}) \\" for c in calls]
+    out += ["\t/* end */"]
     out += ["", "/* Legacy flat numbers (VMI 3.0); the call ID is VMI_CALLID(0, n, 0). */"]
     legacy = {n: (spec.legacy_name(n) or "", f"-> {c.qualified_name}") for n, c in spec.legacy.items()}
     legacy |= {n: (o.name, "legacy-only: NOT_SUPPORTED") for n, o in spec.legacy_only.items()}

@@ -13,6 +13,59 @@
 #define CR0_TS         (1ul << 3)
 #define CR4_PGE        (1ul << 7)
 
+/* Calls added after 1.0 that an older header does not name: never resolved, so the native
+ * path runs. (The IDs are fixed forever by the versioning rules; what the header lacks is
+ * only what this guest was built to know.) Private to this file: guests keep testing
+ * #ifdef VMI_CALL_... to learn what their header has. */
+#define ABSENT 0xFFFFFFFFu
+#ifndef VMI_CALL_CPU_SETCR2
+#define VMI_CALL_CPU_SETCR2 ABSENT
+#endif
+#ifndef VMI_CALL_CPU_REBOOT
+#define VMI_CALL_CPU_REBOOT ABSENT
+#endif
+#ifndef VMI_CALL_CPU_GETDR
+#define VMI_CALL_CPU_GETDR ABSENT
+#endif
+#ifndef VMI_CALL_CPU_SETDR
+#define VMI_CALL_CPU_SETDR ABSENT
+#endif
+#ifndef VMI_CALL_CPU_RDPMC
+#define VMI_CALL_CPU_RDPMC ABSENT
+#endif
+#ifndef VMI_CALL_CPU_ENABLEINTERRUPTS
+#define VMI_CALL_CPU_ENABLEINTERRUPTS ABSENT
+#endif
+#ifndef VMI_CALL_CPU_DISABLEINTERRUPTS
+#define VMI_CALL_CPU_DISABLEINTERRUPTS ABSENT
+#endif
+#ifndef VMI_CALL_CPU_GETINTERRUPTMASK
+#define VMI_CALL_CPU_GETINTERRUPTMASK ABSENT
+#endif
+#ifndef VMI_CALL_CPU_SETINTERRUPTMASK
+#define VMI_CALL_CPU_SETINTERRUPTMASK ABSENT
+#endif
+#ifndef VMI_CALL_CPU_IODELAY
+#define VMI_CALL_CPU_IODELAY ABSENT
+#endif
+#ifndef VMI_CALL_SEGMENTATION_GETLDT
+#define VMI_CALL_SEGMENTATION_GETLDT ABSENT
+#endif
+#ifndef VMI_CALL_SEGMENTATION_GETTR
+#define VMI_CALL_SEGMENTATION_GETTR ABSENT
+#endif
+#ifndef VMI_CALL_MMU_FLUSHQUEUE
+#define VMI_CALL_MMU_FLUSHQUEUE ABSENT
+#endif
+#ifndef VMI_CALL_QUERY_GETVERSION
+#define VMI_CALL_QUERY_GETVERSION ABSENT
+#define VMI_CALL_QUERY_HASFAMILY ABSENT
+#define VMI_CALL_QUERY_QUERYCALL ABSENT
+#endif
+
+/* The resolved entry of a call ID, NULL for one this header does not name (folds at compile time). */
+static inline vmi_entry_t entry_of(uint32_t id) { return id == ABSENT ? NULL : vmi_entry(id); }
+
 struct vmi_rom_header {
 	uint16_t signature;    /* 0xAA55 */
 	uint8_t blocks;        /* length in 512-byte blocks */
@@ -37,6 +90,7 @@ unsigned vmi_getter_failures;
 static const struct vmi_rom_header *rom;
 static vmi_raw_t rom_raw;
 static int initialised;
+static uint32_t rejected_version;
 
 /* --- discovery and resolution ---------------------------------------------- */
 
@@ -45,8 +99,14 @@ static int rom_valid(uintptr_t base)
 	const struct vmi_rom_header *h = (const void *)base;
 	const volatile uint8_t *bytes = (const void *)base;
 
-	if (memcmp(h->vmi_signature, "VMIK", 4) != 0 || h->major != VMI_VERSION_MAJOR)
+	if (memcmp(h->vmi_signature, "VMIK", 4) != 0)
 		return 0;
+	/* Another major is another interface; an older minor than the guest needs is not enough. */
+	uint32_t version = (uint32_t)h->major << 16 | h->minor;
+	if (h->major != VMI_VERSION_MAJOR || version < VMI_MIN_VERSION) {
+		rejected_version = version;
+		return 0;
+	}
 	uint32_t size = h->blocks * 512u;
 	if (size < sizeof(*h) || base + size > ROM_SCAN_END || h->size != size)
 		return 0;
@@ -80,8 +140,8 @@ static void resolve(uint32_t family, uint32_t ncalls)
 	for (uint32_t call = 0; call < ncalls; call++) {
 		uint32_t id = VMI_CALLID(family, call, 0);
 		vmi_table[VMI_SLOT(id)] = rom_lookup(id);
-		if (family == VMI_FAMILY_MMU) {
-			uint32_t queued = id | VMI_ANN_QUEUE;
+		if (family == VMI_FAMILY_MMU && VMI__ANN_QUEUE) {
+			uint32_t queued = id | VMI__ANN_QUEUE;
 			vmi_entry_t q = rom_lookup(queued);
 			vmi_table[VMI_SLOT(queued)] = q ? q : vmi_table[VMI_SLOT(id)];
 		}
@@ -105,7 +165,23 @@ int vmi_init(void)
 	resolve(VMI_FAMILY_CPU, VMI_FAMILY_CPU_NCALLS);
 	resolve(VMI_FAMILY_SEGMENTATION, VMI_FAMILY_SEGMENTATION_NCALLS);
 	resolve(VMI_FAMILY_MMU, VMI_FAMILY_MMU_NCALLS);
+#ifdef VMI_FAMILY_QUERY
 	resolve(VMI_FAMILY_QUERY, VMI_FAMILY_QUERY_NCALLS);
+#endif
+#ifdef VMI_FAMILY_EVENTCHANNEL
+	resolve(VMI_FAMILY_EVENTCHANNEL, VMI_FAMILY_EVENTCHANNEL_NCALLS);
+	/* A family is used only when the hypervisor says it is there: the ROM may list entries
+	 * its hypervisor does not back. No Query (a 1.0 hypervisor): the family is absent. */
+	int offered = 0;
+	for (uint32_t i = 0; i < VMI_FAMILY_EVENTCHANNEL_NCALLS; i++)
+		offered |= vmi_table[VMI__BASE_EVTCHN + i] != NULL;
+	if (offered) {
+		uint64_t present = 0;
+		if (vmi_has_family(VMI_FAMILY_EVENTCHANNEL, &present) != VMI_ERR_OK || !present)
+			for (uint32_t i = 0; i < VMI_FAMILY_EVENTCHANNEL_NCALLS; i++)
+				vmi_table[VMI__BASE_EVTCHN + i] = NULL;
+	}
+#endif
 	if (rom->raw)
 		rom_raw = (vmi_raw_t)((uintptr_t)rom + rom->raw);
 	return 1;
@@ -116,6 +192,13 @@ uint32_t vmi_rom_version(void) { return rom ? (uint32_t)rom->major << 16 | rom->
 uint32_t vmi_rom_flags(void) { return rom ? rom->flags : 0; }
 uint32_t vmi_rom_entries(void) { return rom ? rom->count : 0; }
 uint64_t vmi_rom_base(void) { return (uintptr_t)rom; }
+uint32_t vmi_rom_rejected(void) { return rejected_version; }
+
+uint32_t vmi_hypervisor_version(void)
+{
+	uint32_t v = 0;
+	return vmi_get_version(&v) == VMI_ERR_OK ? v : vmi_rom_version();
+}
 
 long vmi_raw_call(uint32_t call_id, uint64_t a0, uint64_t a1, uint64_t a2, uint64_t res[4])
 {
@@ -127,7 +210,7 @@ long vmi_raw_call(uint32_t call_id, uint64_t a0, uint64_t a1, uint64_t a2, uint6
 /* Return the ROM entry's status from the enclosing function if `id` resolved. */
 #define ROM_CALL(id, a0, a1, a2, res)                                         \
 	do {                                                                  \
-		vmi_entry_t e_ = vmi_entry(id);                               \
+		vmi_entry_t e_ = entry_of(id);                                \
 		if (e_)                                                       \
 			return e_((uint64_t)(a0), (uint64_t)(a1), (uint64_t)(a2), (res)); \
 	} while (0)
@@ -135,7 +218,7 @@ long vmi_raw_call(uint32_t call_id, uint64_t a0, uint64_t a1, uint64_t a2, uint6
 /* Getter: return result 0 of the ROM entry (0 + a counted failure if it fails), else `native`. */
 #define ROM_GET(id, a0, native)                                               \
 	do {                                                                  \
-		vmi_entry_t e_ = vmi_entry(id);                               \
+		vmi_entry_t e_ = entry_of(id);                                \
 		if (e_) {                                                     \
 			uint64_t r_[4] = { 0 };                               \
 			if (e_((uint64_t)(a0), 0, 0, r_) == VMI_ERR_OK)       \
@@ -160,7 +243,7 @@ static long rom_result(vmi_entry_t e, uint64_t a0, uint64_t *out)
 
 long vmi_cpuid(uint32_t leaf, uint32_t subleaf, uint32_t out[4])
 {
-	vmi_entry_t e = vmi_entry(VMI_CALL_CPU_CPUID);
+	vmi_entry_t e = entry_of(VMI_CALL_CPU_CPUID);
 	if (e) {
 		uint64_t r[4] = { 0 };
 		long status = e(leaf, subleaf, 0, r);
@@ -177,7 +260,7 @@ uint64_t vmi_rdtsc(void) { ROM_GET(VMI_CALL_CPU_RDTSC, 0, rdtsc()); }
 
 long vmi_rdmsr(uint32_t msr, uint64_t *value)
 {
-	vmi_entry_t e = vmi_entry(VMI_CALL_CPU_RDMSR);
+	vmi_entry_t e = entry_of(VMI_CALL_CPU_RDMSR);
 	if (e)
 		return rom_result(e, msr, value);
 	*value = rdmsr(msr);
@@ -260,7 +343,7 @@ long vmi_halt(void)
 
 long vmi_shutdown(uint32_t code)
 {
-	vmi_entry_t e = vmi_entry(VMI_CALL_CPU_SHUTDOWN);
+	vmi_entry_t e = entry_of(VMI_CALL_CPU_SHUTDOWN);
 	if (e) {
 		long status = e(code, 0, 0, NULL);
 		if (status != VMI_ERR_OK)
@@ -296,7 +379,7 @@ static long native_dr(int get, uint32_t reg, uint64_t *value)
 
 long vmi_get_dr(uint32_t reg, uint64_t *value)
 {
-	vmi_entry_t e = vmi_entry(VMI_CALL_CPU_GETDR);
+	vmi_entry_t e = entry_of(VMI_CALL_CPU_GETDR);
 	return e ? rom_result(e, reg, value) : native_dr(1, reg, value);
 }
 
@@ -308,7 +391,7 @@ long vmi_set_dr(uint32_t reg, uint64_t value)
 
 long vmi_rdpmc(uint32_t counter, uint64_t *value)
 {
-	vmi_entry_t e = vmi_entry(VMI_CALL_CPU_RDPMC);
+	vmi_entry_t e = entry_of(VMI_CALL_CPU_RDPMC);
 	if (e)
 		return rom_result(e, counter, value);
 	uint32_t lo, hi;
@@ -389,7 +472,7 @@ long vmi_set_tr(uint16_t selector)
 
 static long get_table(uint32_t id, struct descriptor_ptr (*native)(void), uint64_t *base, uint32_t *limit)
 {
-	vmi_entry_t e = vmi_entry(id);
+	vmi_entry_t e = entry_of(id);
 	if (e) {
 		uint64_t r[4] = { 0 };
 		long status = e(0, 0, 0, r);
@@ -499,7 +582,7 @@ long vmi_set_pte(uint64_t *ptep, uint64_t pte)
 
 long vmi_set_pte_queued(uint64_t *ptep, uint64_t pte)
 {
-	ROM_CALL(VMI_CALL_MMU_SETPTE | VMI_ANN_QUEUE, (uintptr_t)ptep, pte, 0, NULL);
+	ROM_CALL(VMI_CALL_MMU_SETPTE | VMI__ANN_QUEUE, (uintptr_t)ptep, pte, 0, NULL);
 	return store_pte(ptep, pte);
 }
 
@@ -511,7 +594,7 @@ long vmi_set_long_pte(uint64_t *ptep, uint64_t pte)
 
 long vmi_set_long_pte_queued(uint64_t *ptep, uint64_t pte)
 {
-	ROM_CALL(VMI_CALL_MMU_SETLONGPTE | VMI_ANN_QUEUE, (uintptr_t)ptep, pte, 0, NULL);
+	ROM_CALL(VMI_CALL_MMU_SETLONGPTE | VMI__ANN_QUEUE, (uintptr_t)ptep, pte, 0, NULL);
 	return store_pte(ptep, pte);
 }
 
@@ -572,7 +655,7 @@ long vmi_flush_queue(void)
 
 long vmi_get_version(uint32_t *version)
 {
-	vmi_entry_t e = vmi_entry(VMI_CALL_QUERY_GETVERSION);
+	vmi_entry_t e = entry_of(VMI_CALL_QUERY_GETVERSION);
 	uint64_t v = 0;
 	long status = e ? rom_result(e, 0, &v) : VMI_ERR_NOT_SUPPORTED;
 	if (status == VMI_ERR_OK)
@@ -582,12 +665,55 @@ long vmi_get_version(uint32_t *version)
 
 long vmi_has_family(uint32_t family, uint64_t *present)
 {
-	vmi_entry_t e = vmi_entry(VMI_CALL_QUERY_HASFAMILY);
+	vmi_entry_t e = entry_of(VMI_CALL_QUERY_HASFAMILY);
 	return e ? rom_result(e, family, present) : VMI_ERR_NOT_SUPPORTED;
 }
 
 long vmi_query_call(uint32_t call_id, uint64_t *info)
 {
-	vmi_entry_t e = vmi_entry(VMI_CALL_QUERY_QUERYCALL);
+	vmi_entry_t e = entry_of(VMI_CALL_QUERY_QUERYCALL);
 	return e ? rom_result(e, call_id, info) : VMI_ERR_NOT_SUPPORTED;
 }
+
+/* --- EventChannel (since 1.2) -------------------------------------------------- */
+
+#ifdef VMI_FAMILY_EVENTCHANNEL
+/* The guest's own FIFO when the hypervisor has no event channel: same ports, depth, errors. */
+static struct {
+	uint64_t value[VMI_EVTCHN_DEPTH];
+	uint32_t head, count;
+} fifo[VMI_EVTCHN_PORTS];
+
+int vmi_evtchn_native(void) { return !entry_of(VMI_CALL_EVENTCHANNEL_SEND); }
+
+long vmi_evtchn_send(uint32_t port, uint64_t value)
+{
+	ROM_CALL(VMI_CALL_EVENTCHANNEL_SEND, port, value, 0, NULL);
+	if (port >= VMI_EVTCHN_PORTS)
+		return VMI_ERR_INVALID_ARGUMENT;
+	if (fifo[port].count == VMI_EVTCHN_DEPTH)
+		return VMI_ERR_AGAIN;
+	fifo[port].value[(fifo[port].head + fifo[port].count++) % VMI_EVTCHN_DEPTH] = value;
+	return VMI_ERR_OK;
+}
+
+long vmi_evtchn_poll(uint32_t port, uint64_t *value, uint32_t *pending)
+{
+	vmi_entry_t e = entry_of(VMI_CALL_EVENTCHANNEL_POLL);
+	if (e) {
+		uint64_t r[4] = { 0 };
+		long status = e(port, 0, 0, r);
+		if (status == VMI_ERR_OK)
+			*value = r[0], *pending = (uint32_t)r[1];
+		return status;
+	}
+	if (port >= VMI_EVTCHN_PORTS)
+		return VMI_ERR_INVALID_ARGUMENT;
+	if (!fifo[port].count)
+		return VMI_ERR_AGAIN;
+	*value = fifo[port].value[fifo[port].head];
+	fifo[port].head = (fifo[port].head + 1) % VMI_EVTCHN_DEPTH;
+	*pending = --fifo[port].count;
+	return VMI_ERR_OK;
+}
+#endif

@@ -15,6 +15,14 @@
  * failed and count the failure in vmi_getter_failures.  Pointers to page-table
  * entries and tables are guest-physical == guest-virtual (the runtime's
  * identity map of the first 4 GiB).
+ *
+ * Versions (docs/vmi-reference.md, "Versioning rules"): this layer compiles
+ * against the vmi_spec.h of any 1.x version.  A call or family the header
+ * does not name is never resolved (the native path runs); one the header
+ * names but the ROM lacks falls back the same way.  A guest states the
+ * minimum version it needs with VMI_MIN_VERSION (define it before this
+ * header, e.g. -DVMI_MIN_VERSION=0x00010001u); a ROM of another major or an
+ * older version is not used.
  */
 #ifndef VMIKIT_VMI_H
 #define VMIKIT_VMI_H
@@ -22,6 +30,33 @@
 #include <stdint.h>
 
 #include "vmi_spec.h"
+
+/* The oldest interface this guest accepts: by default any minor of its own major. */
+#ifndef VMI_MIN_VERSION
+#define VMI_MIN_VERSION ((unsigned int)VMI_VERSION_MAJOR << 16)
+#endif
+_Static_assert((VMI_MIN_VERSION >> 16) == VMI_VERSION_MAJOR && VMI_MIN_VERSION <= VMI_VERSION,
+	       "VMI_MIN_VERSION must be of the header's major and not newer than the header");
+
+/* Families and annotations that older headers lack (1.0: no Query, no `queue`; 1.1: no
+ * EventChannel) count as empty, so the tables below have the same shape for every version. */
+#ifdef VMI_FAMILY_QUERY_NCALLS
+#define VMI__QUERY_NCALLS VMI_FAMILY_QUERY_NCALLS
+#else
+#define VMI__QUERY_NCALLS 0
+#endif
+#ifdef VMI_FAMILY_EVENTCHANNEL_NCALLS
+#define VMI__EVTCHN_NCALLS VMI_FAMILY_EVENTCHANNEL_NCALLS
+#else
+#define VMI__EVTCHN_NCALLS 0
+#endif
+#ifdef VMI_ANN_QUEUE
+#define VMI__ANN_QUEUE VMI_ANN_QUEUE
+#else
+#define VMI__ANN_QUEUE 0u /* queued calls are plain calls */
+#endif
+#define VMI__FAMILY_QUERY_ID  0x04u
+#define VMI__FAMILY_EVTCHN_ID 0x05u
 
 /* A ROM entry: long entry(u64 a0, u64 a1, u64 a2, u64 *res), res NULL or u64[4]. */
 typedef long (*vmi_entry_t)(uint64_t a0, uint64_t a1, uint64_t a2, uint64_t *res);
@@ -31,15 +66,17 @@ typedef long (*vmi_entry_t)(uint64_t a0, uint64_t a1, uint64_t a2, uint64_t *res
 #define VMI__BASE_SEG    (VMI__BASE_CPU + VMI_FAMILY_CPU_NCALLS)
 #define VMI__BASE_MMU    (VMI__BASE_SEG + VMI_FAMILY_SEGMENTATION_NCALLS)
 #define VMI__BASE_QUERY  (VMI__BASE_MMU + VMI_FAMILY_MMU_NCALLS)
-#define VMI__BASE_QUEUED (VMI__BASE_QUERY + VMI_FAMILY_QUERY_NCALLS)
+#define VMI__BASE_EVTCHN (VMI__BASE_QUERY + VMI__QUERY_NCALLS)
+#define VMI__BASE_QUEUED (VMI__BASE_EVTCHN + VMI__EVTCHN_NCALLS)
 #define VMI_NSLOTS       (VMI__BASE_QUEUED + VMI_FAMILY_MMU_NCALLS)
 #define VMI__FAMILY_BASE(f)                                                  \
 	((f) == VMI_FAMILY_CPU ? VMI__BASE_CPU :                             \
 	 (f) == VMI_FAMILY_SEGMENTATION ? VMI__BASE_SEG :                    \
-	 (f) == VMI_FAMILY_MMU ? VMI__BASE_MMU : VMI__BASE_QUERY)
+	 (f) == VMI_FAMILY_MMU ? VMI__BASE_MMU :                             \
+	 (f) == VMI__FAMILY_EVTCHN_ID ? VMI__BASE_EVTCHN : VMI__BASE_QUERY)
 /* Slot of a call ID; the only annotated slots are MMU calls with VMI_ANN_QUEUE. */
 #define VMI_SLOT(id)                                                             \
-	((VMI_CALLID_FAMILY(id) == VMI_FAMILY_MMU && (VMI_CALLID_ANNOTATION(id) & VMI_ANN_QUEUE)) \
+	((VMI_CALLID_FAMILY(id) == VMI_FAMILY_MMU && (VMI_CALLID_ANNOTATION(id) & VMI__ANN_QUEUE)) \
 		 ? VMI__BASE_QUEUED + VMI_CALLID_CALL(id)                        \
 		 : VMI__FAMILY_BASE(VMI_CALLID_FAMILY(id)) + VMI_CALLID_CALL(id))
 
@@ -56,6 +93,10 @@ uint32_t vmi_rom_version(void);  /* major << 16 | minor from the ROM header, 0 w
 uint32_t vmi_rom_flags(void);    /* header flags (bit 0: honours annotations), 0 without a ROM */
 uint32_t vmi_rom_entries(void);  /* entries in the ROM's table */
 uint64_t vmi_rom_base(void);     /* guest-physical address of the accepted ROM, 0 without */
+uint32_t vmi_rom_rejected(void); /* version of a VMI ROM found but not used (other major or
+				    older than VMI_MIN_VERSION), 0 if none */
+/* What the hypervisor implements: Query.GetVersion, else (a 1.0 hypervisor) the ROM header. */
+uint32_t vmi_hypervisor_version(void);
 
 /* --- CPU ----------------------------------------------------------------- */
 long vmi_cpuid(uint32_t leaf, uint32_t subleaf, uint32_t out[4]);
@@ -113,6 +154,15 @@ long vmi_flush_queue(void);                                  /* completes the RO
 long vmi_get_version(uint32_t *version);
 long vmi_has_family(uint32_t family, uint64_t *present);
 long vmi_query_call(uint32_t call_id, uint64_t *info);
+
+#ifdef VMI_FAMILY_EVENTCHANNEL
+/* --- EventChannel (since 1.2): through the hypervisor when Query.HasFamily says it is
+ * there, else a FIFO of the same semantics inside the guest (VMI_EVTCHN_PORTS ports of
+ * VMI_EVTCHN_DEPTH events; VMI_ERR_AGAIN when full or empty). */
+long vmi_evtchn_send(uint32_t port, uint64_t value);
+long vmi_evtchn_poll(uint32_t port, uint64_t *value, uint32_t *pending);
+int vmi_evtchn_native(void);     /* 1 when the guest's own FIFO is in use */
+#endif
 
 /* Any call ID through the ROM's raw entry (experimental calls, malformed IDs). */
 long vmi_raw_call(uint32_t call_id, uint64_t a0, uint64_t a1, uint64_t a2, uint64_t res[4]);
