@@ -6,16 +6,16 @@ registrations and updates over chosen frames; here the inputs are arbitrary 64-b
 from __future__ import annotations
 
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from test_dispatch import ERR, StandInVcpu
+from test_pagetables import SHADOW, memory, table
 
 from vmikit.abi import load_spec
 from vmikit.abi.callid import CALLID_MAX, CallId, encode
 from vmikit.hypervisor import Hypervisor
 from vmikit.hypervisor.mmu import BATCH_ENTRY, DirectMmu, ShadowMmu
-from vmikit.hypervisor.pagetables import A, D, P, RW, PageTables
-
-from test_dispatch import ERR, StandInVcpu
-from test_pagetables import SHADOW, memory, table
+from vmikit.hypervisor.pagetables import RW, A, D, P, PageTables
 
 SPEC = load_spec()
 U64 = st.integers(0, 2**64 - 1)

@@ -7,12 +7,12 @@ import struct
 from dataclasses import dataclass, field
 
 _SUMMARY = re.compile(r"^FUZZ calls=(\d+) canaries=(\d+) stores=(\d+) unexpected=(\d+) odd=(\d+) broken=(\d+)"
-                      r" experimental=(\d+)$", re.M)
-_STATUS = re.compile(r"^FUZZ status=-(\d+) n=(\d+)$", re.M)
-_START = re.compile(r"^FUZZ-START .*record=0x([0-9a-f]+)$", re.M)
-_LAST = re.compile(r"^FUZZ-LAST (.*)$", re.M)
-_WHY = re.compile(r"^FUZZ-UNEXPECTED (.*)$", re.M)
-_FINAL = re.compile(r"^FUZZ-FINAL (\w+)$", re.M)
+                      r" experimental=(\d+)$", re.MULTILINE)
+_STATUS = re.compile(r"^FUZZ status=-(\d+) n=(\d+)$", re.MULTILINE)
+_START = re.compile(r"^FUZZ-START .*record=0x([0-9a-f]+)$", re.MULTILINE)
+_LAST = re.compile(r"^FUZZ-LAST (.*)$", re.MULTILINE)
+_WHY = re.compile(r"^FUZZ-UNEXPECTED (.*)$", re.MULTILINE)
+_FINAL = re.compile(r"^FUZZ-FINAL (\w+)$", re.MULTILINE)
 
 RECORD = struct.Struct("<QQQQQQQq")  # struct fuzz_record: magic, n, kind, id, a0, a1, a2, status
 RECORD_MAGIC = 0x4C41535446555A5A

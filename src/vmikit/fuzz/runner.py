@@ -15,6 +15,7 @@ error, the guest saw no surprise, and valid calls still worked at the end.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -44,6 +45,7 @@ class FuzzConfig:
     timeout: float | None = None  # default: generous, scaled with calls
     experimental: ExperimentalCalls | None = None
     image: Path | None = None  # default: the bundled fuzz guest
+    stall: float = 30.0  # seconds without a hypercall that count as a hang
 
     def cmdline(self) -> str:
         return f"calls={self.calls} seed={self.seed} stores={int(self.stores)} paging={self.paging}"
@@ -230,7 +232,39 @@ class FuzzReport:
 
 
 def default_timeout(calls: int) -> float:
-    return 60.0 + calls * 1e-3  # 1 ms a call is ten times the slowest we have seen
+    return 60.0 + calls * 10e-3  # a ceiling only: a stalled guest is caught by the stall watchdog first
+
+
+class StallWatchdog:
+    """Kicks the vCPU when no hypercall arrived for ``stall`` seconds: a hang, however long the run.
+
+    The board's watchdog bounds the whole run; a fuzz run's length varies with the host, so
+    progress (hypercalls) is the better signal. The kick ends the run as GuestHang.
+    """
+
+    def __init__(self, watch: HypercallWatch, vcpu: object, stall: float) -> None:
+        self._watch, self._vcpu, self._stall = watch, vcpu, stall
+        self._done = threading.Event()
+        self.fired = False
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def __enter__(self) -> StallWatchdog:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._done.set()
+        self._thread.join()
+
+    def _loop(self) -> None:
+        seen, since = -1, time.monotonic()
+        while not self._done.wait(0.5):
+            if self._watch.calls != seen:
+                seen, since = self._watch.calls, time.monotonic()
+            elif time.monotonic() - since > self._stall:
+                self.fired = True
+                self._vcpu.kick()  # type: ignore[attr-defined]
+                return
 
 
 def run_fuzz(config: FuzzConfig) -> FuzzReport:
@@ -246,11 +280,12 @@ def run_fuzz(config: FuzzConfig) -> FuzzReport:
         exit_status: int | None = None
         start = time.perf_counter()
         try:
-            result = session.machine.run()
+            with StallWatchdog(watch, session.machine.vcpu, config.stall) as stall:
+                result = session.machine.run()
             exit_status = result.exit_status
-            exits: dict[str, object] = dict(result.summary()["exits"])  # type: ignore[arg-type]
+            exits: dict[str, object] = dict(result.summary()["exits"])  # type: ignore[call-overload]
         except GuestHang as err:
-            crash = f"hang: {err.cause}"
+            crash = f"hang: no hypercall for {config.stall:g} s" if stall.fired else f"hang: {err.cause}"
             exits = {}
         except GuestCrash as err:
             crash = f"guest crash: {err.cause}"
