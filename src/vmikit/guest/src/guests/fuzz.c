@@ -89,6 +89,8 @@ static int level_of[NPOOL]; /* the guest's model of registrations (0: not regist
 static uint64_t data[NDATA], victim, scratch, gdt;
 static uint64_t gdt_limit, idt_base, idt_limit;
 static int direct, stores = 1;
+static uint64_t tr_base, ldt_base; /* cached at SetTR/SetLDT, as the CPU caches them */
+static int tr_loaded, ldt_loaded;
 static uint32_t experimental[256];
 static unsigned n_experimental;
 
@@ -515,22 +517,18 @@ static uint32_t gen_args(uint32_t c, uint64_t *a, int *skip)
 			a[2] = rnd() & 0xFFFFFFFFull;
 			return BIT(0);
 		}
-	case VMI_CALL_SEGMENTATION_WRITELDTENTRY: {
-		uint16_t sel = vmi_get_ldt();
+	case VMI_CALL_SEGMENTATION_WRITELDTENTRY:
 		a[0] = chance(20) ? rnd() & 0xFFFFFFFF : below(8);
 		a[1] = chance(50) ? 0x00CF92000000FFFFull : rnd();
 		a[2] = chance(70) ? 0 : rnd();
-		if (sel && protected_gpa(seg_base_of(sel) + 8 * a[0]))
+		if (ldt_loaded && protected_gpa(ldt_base + 8 * a[0]))
 			return ALL_ERRORS & ~BIT(0);
 		return ALL_ERRORS;
-	}
-	case VMI_CALL_SEGMENTATION_UPDATEKERNELSTACK: {
-		uint16_t sel = vmi_get_tr();
+	case VMI_CALL_SEGMENTATION_UPDATEKERNELSTACK:
 		a[0] = rnd();
-		if (sel && protected_gpa(seg_base_of(sel) + 4))
+		if (tr_loaded && protected_gpa(tr_base + 4))
 			return ALL_ERRORS & ~BIT(0);
 		return ALL_ERRORS;
-	}
 	case VMI_CALL_MMU_SETPTE:
 	case VMI_CALL_MMU_SETLONGPTE:
 		if (chance(15)) { /* a writable alias of a page table or of the ROM */
@@ -589,6 +587,10 @@ static void model_update(uint32_t c, const uint64_t *a)
 			level_of[i] = (int)a[1];
 	} else if (c == VMI_CALL_MMU_RELEASEPAGE && i >= 0) {
 		level_of[i] = 0;
+	} else if (c == VMI_CALL_SEGMENTATION_SETTR) {
+		tr_loaded = 1, tr_base = seg_base_of((uint16_t)a[0]);
+	} else if (c == VMI_CALL_SEGMENTATION_SETLDT) {
+		ldt_loaded = a[0] != 0, ldt_base = a[0] ? seg_base_of((uint16_t)a[0]) : 0;
 	}
 }
 
