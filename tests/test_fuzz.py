@@ -177,3 +177,50 @@ def test_a_stalled_guest_is_reported_as_a_hang(kvm: str) -> None:
     report = run_fuzz(FuzzConfig(calls=10, seed=4, image=gb.build_guest("hang"), stall=1.5, timeout=60))
     assert report.crash == "hang: no hypercall for 1.5 s"
     assert not report.ok and report.failures[0].startswith("hang")
+
+
+def _segmentation_rig() -> tuple[object, object, object]:
+    """Direct paging on test_pagetables' memory, an identity map at 0x1000 and a GDT at 0x3000."""
+    from vmikit.engine import DescriptorTable
+    from vmikit.hypervisor import Hypervisor
+    from vmikit.hypervisor.mmu import DirectMmu
+    from test_dispatch import StandInVcpu
+    from test_pagetables import memory
+
+    m = DirectMmu(memory())
+    m.memory.write_u64(0x1000, 0x2000 | P | RW)  # PML4[0] -> PDPT (plain RAM, the guest's boot map)
+    m.memory.write_u64(0x2000, 0 | P | RW | 0x80)  # PDPT[0]: 1 GiB identity leaf
+    vcpu = StandInVcpu()
+    vcpu.control = type(vcpu.control)(**{**vcpu.control.__dict__, "gdt": DescriptorTable(0x3000, 0xFF)})
+    hv = Hypervisor(SPEC, mmu=m)
+    hv.attach(m.memory, vcpu)  # type: ignore[arg-type]
+    return m, vcpu, hv
+
+
+def _tss_descriptor(base: int) -> tuple[int, int]:
+    low = 0x67 | (base & 0xFFFFFF) << 16 | 0x89 << 40 | ((base >> 24) & 0xFF) << 56
+    return low, base >> 32
+
+
+def test_bug_descriptor_writes_must_not_land_in_a_page_table() -> None:
+    """UpdateKernelStack (and the other descriptor-table writes) wrote through the VMM into a
+    registered page-table page: any 64-bit value into a validated table (fuzz seed 22, direct)."""
+    from test_dispatch import ERR, call
+    from test_pagetables import table
+
+    m, vcpu, hv = _segmentation_rig()
+    for n, level in enumerate((4, 3, 2, 1)):
+        assert m.allocate(table(n), level) is None  # type: ignore[attr-defined]
+    low, high = _tss_descriptor(table(3))  # a TSS whose rsp0 lies in a registered PT
+    m.memory.write_u64(0x3010, low)  # type: ignore[attr-defined]
+    m.memory.write_u64(0x3018, high)  # type: ignore[attr-defined]
+    pair = (hv, vcpu)
+    before = m.memory.read(table(3), 0x1000)  # type: ignore[attr-defined]
+    call(pair, SPEC.by_name("Segmentation.SetTR").call_id(), 0x10)
+    status, _ = call(pair, SPEC.by_name("Segmentation.UpdateKernelStack").call_id(), 0x4141_4141_4141_4000)
+    assert status != 0 and m.memory.read(table(3), 0x1000) == before  # type: ignore[attr-defined]
+    # The GDT itself in a page-table page: SetGDT may take it, WriteGDTEntry must not write there.
+    loaded, _ = call(pair, SPEC.by_name("Segmentation.SetGDT").call_id(), table(3), 0xFFF)
+    status, _ = call(pair, SPEC.by_name("Segmentation.WriteGDTEntry").call_id(), 5, 0x00CF92000000FFFF, 0)
+    assert (loaded != 0 or status != 0) and m.memory.read(table(3), 0x1000) == before  # type: ignore[attr-defined]
+    assert m.audit() == []  # type: ignore[attr-defined]
