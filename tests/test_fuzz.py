@@ -181,11 +181,12 @@ def test_a_stalled_guest_is_reported_as_a_hang(kvm: str) -> None:
 
 def _segmentation_rig() -> tuple[object, object, object]:
     """Direct paging on test_pagetables' memory, an identity map at 0x1000 and a GDT at 0x3000."""
+    from test_dispatch import StandInVcpu
+    from test_pagetables import memory
+
     from vmikit.engine import DescriptorTable
     from vmikit.hypervisor import Hypervisor
     from vmikit.hypervisor.mmu import DirectMmu
-    from test_dispatch import StandInVcpu
-    from test_pagetables import memory
 
     m = DirectMmu(memory())
     m.memory.write_u64(0x1000, 0x2000 | P | RW)  # PML4[0] -> PDPT (plain RAM, the guest's boot map)
@@ -205,7 +206,7 @@ def _tss_descriptor(base: int) -> tuple[int, int]:
 def test_bug_descriptor_writes_must_not_land_in_a_page_table() -> None:
     """UpdateKernelStack (and the other descriptor-table writes) wrote through the VMM into a
     registered page-table page: any 64-bit value into a validated table (fuzz seed 22, direct)."""
-    from test_dispatch import ERR, call
+    from test_dispatch import call
     from test_pagetables import table
 
     m, vcpu, hv = _segmentation_rig()
