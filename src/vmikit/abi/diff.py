@@ -209,10 +209,13 @@ def diff_specs(old: Spec, new: Spec) -> list[Change]:
 def _since_problems(old: Spec, new: Spec) -> list[str]:
     """Everything added must say it is newer than OLD (its `since`, defaulting to 1.0)."""
     problems = []
+    # "Added" as the diff sees it: neither the ID nor the name existed (a rename is not an addition).
     old_families = {f.name.lower() for f in old.families.values()}
     old_calls = {c.qualified_name.lower() for c in old.calls()}
-    fams: list[Family] = [f for f in new.families.values() if f.name.lower() not in old_families]
-    calls = [c for c in new.calls() if c.qualified_name.lower() not in old_calls]
+    old_ids = {c.call_id() for c in old.calls()}
+    fams: list[Family] = [f for f in new.families.values()
+                          if f.id not in old.families and f.name.lower() not in old_families]
+    calls = [c for c in new.calls() if c.call_id() not in old_ids and c.qualified_name.lower() not in old_calls]
     for subject, since in [(f"family {f.name}", f.since) for f in fams] + [(c.qualified_name, c.since) for c in calls]:
         if since <= old.version:
             problems.append(f"{subject} is new since {old.version} but says since {since}: write since = \"{new.version}\"")

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from vmikit.abi.history import version_path
 from vmikit.abi.model import Version
-from vmikit.guest.build import build_guest, register_guest
+from vmikit.guest.build import build_guest, register_guest, unregister_guest
 
 COMPAT_SOURCE = Path(__file__).resolve().parent / "guest" / "compat.c"
 
@@ -15,17 +15,20 @@ COMPAT_SOURCE = Path(__file__).resolve().parent / "guest" / "compat.c"
 GUESTS = {"conformance": "compat", "mmu": "mmu"}
 
 
-def compat_guest_name(min_version: Version | None = None) -> str:
-    """Register (idempotent) the compat guest, optionally demanding a minimum interface version."""
-    if min_version is None:
-        register_guest("compat", COMPAT_SOURCE)
-        return "compat"
-    name = f"compat-min-{min_version}"
-    register_guest(name, COMPAT_SOURCE, extra_cflags=[f"-DVMI_MIN_VERSION=0x{min_version.packed:08x}u"])
-    return name
+def _build_compat(version: Version, min_version: Version | None) -> Path:
+    """Register the compat guest only for the build: a registered guest is one every
+    `vmikit build` builds with the packaged spec, which a VMI_MIN_VERSION above it fails."""
+    name = "compat" if min_version is None else f"compat-min-{min_version}"
+    flags = [] if min_version is None else [f"-DVMI_MIN_VERSION=0x{min_version.packed:08x}u"]
+    register_guest(name, COMPAT_SOURCE, extra_cflags=flags)
+    try:
+        return build_guest(name, spec=version_path(version))
+    finally:
+        unregister_guest(name)
 
 
 def build_for(workload: str, version: Version, *, min_version: Version | None = None) -> Path:
     """The image of WORKLOAD's guest built against VERSION's vmi_spec.h (cached by content)."""
-    name = compat_guest_name(min_version) if workload == "conformance" else GUESTS[workload]
-    return build_guest(name, spec=version_path(version))
+    if workload == "conformance":
+        return _build_compat(version, min_version)
+    return build_guest(GUESTS[workload], spec=version_path(version))

@@ -60,6 +60,7 @@ __all__ = [
     "guest_source_dir",
     "guest_spec",
     "register_guest",
+    "unregister_guest",
     "vmi_header_dir",
     "vmi_header_text",
 ]
@@ -156,6 +157,11 @@ def register_guest(
     )
     _registered[name] = spec
     return spec
+
+
+def unregister_guest(name: str) -> None:
+    """Forget a guest added with :func:`register_guest` (no error if it is not registered)."""
+    _registered.pop(name, None)
 
 
 def guest_spec(name: str, *, source_dir: Path | None = None) -> GuestSpec:
