@@ -4,6 +4,7 @@ and the exit status follows the versioning rules (breaking -> major, compatible 
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 import tomllib
 from collections.abc import Callable
@@ -211,7 +212,7 @@ def test_added_call_must_say_since_the_new_version(tmp_path: Path) -> None:
 def test_fixtures_follow_the_rules() -> None:
     versions = list(available_versions())
     assert versions == [Version(1, 0), Version(1, 1), Version(1, 2)]
-    for old, new in zip(versions, versions[1:]):
+    for old, new in itertools.pairwise(versions):
         report = check(load_spec(version_path(old)), load_spec(version_path(new)))
         assert report.ok and report.bump == "minor", report.problems
         assert not [c for c in report.changes if c.severity is Severity.BREAKING]

@@ -8,8 +8,8 @@ import json
 from pathlib import Path
 
 import pytest
-
 from helpers import vmikit
+
 from vmikit.abi import cheader, refdoc
 from vmikit.abi.history import available_versions, version_path
 from vmikit.abi.model import Version

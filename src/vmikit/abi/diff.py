@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from vmikit.abi.model import Call, Family, Spec, Version
+from vmikit.abi.model import Arg, Call, Family, Spec, Version
 from vmikit.abi.versioning import RULES, Severity, bump_problems, required_bump
 
 
@@ -49,7 +49,7 @@ class DiffReport:
         return f"{self.old} -> {self.new}: {parts}; needs {needs}: {verdict}"
 
 
-def _sig(args: tuple) -> list[str]:
+def _sig(args: tuple[Arg, ...]) -> list[str]:
     return [a.type for a in args]
 
 
@@ -175,9 +175,8 @@ def _legacy(out: list[Change], old: Spec, new: Spec) -> None:
                                   f"{new.legacy_name(number)} -> {b.qualified_name}"))
     for number in sorted(set(old.legacy_only) | set(new.legacy_only)):
         a_only, b_only = old.legacy_only.get(number), new.legacy_only.get(number)
-        if number in new.legacy or number in old.legacy:
-            continue  # a move between legacy-only and mapped is reported above
-        if a_only != b_only:
+        # A move between legacy-only and mapped is reported above.
+        if number not in new.legacy and number not in old.legacy and a_only != b_only:
             out.append(Change("legacy-only-changed", f"legacy {number}",
                               "listed" if a_only is None else "dropped" if b_only is None else "changed"))
 

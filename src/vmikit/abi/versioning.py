@@ -74,27 +74,27 @@ RULES: dict[str, Rule] = {r.kind: r for r in (
 
 # The rules in prose: printed in the generated reference, above the table of RULES.
 POLICY: tuple[str, ...] = (
-    "A version is MAJOR.MINOR. **Major** changes are breaking: a guest never uses an interface "
-    "whose major differs from the one it was built for (the guest VMI layer rejects such a ROM and "
-    "runs natively). **Minor** changes are additive: a guest built for 1.x runs unchanged on 1.y "
-    "for any y, older or newer.",
-    "A guest states the **minimum version** it needs: `VMI_MIN_VERSION` (default "
-    "`VMI_VERSION_MAJOR << 16`, any minor; define it before including `vmi.h`). The guest VMI "
-    "layer accepts a ROM of the same major whose version is at least that, resolves every call "
-    "its header names through the ROM's entry table, and falls back to the native instruction for "
-    "any call the ROM lacks.",
-    "A guest learns **what it can use** from the hypervisor: `Query.GetVersion`, `Query.HasFamily` "
-    "and `Query.QueryCall` (since 1.1; on a 1.0 hypervisor the Query calls answer `NOT_SUPPORTED` "
-    "and the ROM header's version is all there is). A new family or call is used only after the "
-    "query says it is there; otherwise the guest does the work itself.",
-    "The hypervisor **advertises what it supports**: its ROM header carries its version and an "
-    "entry for each call it implements, and the Query family answers for calls, families and "
-    "honoured annotations.",
-    "Released versions are kept as fixtures (`src/vmikit/abi/versions/vmi-MAJOR.MINOR.toml`) and "
-    "never edited. `vmikit spec diff OLD NEW` prints one line per change with its class and exits "
-    "non-zero when NEW's version does not follow from the changes: a breaking change needs a "
-    "higher major; a compatible change needs a higher minor (or major); a neutral change needs "
-    "nothing; a version never goes down; everything added says `since` = a version newer than OLD.",
+    ("A version is MAJOR.MINOR. **Major** changes are breaking: a guest never uses an interface "
+     "whose major differs from the one it was built for (the guest VMI layer rejects such a ROM and "
+     "runs natively). **Minor** changes are additive: a guest built for 1.x runs unchanged on 1.y "
+     "for any y, older or newer."),
+    ("A guest states the **minimum version** it needs: `VMI_MIN_VERSION` (default "
+     "`VMI_VERSION_MAJOR << 16`, any minor; define it before including `vmi.h`). The guest VMI "
+     "layer accepts a ROM of the same major whose version is at least that, resolves every call "
+     "its header names through the ROM's entry table, and falls back to the native instruction for "
+     "any call the ROM lacks."),
+    ("A guest learns **what it can use** from the hypervisor: `Query.GetVersion`, `Query.HasFamily` "
+     "and `Query.QueryCall` (since 1.1; on a 1.0 hypervisor the Query calls answer `NOT_SUPPORTED` "
+     "and the ROM header's version is all there is). A new family or call is used only after the "
+     "query says it is there; otherwise the guest does the work itself."),
+    ("The hypervisor **advertises what it supports**: its ROM header carries its version and an "
+     "entry for each call it implements, and the Query family answers for calls, families and "
+     "honoured annotations."),
+    ("Released versions are kept as fixtures (`src/vmikit/abi/versions/vmi-MAJOR.MINOR.toml`) and "
+     "never edited. `vmikit spec diff OLD NEW` prints one line per change with its class and exits "
+     "non-zero when NEW's version does not follow from the changes: a breaking change needs a "
+     "higher major; a compatible change needs a higher minor (or major); a neutral change needs "
+     "nothing; a version never goes down; everything added says `since` = a version newer than OLD."),
 )
 
 

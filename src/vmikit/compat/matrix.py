@@ -22,7 +22,7 @@ from vmikit.errors import VmikitError
 from vmikit.session import Session
 
 WORKLOADS = ("conformance", "mmu")
-_DIGEST = re.compile(r"^DIGEST ([0-9a-f]{16})$", re.M)
+_DIGEST = re.compile(r"^DIGEST ([0-9a-f]{16})$", re.MULTILINE)
 
 
 @dataclass(frozen=True)
