@@ -237,3 +237,17 @@ def test_batch_with_a_bad_entry_applies_nothing(hv: tuple[Hypervisor, StandInVcp
     memory.write(0x8000, b"".join(BATCH_ENTRY.pack(*e) for e in entries))
     assert call(hv, SPEC.by_name("MMU.FlushQueue").call_id(), 0x8000, 5) == (0, (5, 0, 0, 0))
     assert [memory.read_u64(0x2000 + 8 * i) for i in range(5)] == [0x5000 | i for i in range(5)]
+
+
+def test_non_canonical_addresses_never_translate() -> None:
+    """Found by fuzzing: a GDT base with bit 54 set walked as if it were canonical (the CPU would #GP)."""
+    from vmikit.hypervisor.walk import translate
+
+    memory = GuestMemory()
+    memory.add(Region(0, 0x10000))
+    memory.write_u64(0x1000, 0x2000 | 0x3)  # PML4[0] -> PDPT
+    memory.write_u64(0x2000, 0x0 | 0x83)  # PDPT[0]: 1 GiB identity page
+    assert translate(memory, 0x80000011, 0x1000, 0x133000) == 0x133000
+    assert translate(memory, 0x80000011, 0x1000, 0x0040_0000_0013_3000) is None
+    assert translate(memory, 0x80000011, 0x1000, 0xFFFF_0000_0000_0000) is None
+

@@ -80,7 +80,7 @@ class Session:
 
             rom_bytes = build_rom(RomProfile(rom), honour_annotations=honour, spec=spec).data
         self.machine = Machine(image, memory_mib=memory_mib, timeout=timeout, console=console, rom=rom_bytes,
-                               cmdline=cmdline, pool_readonly=paging in ("trap", "direct"),
+                               cmdline=cmdline, pool_readonly=paging != "native",
                                private=(layout.SHADOW_BASE, layout.SHADOW_SIZE) if paging == "shadow" else None)
         self.mmu = self._make_mmu(paging)
         self.hypervisor: Hypervisor | None = None
@@ -92,7 +92,7 @@ class Session:
         self.audit = audit
         self.audits = 0
         self.audit_problems: list[str] = []
-        if isinstance(self.mmu, DirectMmu):  # trap and direct: stores into the read-only pool exit here
+        if isinstance(self.mmu, DirectMmu):  # trap, direct, shadow: stores into the read-only pool exit here
             self.machine.on_mmio_write(layout.PT_POOL_BASE, layout.PT_POOL_SIZE, self._guest_store)
 
     def _make_mmu(self, paging: str) -> Mmu:
@@ -102,9 +102,10 @@ class Session:
         phys_bits = self.machine.vcpu.cpuid(0x80000008, 0)[0] & 0xFF or 48
         if paging == "trap":
             return TrapMmu(memory, (layout.PT_POOL_BASE, layout.PT_POOL_SIZE), phys_bits)
+        pool = (layout.PT_POOL_BASE, layout.PT_POOL_SIZE)
         if paging == "direct":
-            return DirectMmu(memory, phys_bits)
-        return ShadowMmu(memory, layout.SHADOW_BASE, layout.SHADOW_SIZE, phys_bits)
+            return DirectMmu(memory, phys_bits, pool)
+        return ShadowMmu(memory, layout.SHADOW_BASE, layout.SHADOW_SIZE, phys_bits, pool)
 
     def _guest_store(self, addr: int, size: int, value: int) -> None:
         assert isinstance(self.mmu, DirectMmu)

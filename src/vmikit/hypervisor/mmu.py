@@ -5,7 +5,8 @@ decode arguments and call it. Styles:
 
 - ``native``: hypercalls write the guest's tables with address checks only;
 - ``direct``: tables are registered, read-only to the guest, every update validated;
-- ``shadow``: as direct, and the hypervisor keeps the tables the hardware walks;
+- ``shadow``: as direct, and the hypervisor keeps the tables the hardware walks (in a region
+  that is read-only to the guest, like the pool);
 - ``trap`` (no ROM): ``TrapMmu`` validates and emulates the guest's trapped stores.
 
 A batch (FlushQueue) is checked entry by entry before any entry is applied.
@@ -84,6 +85,10 @@ class Mmu:
     def guest_cr3(self, hardware: int) -> int:
         return hardware
 
+    def is_table(self, page: int) -> bool:
+        """Whether ``page`` is a registered page-table page (the hypervisor must not write it)."""
+        return False
+
     def audit(self) -> list[str]:
         return []
 
@@ -96,12 +101,12 @@ class DirectMmu(Mmu):
 
     style = "direct"
 
-    def __init__(self, memory: GuestMemory, phys_bits: int = 48) -> None:
+    def __init__(self, memory: GuestMemory, phys_bits: int = 48, pool: tuple[int, int] | None = None) -> None:
         super().__init__(memory)
-        self.tables = PageTables(memory, phys_bits, set_accessed_dirty=self._hardware_cannot_write())
-
-    def _hardware_cannot_write(self) -> bool:
-        return True  # the pool is a read-only slot: the walker could not set A/D itself
+        self.tables = PageTables(memory, phys_bits, set_accessed_dirty=True)
+        # Tables must come from the pool: only there is a page read-only to the guest whatever its
+        # own (unvalidated boot) mappings say. None: any RAM page (the validator's unit tests).
+        self.pool = pool
 
     def check_pte(self, ptep: int, value: int) -> str | None:
         if ptep % 8:
@@ -140,6 +145,9 @@ class DirectMmu(Mmu):
         self.tables.close()
 
     def allocate(self, table: int, level: int) -> str | None:
+        if self.pool is not None and not self.pool[0] <= table < self.pool[0] + self.pool[1] \
+                and level in (1, 2, 3, 4):
+            return "BAD_ADDRESS"
         error = self.tables.can_register(table, level)
         if error is None:
             self.tables.register(table, level)
@@ -160,6 +168,9 @@ class DirectMmu(Mmu):
         self.root = root & ADDR_MASK
         return root
 
+    def is_table(self, page: int) -> bool:
+        return page in self.tables.level
+
     def on_guest_store(self, addr: int, size: int, value: int) -> None:
         """A guest store into the read-only pool: refused (the guest must use SetPTE)."""
         self.refused["PERMISSION"] += 1
@@ -173,21 +184,19 @@ class ShadowMmu(DirectMmu):
 
     style = "shadow"
 
-    def __init__(self, memory: GuestMemory, shadow_base: int, shadow_size: int, phys_bits: int = 48) -> None:
-        super().__init__(memory, phys_bits)
+    def __init__(self, memory: GuestMemory, shadow_base: int, shadow_size: int, phys_bits: int = 48,
+                 pool: tuple[int, int] | None = None) -> None:
+        super().__init__(memory, phys_bits, pool)
         self.shadow: dict[int, int] = {}  # guest table -> shadow page
         self.shadow_of = np.zeros(len(self.tables.level_of), U64)  # by guest frame: its shadow page
         self._free = list(range(shadow_base + shadow_size - PAGE, shadow_base - 1, -PAGE))
-
-    def _hardware_cannot_write(self) -> bool:
-        return False  # the guest's tables are RAM and the hardware never walks them
 
     def _shadow_value(self, level: int, value: int) -> int:
         if not value & P:
             return 0
         if is_leaf(level, value):
             return value | A | D  # shadow pages are the walker's: spare it the A/D writes
-        return (value & ~ADDR_MASK) | self.shadow[value & ADDR_MASK] | A
+        return (value & ~ADDR_MASK) | self.shadow.get(value & ADDR_MASK, 0) | A  # 0: an unvalidated entry
 
     def allocate(self, table: int, level: int) -> str | None:
         if table not in self.tables.level and not self._free:
@@ -260,7 +269,7 @@ class TrapMmu(DirectMmu):
     style = "trap"
 
     def __init__(self, memory: GuestMemory, pool: tuple[int, int], phys_bits: int = 48) -> None:
-        super().__init__(memory, phys_bits)
+        super().__init__(memory, phys_bits, pool)
         self.pool_base, self.pool_end = pool[0], pool[0] + pool[1]
         self.emulated = 0
 

@@ -239,6 +239,8 @@ class PageTables:
         if not value & P:
             return
         frame = value & ADDR_MASK
+        if frame >= self.limit:
+            return  # never for a checked entry; an unvalidated one must not crash the count
         if is_leaf(level, value):
             if value & RW:
                 size = SIZE_OF_LEAF[level]
@@ -248,7 +250,9 @@ class PageTables:
 
     def _count_many(self, levels: np.ndarray, values: np.ndarray, delta: int) -> None:
         v = values.astype(U64, copy=False)
-        present = (v & U64(P)) != 0
+        # Entries outside the counted range are never valid ones; skipping them keeps a forged
+        # entry (read back from guest memory) from indexing past the arrays.
+        present = ((v & U64(P)) != 0) & ((v & U64(ADDR_MASK)) < U64(self.limit))
         if not present.any():
             return
         lv = np.asarray(levels)
@@ -284,6 +288,8 @@ class PageTables:
                                 f"breaks {ERRORS[errors[index]]}")
             for i in np.flatnonzero(values & U64(P)):
                 value = int(values[i])
+                if value & ADDR_MASK >= self.limit:
+                    continue  # reported above as an invalid entry
                 if is_leaf(level, value):
                     if value & RW:
                         size = SIZE_OF_LEAF[level]

@@ -21,13 +21,19 @@ TSS_RSP0_OFFSET = 4
 
 
 def _gva_to_gpa(ctx: CallContext, va: int, length: int) -> int:
-    """The gpa of [va, va+length), which must not cross a page and must be RAM."""
+    """The gpa of [va, va+length), which must not cross a page and must be RAM, never a page table.
+
+    Descriptor writes go through the hypervisor, past the read-only pool: landing in a
+    registered page table would put an unvalidated value into it (found by fuzzing).
+    """
     if (va & 0xFFF) + length > 0x1000:
         raise HypercallError("BAD_ADDRESS")
     control = ctx.vcpu.get_control()
     gpa = translate(ctx.memory, control.cr0, control.cr3, va)
     if gpa is None or not ctx.memory.is_ram(gpa, length):
         raise HypercallError("BAD_ADDRESS")
+    if ctx.hypervisor.mmu.is_table(gpa & ~0xFFF):
+        raise HypercallError("PERMISSION")
     return gpa
 
 

@@ -14,10 +14,17 @@ ADDR_MASK = 0x000F_FFFF_FFFF_F000
 CR0_PG = 1 << 31
 
 
+def is_canonical(va: int) -> bool:
+    upper = va >> 47
+    return upper == 0 or upper == (1 << 17) - 1
+
+
 def translate(memory: GuestMemory, cr0: int, cr3: int, va: int) -> int | None:
     """The gpa for ``va`` under ``cr3`` (identity when paging is off), or None when unmapped."""
     if not cr0 & CR0_PG:
-        return va
+        return va if va < 1 << 32 else None
+    if not is_canonical(va):
+        return None  # the CPU would fault on it: bits 63..47 must all equal bit 47
     table = cr3 & ADDR_MASK
     for level, shift in ((4, 39), (3, 30), (2, 21), (1, 12)):
         index = (va >> shift) & 0x1FF

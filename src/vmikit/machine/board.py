@@ -126,7 +126,9 @@ class Machine:
         else:
             regions.append(Region(layout.HIGH_RAM_BASE, self.ram_end - layout.HIGH_RAM_BASE, name="high"))
         if private is not None:
-            regions.append(Region(private[0], private[1], name="hypervisor", kind="private"))
+            # The hypervisor's own tables (shadow paging): read-only to the guest, which can reach
+            # them through its boot identity map; shadow entries carry A/D so the walker never writes.
+            regions.append(Region(private[0], private[1], readonly=True, name="hypervisor", kind="private"))
         if rom is not None:
             if len(rom) > layout.ROM_IMAGE_MAX:
                 raise UsageError(f"the ROM image is {len(rom)} bytes, more than the {layout.ROM_IMAGE_MAX}-byte window",
