@@ -191,3 +191,15 @@ def test_compile_failure_names_log(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     log = Path(str(err.value).rsplit("full log in ", 1)[1])
     assert log.is_file() and "not an instruction" in log.read_text()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".build")]  # temp dir cleaned
+
+
+def test_a_spec_without_the_queue_annotation_builds_an_unaware_rom(tmp_path: Path) -> None:
+    from vmikit.abi.history import version_path
+    from vmikit.abi.model import Version
+    from vmikit.abi.spec import load_spec
+
+    old = load_spec(version_path(Version(1, 0)))
+    assert "queue" not in old.annotations
+    image = build_rom(RomProfile.FULL, honour_annotations=True, spec=old, cache_dir=tmp_path)
+    assert not image.honours_annotations
+    assert parse_rom(image.data, old).entries == image.entries

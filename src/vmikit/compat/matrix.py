@@ -16,7 +16,6 @@ from pathlib import Path
 from vmikit.abi.history import version_path
 from vmikit.abi.model import Spec, Version
 from vmikit.abi.spec import load_spec
-from vmikit.compat import eventchannel
 from vmikit.compat.guests import build_for
 from vmikit.errors import VmikitError
 from vmikit.session import Session
@@ -135,8 +134,6 @@ def run_cell(image: Path, guest: Version, hypervisor: Version | None, workload: 
             paging = opts.paging if workload == "mmu" else "native"
             session = Session(image, rom="full", annotations=annotations, paging=paging, cmdline=cmdline,
                               timeout=opts.timeout, console=out.append, spec=spec)
-            if session.hypervisor is not None:
-                eventchannel.install(session.hypervisor)
         with session:
             result = session.run()
         exits = sum(counts["exits"] for counts in result.by_call.values())

@@ -18,7 +18,7 @@ from vmikit.abi.spec import load_spec
 from vmikit.engine import StopRun, Vcpu
 from vmikit.hypervisor.context import CallContext, HypercallError
 from vmikit.hypervisor.experimental import EXPERIMENTAL_FAMILY, ExperimentalCalls
-from vmikit.hypervisor import cpu, mmu, query, segmentation
+from vmikit.hypervisor import cpu, eventchannel, mmu, query, segmentation
 from vmikit.hypervisor.mmu import Mmu
 from vmikit.hypervisor.registry import FamilyHandlers, Handler
 from vmikit.memory import GuestMemory, GuestMemoryError
@@ -36,7 +36,7 @@ class Route:
 
 
 def _family_modules() -> list[FamilyHandlers]:
-    return [cpu.HANDLERS, segmentation.HANDLERS, mmu.HANDLERS, query.HANDLERS]
+    return [cpu.HANDLERS, segmentation.HANDLERS, mmu.HANDLERS, query.HANDLERS, eventchannel.HANDLERS]
 
 
 class Hypervisor:
@@ -49,6 +49,7 @@ class Hypervisor:
         self.honour_annotations = honour_annotations
         self.experimental = experimental or ExperimentalCalls()
         self.routes: dict[int, Route] = {}
+        self.state: dict[str, object] = {}  # per-guest state of families that keep some (EventChannel)
         self._queueable: np.ndarray | None = None
         self.calls: Counter[int] = Counter()  # by full call ID: every call, queued ones included
         self.exits: Counter[int] = Counter()  # by full call ID: calls that cost an exit
@@ -69,7 +70,7 @@ class Hypervisor:
             for name, handler in module.handlers.items():
                 try:
                     call = self.spec.by_name(f"{module.family}.{name}")
-                except KeyError:
+                except (KeyError, ValueError):
                     continue  # an older interface version without this call: the hypervisor does not offer it
                 self.routes[call.call_id()] = Route(call.qualified_name, handler, self._honoured(call))
         for number, legacy_call in self.spec.legacy.items():

@@ -129,6 +129,9 @@ def build_rom(profile: RomProfile = RomProfile.FULL, *, honour_annotations: bool
               spec: Spec | None = None, cache_dir: Path | None = None) -> RomImage:
     """Build (or reuse from the cache) the ROM image for this profile and annotation mode."""
     spec = spec or load_spec()
+    # An interface without the queue annotation (VMI 1.0) has nothing to honour: the ROM is
+    # then the annotation-unaware one, whatever was asked.
+    honour_annotations = honour_annotations and "queue" in spec.annotations
     gcc, objcopy = _tool("gcc"), _tool("objcopy")
     files = _sources(spec, profile, honour_annotations)
     digest = _digest(files, profile, honour_annotations, gcc, objcopy)
