@@ -138,3 +138,13 @@ def test_versioning_rules_are_in_the_generated_reference() -> None:
     for rule in RULES.values():
         assert f"| `{rule.kind}` | {rule.severity} |" in text
     assert "VMI_MIN_VERSION" in load_spec().doc  # and in the spec's own doc
+
+
+def test_cli_runs_a_guest_on_an_older_hypervisor(kvm: str) -> None:
+    """`vmikit run --spec 1.0`: the current mmu guest on a 1.0 hypervisor, same digest as bare."""
+    digests = []
+    for args in (("--rom", "none"), ("--spec", "1.0", "--paging", "direct")):
+        proc = vmikit("run", "mmu", "--cmdline", "pages=64 switches=4", *args, timeout=300)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        digests.append([line for line in proc.stdout.splitlines() if line.startswith("DIGEST ")])
+    assert digests[0] == digests[1] and len(digests[0]) == 1

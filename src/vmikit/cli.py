@@ -58,6 +58,9 @@ def _stream(data: bytes) -> None:
               show_default=True, help="Page-table style (docs/paging.md).")
 @click.option("--audit", is_flag=True, help="Check every page-table invariant after each update batch (slow).")
 @click.option("--cmdline", default="", help="The guest's multiboot command line (e.g. pages=4096).")
+@click.option("--spec", "spec_name", default=None,
+              help="Interface version the hypervisor and its ROM implement: 1.0, 1.1, 1.2 or a spec file "
+                   "(default: the packaged spec).")
 @click.option("--annotations", type=click.Choice(["honour", "ignore"]), default="honour", show_default=True,
               help="Whether the hypervisor honours call annotations (queued SetPTE).")
 @click.option("--extension", "extensions", multiple=True, type=click.Path(dir_okay=False, path_type=Path),
@@ -65,17 +68,24 @@ def _stream(data: bytes) -> None:
 @click.option("--stats", is_flag=True, help="Print exit counts by reason, port and call after the run.")
 @click.option("--json", "json_file", type=click.Path(dir_okay=False, path_type=Path), help="Write a JSON summary here.")
 def run(guest: str, memory_mib: int, timeout: float, rom: str | None, paging: str, audit: bool, cmdline: str,
-        annotations: str, extensions: tuple[Path, ...], stats: bool, json_file: Path | None) -> None:
+        spec_name: str | None, annotations: str, extensions: tuple[Path, ...], stats: bool,
+        json_file: Path | None) -> None:
     """Run GUEST (a bundled guest name or an ELF path) and exit with its status."""
     from vmikit.hypervisor.experimental import ExperimentalCalls, load_extension
     from vmikit.session import Session
 
+    spec = None
+    if spec_name is not None:
+        from vmikit.abi.history import resolve
+        from vmikit.abi.spec import load_spec
+
+        spec = load_spec(resolve(spec_name))
     calls = ExperimentalCalls()
     for extension in extensions:
         load_extension(extension, calls)
     image = resolve_image(guest)
     with Session(image, rom=rom, annotations=annotations, paging=paging, memory_mib=memory_mib, timeout=timeout,
-                 console=_stream, experimental=calls, audit=audit, cmdline=cmdline) as session:
+                 console=_stream, experimental=calls, audit=audit, cmdline=cmdline, spec=spec) as session:
         result = session.run()
     summary = {"guest": guest, "image": str(image), "memory_mib": memory_mib, **result.summary()}
     if stats:
