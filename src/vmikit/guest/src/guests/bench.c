@@ -31,19 +31,7 @@
 
 #define MARK_END    0x80000000u
 
-#define PTE_P     0x001ull
-#define PTE_RW    0x002ull
-#define PTE_A     0x020ull
-#define PTE_D     0x040ull
-#define PTE_PS    0x080ull
-#define PTE_ADDR  0x000FFFFFFFFFF000ull
-#define NONLEAF   (PTE_P | PTE_RW | PTE_A)
-#define LEAF_RW   (PTE_P | PTE_RW | PTE_A | PTE_D)
-#define LEAF_RO   (PTE_P | PTE_A | PTE_D)
-
-#define SZ_4K     0x1000ull
-#define SZ_2M     0x200000ull
-#define SZ_1G     0x40000000ull
+#include "paging.h"
 
 #define WORK_BASE     0x0000010000000000ull /* PML4 index 2 */
 #define LOW_END       0x9F000ull
@@ -155,22 +143,10 @@ static uint64_t new_table(uint32_t level)
 	return t;
 }
 
+/* Whole 2 MiB pages only (QEMU keeps a tail for itself). */
 static uint64_t ram_end(void)
 {
-	const struct multiboot_info *mbi = boot_info;
-	uint64_t end = 0;
-	if (mbi && (mbi->flags & MULTIBOOT_INFO_MMAP)) {
-		uint64_t p = mbi->mmap_addr, stop = p + mbi->mmap_length;
-		while (p + sizeof(struct multiboot_mmap_entry) <= stop) {
-			const struct multiboot_mmap_entry *e = (const void *)(uintptr_t)p;
-			if (e->type == MULTIBOOT_MEMORY_AVAILABLE && e->base + e->len > end && e->base < 4 * SZ_1G)
-				end = e->base + e->len;
-			p += (uint64_t)e->size + sizeof(e->size);
-		}
-	}
-	if (end > 4 * SZ_1G)
-		end = 4 * SZ_1G;
-	return end & ~(SZ_2M - 1); /* whole 2 MiB pages only (QEMU keeps a tail for itself) */
+	return ram_end_below_4g() & ~(SZ_2M - 1);
 }
 
 static uint64_t space_a, space_b;  /* the bench address spaces (b shares everything with a) */

@@ -156,22 +156,6 @@ static int cmdline_has(const char *word)
 	return 0;
 }
 
-static uint64_t usable_ram_end(void)
-{
-	const struct multiboot_info *mbi = boot_info;
-	uint64_t end = 0;
-	if (mbi && (mbi->flags & MULTIBOOT_INFO_MMAP)) {
-		uint64_t p = mbi->mmap_addr, stop = p + mbi->mmap_length;
-		while (p + sizeof(struct multiboot_mmap_entry) <= stop) {
-			const struct multiboot_mmap_entry *e = (const void *)(uintptr_t)p;
-			if (e->type == MULTIBOOT_MEMORY_AVAILABLE && e->base + e->len > end)
-				end = e->base + e->len;
-			p += (uint64_t)e->size + sizeof(e->size);
-		}
-	}
-	return end & ~0xFFFull;
-}
-
 static inline uint64_t rd64(uint64_t a) { return *(volatile uint64_t *)(uintptr_t)a; }
 
 static void print_record(const char *why)
@@ -850,7 +834,7 @@ static void one_attack(void)
 
 static int setup(void)
 {
-	ram_end = usable_ram_end();
+	ram_end = ram_end_below_4g();
 	boot_cr3 = read_cr3() & ADDR;
 	for (int i = 0; i < NPOOL; i++)
 		if (!(pool[i] = (uintptr_t)alloc_pt_page()))

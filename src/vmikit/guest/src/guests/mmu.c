@@ -248,7 +248,7 @@ void kmain(uint32_t magic, uint32_t mbinfo)
 		ncow = free_frames > 3 ? free_frames - 3 : 0;
 	printf("mmu: pages=%u switches=%u\n", npages, nswitches);
 
-	uint64_t ram_end = usable_ram_end();
+	uint64_t ram_end = ram_end_below_4g();
 	if (ram_end < DATA_POOL_BASE + DATA_POOL_SIZE) {
 		report(0, "the mmu workload needs RAM up to the end of the data pool (96 MiB; run with -m 128)");
 		vmi_shutdown((uint32_t)report_summary());

@@ -17,20 +17,7 @@
 #include "lib.h"
 #include "vmi.h"
 
-#define PTE_P     0x001ull
-#define PTE_RW    0x002ull
-#define PTE_A     0x020ull
-#define PTE_D     0x040ull
-#define PTE_PS    0x080ull
-#define PTE_ADDR  0x000FFFFFFFFFF000ull
-#define NONLEAF   (PTE_P | PTE_RW | PTE_A)
-#define LEAF_RW   (PTE_P | PTE_RW | PTE_A | PTE_D)
-#define LEAF_RO   (PTE_P | PTE_A | PTE_D)
-
-#define SZ_4K     0x1000ull
-#define SZ_2M     0x200000ull
-#define SZ_1G     0x40000000ull
-#define MEM_4G    0x100000000ull
+#include "paging.h"
 
 #define WORK_BASE       0x0000010000000000ull /* PML4 index 2 */
 #define LOW_RAM_END     0x9F000ull
@@ -87,30 +74,6 @@ static uint64_t new_table(uint32_t level)
 
 /* --- boot information ------------------------------------------------------ */
 
-/* End of usable RAM below 4 GiB from the multiboot memory map (page-aligned down). */
-static uint64_t usable_ram_end(void)
-{
-	const struct multiboot_info *mbi = boot_info;
-	uint64_t end = 0;
-
-	if (mbi && (mbi->flags & MULTIBOOT_INFO_MMAP)) {
-		uint64_t p = mbi->mmap_addr, stop = p + mbi->mmap_length;
-		while (p + sizeof(struct multiboot_mmap_entry) <= stop) {
-			const struct multiboot_mmap_entry *e = (const void *)(uintptr_t)p;
-			if (e->type == MULTIBOOT_MEMORY_AVAILABLE && e->base < MEM_4G) {
-				uint64_t top = e->base + e->len;
-				if (top > MEM_4G)
-					top = MEM_4G;
-				if (top > end)
-					end = top;
-			}
-			p += (uint64_t)e->size + sizeof(e->size);
-		}
-	} else if (mbi && (mbi->flags & MULTIBOOT_INFO_MEMORY)) {
-		end = 0x100000ull + (uint64_t)mbi->mem_upper * 1024;
-	}
-	return end & ~(SZ_4K - 1);
-}
 
 /* Value of `key=` (decimal or 0x hex) on the multiboot command line, else `def`. */
 static __attribute__((unused)) uint64_t cmdline_value(const char *key, uint64_t def)

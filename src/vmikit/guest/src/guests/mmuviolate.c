@@ -237,7 +237,7 @@ void kmain(uint32_t magic, uint32_t mbinfo)
 {
 	(void)magic, (void)mbinfo;
 	printf("mmuviolate\n");
-	ram_end = usable_ram_end();
+	ram_end = ram_end_below_4g();
 
 	pml4 = build_kernel_space(ram_end, &kpdpt);
 	pdpt = new_table(VMI_LEVEL_PDPT);

@@ -65,6 +65,7 @@ const char *exception_name(unsigned vector);
 void alloc_init(const struct multiboot_info *mbi);
 void *alloc_page(void); /* zeroed 4 KiB page, or NULL when memory is exhausted */
 void *alloc_pt_page(void); /* a fresh, zero page of the page-table pool, or NULL; never written here */
+uint64_t ram_end_below_4g(void); /* end of usable RAM below 4 GiB (memory map), page-aligned down */
 void free_page(void *page);
 
 #endif

@@ -12,6 +12,7 @@
  * and are handed out first.
  */
 #include "lib.h"
+#include "paging.h"
 
 #define MAX_RANGES    32
 #define MAX_RESERVED  9
@@ -143,4 +144,29 @@ void free_page(void *page)
 	struct free_page *f = page;
 	f->next = free_list;
 	free_list = f;
+}
+
+/* End of usable RAM below 4 GiB from the multiboot memory map (page-aligned down). */
+uint64_t ram_end_below_4g(void)
+{
+	const struct multiboot_info *mbi = boot_info;
+	uint64_t end = 0;
+
+	if (mbi && (mbi->flags & MULTIBOOT_INFO_MMAP)) {
+		uint64_t p = mbi->mmap_addr, stop = p + mbi->mmap_length;
+		while (p + sizeof(struct multiboot_mmap_entry) <= stop) {
+			const struct multiboot_mmap_entry *e = (const void *)(uintptr_t)p;
+			if (e->type == MULTIBOOT_MEMORY_AVAILABLE && e->base < MEM_4G) {
+				uint64_t top = e->base + e->len;
+				if (top > MEM_4G)
+					top = MEM_4G;
+				if (top > end)
+					end = top;
+			}
+			p += (uint64_t)e->size + sizeof(e->size);
+		}
+	} else if (mbi && (mbi->flags & MULTIBOOT_INFO_MEMORY)) {
+		end = 0x100000ull + (uint64_t)mbi->mem_upper * 1024;
+	}
+	return end & ~(SZ_4K - 1);
 }

@@ -1,0 +1,21 @@
+/* x86-64 page-table entry bits and page sizes, for guests that build their own tables. */
+#ifndef VMIKIT_PAGING_H
+#define VMIKIT_PAGING_H
+
+#define PTE_P     0x001ull
+#define PTE_RW    0x002ull
+#define PTE_A     0x020ull
+#define PTE_D     0x040ull
+#define PTE_PS    0x080ull
+#define PTE_ADDR  0x000FFFFFFFFFF000ull
+/* docs/paging.md: every entry carries Accessed, leaves also Dirty (the hardware never writes a table). */
+#define NONLEAF   (PTE_P | PTE_RW | PTE_A)
+#define LEAF_RW   (PTE_P | PTE_RW | PTE_A | PTE_D)
+#define LEAF_RO   (PTE_P | PTE_A | PTE_D)
+
+#define SZ_4K     0x1000ull
+#define SZ_2M     0x200000ull
+#define SZ_1G     0x40000000ull
+#define MEM_4G    0x100000000ull
+
+#endif
