@@ -13,7 +13,17 @@ from vmikit.errors import GuestCrash, UsageError, VmikitError
 
 
 class _Group(click.Group):
-    """Turns VmikitError into one line on stderr (plus a register dump for guests) and its exit status."""
+    """Turns VmikitError into one line on stderr (plus a register dump for guests) and its exit status;
+    loads subsystem commands (SUBCOMMANDS) on first use."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(set(super().list_commands(ctx)) | {n for n in SUBCOMMANDS if _load_subcommand(n)})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        command = super().get_command(ctx, cmd_name)
+        if command is None and cmd_name in SUBCOMMANDS:
+            command = _load_subcommand(cmd_name)
+        return command
 
     def invoke(self, ctx: click.Context) -> object:
         try:
@@ -141,27 +151,27 @@ def doctor(device: str) -> None:
     sys.exit(0 if ok else 3)
 
 
-# Commands that live with their subsystem: (module, attribute). Each module defines one click
-# command or group; a subsystem adds itself here and nowhere else in this file.
-SUBCOMMANDS = [
-    ("vmikit.abi.cli", "spec_group"),
-    ("vmikit.bench.cli", "bench"),
-    ("vmikit.fuzz.cli", "fuzz"),
-    ("vmikit.compat.cli", "compat"),
-]
+# Commands that live with their subsystem: name -> (module, attribute). Each module defines one
+# click command or group; a subsystem adds itself here and nowhere else in this file. They are
+# imported only when used, so `vmikit run` does not pay for the benchmark's or fuzzer's imports.
+SUBCOMMANDS = {
+    "spec": ("vmikit.abi.cli", "spec_group"),
+    "bench": ("vmikit.bench.cli", "bench"),
+    "fuzz": ("vmikit.fuzz.cli", "fuzz"),
+    "compat": ("vmikit.compat.cli", "compat"),
+}
 
 
-def _add_subcommands() -> None:
+def _load_subcommand(name: str) -> click.Command | None:
     import importlib
 
-    for module_name, attribute in SUBCOMMANDS:
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as exc:
-            if exc.name is None or not module_name.startswith(exc.name):  # a real missing dependency
-                raise
-            continue
-        main.add_command(getattr(module, attribute))
-
-
-_add_subcommands()
+    module_name, attribute = SUBCOMMANDS[name]
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name is None or not module_name.startswith(exc.name):  # a real missing dependency
+            raise
+        return None  # the subsystem is not part of this build
+    command = getattr(module, attribute)
+    assert isinstance(command, click.Command)
+    return command
