@@ -366,7 +366,10 @@ def flush_queue(ctx: CallContext, batch: int, count: int, _: int) -> tuple[int, 
     entries = np.frombuffer(ctx.memory.read(batch, count * BATCH_ENTRY.size), dtype=BATCH_DTYPE)
     ids = entries["call_id"]
     bad_id = (entries["reserved"] != 0) | ((ids & 0xFF00) != 0)  # checked per entry, in order, below
-    queueable = np.isin(ids & np.uint32(0xFFFFFF00), hv.queueable_keys())
+    keys = ids & np.uint32(0xFFFFFF00)
+    queueable = np.zeros(count, bool)
+    for key in hv.queueable_keys():  # a handful of IDs: cheaper than np.isin
+        queueable |= keys == key
     pteps, values = entries["a0"], entries["a1"]
     first_bad_id = int(np.argmax(bad_id | ~queueable)) if (bad_id | ~queueable).any() else count
     failure = mmu.check_batch(pteps[:first_bad_id], values[:first_bad_id]) if first_bad_id else None

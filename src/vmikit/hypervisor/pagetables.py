@@ -208,18 +208,25 @@ class PageTables:
         """``apply`` for arrays of distinct, checked entries; returns the stored values."""
         levels = self.levels_of(pteps)
         old = self._gather(pteps)
-        self._count_many(levels, old, -1)
         stored = values.astype(U64, copy=True)
         if self.set_accessed_dirty:
             present = (stored & U64(P)) != 0
             leaf = (levels == 1) | (((levels == 2) | (levels == 3)) & ((stored & U64(PS)) != 0))
             stored[present] |= U64(A)
             stored[present & leaf] |= U64(D)
-        self._count_many(levels, stored, +1)
+        # One counting pass: the old entries leave (-1), the new ones arrive (+1).
+        n = len(pteps)
+        self._count_many(np.concatenate((levels, levels)), np.concatenate((old, stored)),
+                         np.concatenate((np.full(n, -1, np.int32), np.ones(n, np.int32))))
         self._scatter(pteps, stored)
         return stored
 
     def _region_views(self, addrs: np.ndarray):  # type: ignore[no-untyped-def]
+        low, high = int(addrs.min()), int(addrs.max())
+        for start, end, view in self._views:  # the common case: every address in one region
+            if start <= low and high < end:
+                yield slice(None), view, ((addrs - U64(start)) >> U64(3)).astype(np.int64)
+                return
         for start, end, view in self._views:
             mask = (addrs >= U64(start)) & (addrs < U64(end))
             if mask.any():
@@ -248,7 +255,8 @@ class PageTables:
         else:
             self.refs[frame >> 12] += delta
 
-    def _count_many(self, levels: np.ndarray, values: np.ndarray, delta: int) -> None:
+    def _count_many(self, levels: np.ndarray, values: np.ndarray, delta: int | np.ndarray) -> None:
+        """Add ``delta`` (one for all, or one per entry) to the counts the entries contribute."""
         v = values.astype(U64, copy=False)
         # Entries outside the counted range are never valid ones; skipping them keeps a forged
         # entry (read back from guest memory) from indexing past the arrays.
@@ -258,13 +266,15 @@ class PageTables:
         lv = np.asarray(levels)
         leaf = (lv == 1) | (((lv == 2) | (lv == 3)) & ((v & U64(PS)) != 0))
         frame = v & U64(ADDR_MASK)
+        deltas = np.broadcast_to(np.asarray(delta, np.int32), v.shape)
         nonleaf = present & ~leaf
-        np.add.at(self.refs, (frame[nonleaf] >> U64(12)).astype(np.int64), delta)
+        if nonleaf.any():
+            np.add.at(self.refs, (frame[nonleaf] >> U64(12)).astype(np.int64), deltas[nonleaf])
         writable = present & leaf & ((v & U64(RW)) != 0)
         for level, size in SIZE_OF_LEAF.items():
             sel = writable & (lv == level)
             if sel.any():
-                np.add.at(self.writable[size], (frame[sel] // U64(size)).astype(np.int64), delta)
+                np.add.at(self.writable[size], (frame[sel] // U64(size)).astype(np.int64), deltas[sel])
 
     def entries(self, table: int) -> np.ndarray:
         return np.frombuffer(self.memory.read(table, PAGE), dtype="<u8")
