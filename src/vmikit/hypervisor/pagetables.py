@@ -222,6 +222,8 @@ class PageTables:
         return stored
 
     def _region_views(self, addrs: np.ndarray):  # type: ignore[no-untyped-def]
+        if not len(addrs):
+            return
         low, high = int(addrs.min()), int(addrs.max())
         for start, end, view in self._views:  # the common case: every address in one region
             if start <= low and high < end:
