@@ -32,6 +32,11 @@ BATCH_DTYPE = np.dtype([("call_id", "<u4"), ("reserved", "<u4"), ("a0", "<u8"), 
 PAGING_STYLES = ("native", "trap", "direct", "shadow")
 
 
+def _has_duplicates(values: np.ndarray) -> bool:
+    ordered = np.sort(values)
+    return bool((ordered[1:] == ordered[:-1]).any())
+
+
 class Mmu:
     """The ``native`` style: the guest owns its tables; calls only check addresses."""
 
@@ -136,7 +141,7 @@ class DirectMmu(Mmu):
         return index, str(ERRORS[errors[index]])
 
     def apply_batch(self, pteps: np.ndarray, values: np.ndarray) -> None:
-        if len(np.unique(pteps)) != len(pteps):  # the same entry twice: order matters, go one by one
+        if _has_duplicates(pteps):  # the same entry twice: order matters, go one by one
             super().apply_batch(pteps, values)
         else:
             self.tables.apply_many(pteps, values)
@@ -227,7 +232,7 @@ class ShadowMmu(DirectMmu):
         self.memory.write_u64(self.shadow[table] + (ptep & (PAGE - 1)), self._shadow_value(level, value))
 
     def apply_batch(self, pteps: np.ndarray, values: np.ndarray) -> None:
-        if len(np.unique(pteps)) != len(pteps):
+        if _has_duplicates(pteps):
             Mmu.apply_batch(self, pteps, values)
             return
         self.tables.apply_many(pteps, values)

@@ -61,6 +61,16 @@ class PageTables:
         self.tables_in = {MiB2: np.zeros((frames >> 9) + 1, np.int32), GiB1: np.zeros((frames >> 18) + 1, np.int32)}
         self.reserved_mask = ((1 << 52) - 1) & ~((1 << self.phys_bits) - 1)
         self._views = [(r.gpa, r.end, np.frombuffer(r.mem, dtype="<u8")) for r in self.memory.regions]
+        # The kind of memory (1 RAM, 2 ROM, 0 neither) of every whole 4 KiB, 2 MiB and 1 GiB frame
+        # that lies inside one region: a large leaf across a region boundary maps no single kind.
+        self._kind4 = np.zeros(frames, np.int8)
+        self._kind2 = np.zeros((frames >> 9) + 1, np.int8)
+        self._kind1 = np.zeros((frames >> 18) + 1, np.int8)
+        for start, end, code in spans:
+            for table, size in ((self._kind4, PAGE), (self._kind2, MiB2), (self._kind1, GiB1)):
+                table[-(-start // size):end // size] = code
+        # Frame bits a large leaf must leave clear, by level (bit 12 is PAT there).
+        self._align = np.array([0, 0, (MiB2 - 1) & ~PAGE & ~0xFFF, (GiB1 - 1) & ~PAGE & ~0xFFF, 0], U64)
 
     # --- the rules, one entry --------------------------------------------------------
 
@@ -105,35 +115,35 @@ class PageTables:
     # --- the rules, a batch ------------------------------------------------------------
 
     def check_many(self, levels: np.ndarray, values: np.ndarray) -> np.ndarray:
-        """``check`` for arrays of levels (int) and values (uint64): an error code per entry (0 = valid)."""
+        """``check`` for arrays of levels (int) and values (uint64): an error code per entry (0 = valid).
+
+        Every lookup is an array gather (kinds of memory per 4 KiB / 2 MiB / 1 GiB frame were
+        precomputed), so a batch costs a fixed few dozen array operations.
+        """
         v = values.astype(U64, copy=False)
-        lv = levels.astype(np.int64)
-        err = np.zeros(len(v), np.int8)
+        lv = np.asarray(levels, np.int64)
         present = (v & U64(P)) != 0
         ps = (v & U64(PS)) != 0
         reserved = present & (((v & U64(self.reserved_mask)) != 0) | ((lv == 4) & ps))
         ok = present & ~reserved
-        leaf = ok & ((lv == 1) | (((lv == 2) | (lv == 3)) & ps))
-        size = np.where(lv == 1, 1 << 12, np.where(lv == 2, 1 << 21, 1 << 30)).astype(U64)
+        leaf = ok & ((lv == 1) | ((lv < 4) & ps))
         raw = v & U64(ADDR_MASK)
-        misaligned = leaf & (lv >= 2) & ((raw & (size - U64(1)) & ~U64(PAGE)) != 0)
-        frame = raw & ~(size - U64(1))
-        kind = np.zeros(len(v), np.int8)
-        for start, end, code in self._spans:
-            kind[(frame >= U64(start)) & (frame + size <= U64(end))] = code
-        rw = (v & U64(RW)) != 0
-        index = np.minimum(frame >> U64(12), U64(len(self.level_of) - 1)).astype(np.int64)
+        inside = raw < U64(self.limit)
+        index = np.where(inside, raw >> U64(12), U64(0)).astype(np.int64)
+        misaligned = leaf & ((raw & self._align[lv]) != 0)
+        kind = np.where(lv == 1, self._kind4[index],
+                        np.where(lv == 2, self._kind2[index >> 9], self._kind1[index >> 18])) * inside
         maps_table = np.where(lv == 1, self.level_of[index] != 0,
-                              np.where(lv == 2, self.tables_in[MiB2][np.minimum(index >> 9, len(self.tables_in[MiB2]) - 1)] > 0,
-                                       self.tables_in[GiB1][np.minimum(index >> 18, len(self.tables_in[GiB1]) - 1)] > 0))
+                              np.where(lv == 2, self.tables_in[MiB2][index >> 9] > 0,
+                                       self.tables_in[GiB1][index >> 18] > 0))
+        rw = (v & U64(RW)) != 0
         leaf_ok = leaf & ~misaligned
+        err = np.zeros(len(v), np.int8)
         err[reserved | misaligned] = _RPB
         err[leaf_ok & (kind == 0)] = _BAD
-        err[leaf_ok & (kind == 2) & rw] = _PERM
-        err[leaf_ok & (kind == 1) & rw & maps_table] = _PERM
+        err[leaf_ok & rw & ((kind == 2) | ((kind == 1) & maps_table))] = _PERM
         nonleaf = ok & ~leaf
-        in_range = raw < U64(self.limit)
-        child = np.where(in_range, self.level_of[np.minimum(raw >> U64(12), U64(len(self.level_of) - 1)).astype(np.int64)], 0)
+        child = self.level_of[index] * inside
         err[nonleaf & (child == 0)] = _NPT
         err[nonleaf & (child != 0) & (child != lv - 1)] = _WL
         return err
