@@ -14,10 +14,13 @@ from vmikit.kvm.api import (
     KVM_RUN, OPTIONAL_CAPS, REQUIRED_CAPS, Kvm, KvmVcpu, KvmVm, _ioctl,
 )
 from vmikit.kvm.structs import KVM_SYNC_X86_REGS, KvmSegment
-from vmikit.machine import layout
 from vmikit.memory import Region
 
 KICK_SIGNAL = signal.SIGUSR1
+# Guest-physical pages KVM needs for itself on Intel hosts (unused on AMD): just below 4 GiB,
+# above any guest RAM the board maps (machine.layout.MAX_MEMORY_MIB).
+KVM_TSS_ADDR = 0xFFFBD000
+KVM_IDENTITY_MAP_ADDR = 0xFFFBC000
 
 _INTERNAL_SUBERRORS = {
     1: "KVM could not emulate an instruction",
@@ -267,8 +270,8 @@ class KvmVmEngine:
         self._kvm = kvm
         self._vm = vm
         self._vcpus: list[KvmVcpuEngine] = []
-        vm.set_tss_addr(layout.KVM_TSS_ADDR)
-        vm.set_identity_map_addr(layout.KVM_IDENTITY_MAP_ADDR)
+        vm.set_tss_addr(KVM_TSS_ADDR)
+        vm.set_identity_map_addr(KVM_IDENTITY_MAP_ADDR)
 
     def add_memory(self, region: Region) -> None:
         self._vm.set_memory_region(region.gpa, region.size, region.host_addr, region.readonly)

@@ -30,9 +30,7 @@ HIGH_RAM_BASE = 0x100000  # kernels are linked here (1 MiB)
 MIN_MEMORY_MIB = 4
 MAX_MEMORY_MIB = 3072  # stay below the 32-bit PCI hole: one flat high RAM slot
 
-# Addresses KVM needs for its own use on Intel hosts (unused on AMD), above RAM.
-KVM_TSS_ADDR = 0xFFFBD000
-KVM_IDENTITY_MAP_ADDR = 0xFFFBC000
+# KVM's own pages on Intel hosts sit at 0xFFFBC000-0xFFFBFFFF (engine/kvm.py), above any RAM here.
 
 # I/O ports.
 PORT_SERIAL = 0x3F8  # COM1 transmit holding register
