@@ -115,8 +115,6 @@ def test_bug_shadow_pool_is_not_writable_by_the_guest(kvm: str, hello: Path) -> 
         assert pool and pool[0].readonly
 
 
-@pytest.mark.xfail(strict=True, reason="defense in depth: ShadowMmu takes old entry values from guest memory; "
-                   "unreachable by a guest once the pool is read-only under shadow (see the test above)")
 def test_bug_shadow_release_trusts_guest_memory() -> None:
     """The exploit behind the two bugs above, on the model: a forged entry (a plain store) lets the
     guest drop a reference the shadow still uses, release that table and get its shadow page reused."""

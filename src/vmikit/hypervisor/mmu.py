@@ -194,6 +194,9 @@ class ShadowMmu(DirectMmu):
         super().__init__(memory, phys_bits, pool)
         self.shadow: dict[int, int] = {}  # guest table -> shadow page
         self.shadow_of = np.zeros(len(self.tables.level_of), U64)  # by guest frame: its shadow page
+        self.shadow_base = shadow_base
+        self.guest_of = np.zeros(shadow_size >> 12, U64)  # by shadow page: the guest table it shadows
+        self.tables.validated = self._validated
         self._free = list(range(shadow_base + shadow_size - PAGE, shadow_base - 1, -PAGE))
 
     def _shadow_value(self, level: int, value: int) -> int:
@@ -211,6 +214,7 @@ class ShadowMmu(DirectMmu):
             page = self._free.pop()
             self.shadow[table] = page
             self.shadow_of[table >> 12] = page
+            self.guest_of[(page - self.shadow_base) >> 12] = table
             values = self.tables.entries(table)
             self.memory.write(page, b"".join(
                 self._shadow_value(level, int(v)).to_bytes(8, "little") for v in values))
@@ -221,6 +225,7 @@ class ShadowMmu(DirectMmu):
         if error is None:
             page = self.shadow.pop(table)
             self.shadow_of[table >> 12] = 0
+            self.guest_of[(page - self.shadow_base) >> 12] = 0
             self.memory.zero(page, PAGE)
             self._free.append(page)
         return error
@@ -230,6 +235,18 @@ class ShadowMmu(DirectMmu):
         super().apply_pte(ptep, value)
         level = self.tables.level[table]
         self.memory.write_u64(self.shadow[table] + (ptep & (PAGE - 1)), self._shadow_value(level, value))
+
+    def _validated(self, pteps: np.ndarray) -> np.ndarray:
+        """The guest values last validated for these entries, recovered from their shadows (the
+        guest's own copy is not believed: only what passed the checks counts)."""
+        levels = self.tables.levels_of(pteps).astype(np.int64)
+        where = self.shadow_of[(pteps >> U64(12)).astype(np.int64)] + (pteps & U64(PAGE - 1))
+        s = self.tables._gather(where)
+        present = (s & U64(P)) != 0
+        leaf = (levels == 1) | ((levels < 4) & ((s & U64(PS)) != 0))
+        page = ((s & U64(ADDR_MASK)) - U64(self.shadow_base)) >> U64(12)
+        guest = self.guest_of[np.minimum(page, U64(len(self.guest_of) - 1)).astype(np.int64)]
+        return np.where(present, np.where(leaf, s, (s & ~U64(ADDR_MASK)) | guest), U64(0))
 
     def apply_batch(self, pteps: np.ndarray, values: np.ndarray) -> None:
         if _has_duplicates(pteps):

@@ -15,6 +15,7 @@ entries leave.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -61,6 +62,9 @@ class PageTables:
         self.tables_in = {MiB2: np.zeros((frames >> 9) + 1, np.int32), GiB1: np.zeros((frames >> 18) + 1, np.int32)}
         self.reserved_mask = ((1 << 52) - 1) & ~((1 << self.phys_bits) - 1)
         self._views = [(r.gpa, r.end, np.frombuffer(r.mem, dtype="<u8")) for r in self.memory.regions]
+        # Where the last validated value of an entry is read from: guest memory by default; shadow
+        # paging answers from its own copy, so a value the guest forged is never believed.
+        self.validated: Callable[[np.ndarray], np.ndarray] = self._gather
         # The kind of memory (1 RAM, 2 ROM, 0 neither) of every whole 4 KiB, 2 MiB and 1 GiB frame
         # that lies inside one region: a large leaf across a region boundary maps no single kind.
         self._kind4 = np.zeros(frames, np.int8)
@@ -189,12 +193,13 @@ class PageTables:
         self._count_many(np.full(ENTRIES, level), self.entries(table), +1)
 
     def release(self, table: int) -> None:
+        old = self.validated(np.arange(table, table + PAGE, 8, dtype=U64))  # while it is still a table
         level = self.level.pop(table)
         frame = table >> 12
         self.level_of[frame] = 0
         self.tables_in[MiB2][frame >> 9] -= 1
         self.tables_in[GiB1][frame >> 18] -= 1
-        self._count_many(np.full(ENTRIES, level), self.entries(table), -1)
+        self._count_many(np.full(ENTRIES, level), old, -1)
 
     # --- applying checked entries ---------------------------------------------------------------
 
@@ -207,7 +212,7 @@ class PageTables:
     def apply(self, ptep: int, value: int) -> int:
         """Write a checked entry into the table holding ``ptep``; returns the stored value."""
         level = self.level[ptep & ~(PAGE - 1)]
-        old = self.memory.read_u64(ptep)
+        old = int(self.validated(np.array([ptep], U64))[0])
         self._count(level, old, -1)
         value = self.stored(level, value)
         self._count(level, value, +1)
@@ -217,7 +222,7 @@ class PageTables:
     def apply_many(self, pteps: np.ndarray, values: np.ndarray) -> np.ndarray:
         """``apply`` for arrays of distinct, checked entries; returns the stored values."""
         levels = self.levels_of(pteps)
-        old = self._gather(pteps)
+        old = self.validated(pteps)
         stored = values.astype(U64, copy=True)
         if self.set_accessed_dirty:
             present = (stored & U64(P)) != 0
