@@ -65,6 +65,7 @@ class PageTables:
         # Where the last validated value of an entry is read from: guest memory by default; shadow
         # paging answers from its own copy, so a value the guest forged is never believed.
         self.validated: Callable[[np.ndarray], np.ndarray] = self._gather
+        self.validated_one: Callable[[int], int] = self.memory.read_u64
         # The kind of memory (1 RAM, 2 ROM, 0 neither) of every whole 4 KiB, 2 MiB and 1 GiB frame
         # that lies inside one region: a large leaf across a region boundary maps no single kind.
         self._kind4 = np.zeros(frames, np.int8)
@@ -212,7 +213,7 @@ class PageTables:
     def apply(self, ptep: int, value: int) -> int:
         """Write a checked entry into the table holding ``ptep``; returns the stored value."""
         level = self.level[ptep & ~(PAGE - 1)]
-        old = int(self.validated(np.array([ptep], U64))[0])
+        old = self.validated_one(ptep)
         self._count(level, old, -1)
         value = self.stored(level, value)
         self._count(level, value, +1)
