@@ -12,7 +12,10 @@ from hypothesis import given, settings, strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from vmikit.hypervisor.context import HypercallError
+from test_dispatch import SPEC, StandInVcpu, call
+from vmikit.hypervisor import Hypervisor
 from vmikit.hypervisor import mmu as mmu_module
+from vmikit.hypervisor.mmu import BATCH_ENTRY
 from vmikit.hypervisor.mmu import DirectMmu, ShadowMmu, TrapMmu
 from vmikit.hypervisor.pagetables import ERRORS, A, D, P, PS, RW
 from vmikit.memory import GuestMemory, Region
@@ -224,4 +227,30 @@ def test_batch_apply_equals_applying_one_by_one(entries: list[tuple[int, int, in
                 m.apply_pte(p, v)
         assert m.audit() == []
         outcomes.append((snapshot(m), m.tables.refs.tolist(), {s: c.tolist() for s, c in m.tables.writable.items()}))
+    assert outcomes[0] == outcomes[1]
+
+
+@given(st.lists(st.tuples(st.sampled_from([0x03000001, 0x03010001, 0x03000000, 0x01040000, 0x03000101, 0x00260000]),
+                          st.sampled_from([0, 0, 0, 1]), st.integers(0, 3), st.integers(0, 511), VALUES),
+                min_size=1, max_size=40))
+@settings(max_examples=150, deadline=None)
+def test_small_and_large_batch_paths_agree(entries: list[tuple[int, int, int, int, int]]) -> None:
+    """FlushQueue checks small batches entry by entry and large ones as arrays: same outcome."""
+    outcomes = []
+    for vector_min in (10_000, 0):
+        mem = memory()
+        m = DirectMmu(mem)
+        for n, level in enumerate((4, 3, 2, 1)):
+            assert m.allocate(table(n), level) is None
+        hv = Hypervisor(SPEC, mmu=m)
+        vcpu = StandInVcpu()
+        hv.attach(mem, vcpu)  # type: ignore[arg-type]
+        mem.write(0x100000, b"".join(BATCH_ENTRY.pack(cid, res, table(n) + 8 * i, v, 0)
+                                     for cid, res, n, i, v in entries))
+        saved, mmu_module.VECTOR_MIN = mmu_module.VECTOR_MIN, vector_min
+        try:
+            result = call((hv, vcpu), SPEC.by_name("MMU.FlushQueue").call_id(), 0x100000, len(entries))
+        finally:
+            mmu_module.VECTOR_MIN = saved
+        outcomes.append((result, snapshot(m), m.tables.refs.tolist()))
     assert outcomes[0] == outcomes[1]

@@ -396,31 +396,60 @@ def release_page(ctx: CallContext, table: int, *_: int) -> tuple[int, ...]:
 @HANDLERS.call("FlushQueue")
 def flush_queue(ctx: CallContext, batch: int, count: int, _: int) -> tuple[int, ...]:
     hv = ctx.hypervisor
-    mmu = _mmu(ctx)
     if count > ctx.spec.batch.max_entries:
         raise HypercallError("INVALID_ARGUMENT")
     if count == 0:
         return (0,)
     check_range(ctx, batch, count * BATCH_ENTRY.size, align=8)
-    entries = np.frombuffer(ctx.memory.read(batch, count * BATCH_ENTRY.size), dtype=BATCH_DTYPE)
+    raw = ctx.memory.read(batch, count * BATCH_ENTRY.size)
+    # Check every entry before applying any; the first failing index is reported.
+    if count < VECTOR_MIN:
+        ids, pteps, values = _check_entries(ctx, raw)
+    else:
+        ids, pteps, values = _check_entries_as_arrays(ctx, raw, count)
+    _mmu(ctx).apply_batch(pteps, values)  # every entry passed: nothing can fail now
+    for call_id, n in Counter(ids).items():
+        hv.calls[call_id] += n
+    if hv.audit:
+        hv.run_audit()
+    return (count,)
+
+
+def _entry_id_error(ctx: CallContext, call_id: int, reserved: int) -> str | None:
+    if reserved or call_id & 0xFF00:
+        return "RESERVED_BITS"
+    route = ctx.hypervisor.route_for(call_id)
+    return None if route is not None and route.handler is set_pte else "NOT_SUPPORTED"
+
+
+def _check_entries(ctx: CallContext, raw: bytes) -> tuple[list[int], np.ndarray, np.ndarray]:
+    """A small batch, entry by entry in Python (cheaper than a few dozen array calls)."""
+    mmu = _mmu(ctx)
+    entries = list(BATCH_ENTRY.iter_unpack(raw))
+    for index, (call_id, reserved, ptep, value, _a2) in enumerate(entries):
+        error = _entry_id_error(ctx, call_id, reserved) or mmu.check_pte(ptep, value)
+        if error:
+            raise HypercallError("BATCH_INVALID", index, ctx.spec.error(error))
+    return ([e[0] for e in entries], np.array([e[2] for e in entries], U64),
+            np.array([e[3] for e in entries], U64))
+
+
+def _check_entries_as_arrays(ctx: CallContext, raw: bytes, count: int) -> tuple[list[int], np.ndarray, np.ndarray]:
+    """A large batch, checked as arrays; the same errors as ``_check_entries`` (a property test)."""
+    entries = np.frombuffer(raw, dtype=BATCH_DTYPE)
     ids = entries["call_id"]
-    bad_id = (entries["reserved"] != 0) | ((ids & 0xFF00) != 0)  # checked per entry, in order, below
+    bad_id = (entries["reserved"] != 0) | ((ids & 0xFF00) != 0)
     keys = ids & np.uint32(0xFFFFFF00)
     queueable = np.zeros(count, bool)
-    for key in hv.queueable_keys():  # a handful of IDs: cheaper than np.isin
+    for key in ctx.hypervisor.queueable_keys():  # a handful of IDs: cheaper than np.isin
         queueable |= keys == key
     pteps, values = entries["a0"], entries["a1"]
     first_bad_id = int(np.argmax(bad_id | ~queueable)) if (bad_id | ~queueable).any() else count
-    failure = mmu.check_batch(pteps[:first_bad_id], values[:first_bad_id]) if first_bad_id else None
+    failure = _mmu(ctx).check_batch(pteps[:first_bad_id], values[:first_bad_id]) if first_bad_id else None
     if failure is not None:
         index, error = failure
         raise HypercallError("BATCH_INVALID", index, ctx.spec.error(error))
     if first_bad_id < count:
         error = "RESERVED_BITS" if bad_id[first_bad_id] else "NOT_SUPPORTED"
         raise HypercallError("BATCH_INVALID", first_bad_id, ctx.spec.error(error))
-    mmu.apply_batch(pteps, values)  # every entry passed: nothing can fail now
-    for call_id, n in zip(*np.unique(ids, return_counts=True)):
-        hv.calls[int(call_id)] += int(n)
-    if hv.audit:
-        hv.run_audit()
-    return (count,)
+    return ids.tolist(), pteps, values
