@@ -30,7 +30,6 @@ concurrent builders never see half-written images.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import os
@@ -43,6 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from vmikit.toolchain import find_tool, tool_version
 from vmikit.errors import HostError, UsageError
 
 if TYPE_CHECKING:
@@ -94,7 +94,6 @@ LDFLAGS: tuple[str, ...] = (
 
 VMI_HEADER = "vmi_spec.h"
 
-_INSTALL_HINT = "install it with `apt-get install gcc binutils`"
 _NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 _SOURCE_SUFFIXES = (".c", ".S")
 _HEADER_SUFFIXES = (".h", ".inc")
@@ -227,22 +226,6 @@ def build_info(image: Path) -> dict[str, object]:
     return json.loads(info.read_text())
 
 
-def _tool(name: str) -> str:
-    path = shutil.which(name)
-    if path is None:
-        raise HostError(f"{name} not found", _INSTALL_HINT)
-    return path
-
-
-@functools.lru_cache(maxsize=None)
-def _tool_version(path: str) -> str:
-    try:
-        out = subprocess.run([path, "--version"], capture_output=True, text=True, check=True)
-    except (OSError, subprocess.CalledProcessError) as err:
-        raise HostError(f"cannot run {path} --version: {err}", _INSTALL_HINT) from err
-    return out.stdout
-
-
 @dataclass(frozen=True)
 class _Plan:
     """Resolved inputs of one build: what to compile, with what, and the hash of it all."""
@@ -311,8 +294,8 @@ def _plan(
     feed("guest", name.encode())
     feed("cflags", "\0".join(cflags).encode())
     feed("ldflags", "\0".join(LDFLAGS).encode())
-    feed("gcc", _tool_version(gcc).encode())
-    feed("objcopy", _tool_version(objcopy).encode())
+    feed("gcc", tool_version(gcc).encode())
+    feed("objcopy", tool_version(objcopy).encode())
     for i, d in enumerate(includes):
         feed(f"include[{i}]", d.name.encode())
     for path in hashed:
@@ -350,8 +333,8 @@ def guest_hash(
         source_dir=source_dir,
         extra_sources=extra_sources,
         include_dirs=include_dirs,
-        gcc=_tool("gcc"),
-        objcopy=_tool("objcopy"),
+        gcc=find_tool("gcc"),
+        objcopy=find_tool("objcopy"),
         cache_dir=cache_dir,
         interface=spec,
     ).digest
@@ -418,8 +401,8 @@ def build_guest(
     (a Spec or a spec file) generates ``vmi_spec.h`` from another interface version
     than the packaged one (the header's contents are part of the cache key).
     """
-    gcc = _tool("gcc")
-    objcopy = _tool("objcopy")
+    gcc = find_tool("gcc")
+    objcopy = find_tool("objcopy")
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     plan = _plan(
         name,

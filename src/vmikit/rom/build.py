@@ -9,7 +9,6 @@ atomically so concurrent builders never see half a build.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import os
 import shutil
@@ -20,6 +19,7 @@ from pathlib import Path
 from vmikit.abi import cheader
 from vmikit.abi.model import Spec
 from vmikit.abi.spec import load_spec
+from vmikit.toolchain import find_tool, tool_version
 from vmikit.errors import HostError
 from vmikit.rom import generate
 from vmikit.rom.image import RomImage, RomProfile, finalize, parse_rom
@@ -33,7 +33,6 @@ CFLAGS: tuple[str, ...] = (
 )
 LDFLAGS: tuple[str, ...] = ("-nostdlib", "-static", "-no-pie", "-Wl,--build-id=none", "-Wl,-z,noexecstack")
 IMAGE_SECTION = ".rom"
-_INSTALL_HINT = "install it with `apt-get install gcc binutils`"
 
 
 def default_cache_dir() -> Path:
@@ -43,21 +42,6 @@ def default_cache_dir() -> Path:
         return Path(root).expanduser() / "rom"
     xdg = os.environ.get("XDG_CACHE_HOME")
     return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "vmikit" / "rom"
-
-
-def _tool(name: str) -> str:
-    path = shutil.which(name)
-    if path is None:
-        raise HostError(f"{name} not found (needed to build the VMI ROM)", _INSTALL_HINT)
-    return path
-
-
-@functools.lru_cache(maxsize=None)
-def _tool_version(path: str) -> str:
-    try:
-        return subprocess.run([path, "--version"], capture_output=True, text=True, check=True).stdout
-    except (OSError, subprocess.CalledProcessError) as err:
-        raise HostError(f"cannot run {path} --version: {err}", _INSTALL_HINT) from err
 
 
 def _sources(spec: Spec, profile: RomProfile, honour: bool) -> dict[str, str]:
@@ -87,8 +71,8 @@ def _digest(files: dict[str, str], profile: RomProfile, honour: bool, gcc: str, 
     feed("honour", str(honour))
     feed("cflags", "\0".join(CFLAGS))
     feed("ldflags", "\0".join(LDFLAGS))
-    feed("gcc", _tool_version(gcc))
-    feed("objcopy", _tool_version(objcopy))
+    feed("gcc", tool_version(gcc))
+    feed("objcopy", tool_version(objcopy))
     for name in sorted(files):
         feed(f"file:{name}", files[name])
     return h.hexdigest()
@@ -132,7 +116,7 @@ def build_rom(profile: RomProfile = RomProfile.FULL, *, honour_annotations: bool
     # An interface without the queue annotation (VMI 1.0) has nothing to honour: the ROM is
     # then the annotation-unaware one, whatever was asked.
     honour_annotations = honour_annotations and "queue" in spec.annotations
-    gcc, objcopy = _tool("gcc"), _tool("objcopy")
+    gcc, objcopy = find_tool("gcc", "build the VMI ROM"), find_tool("objcopy", "build the VMI ROM")
     files = _sources(spec, profile, honour_annotations)
     digest = _digest(files, profile, honour_annotations, gcc, objcopy)
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()

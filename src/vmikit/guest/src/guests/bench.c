@@ -73,48 +73,6 @@ static inline uint64_t tsc(void)
 
 /* --- the command line -------------------------------------------------------- */
 
-static const char *cmdline(void)
-{
-	const struct multiboot_info *mbi = boot_info;
-	if (!mbi || !(mbi->flags & MULTIBOOT_INFO_CMDLINE) || !mbi->cmdline)
-		return "";
-	return (const char *)(uintptr_t)mbi->cmdline;
-}
-
-/* The value of `key=` as [*start, *end), or 0 if absent. */
-static int find_key(const char *key, const char **start, const char **end)
-{
-	const char *s = cmdline();
-	size_t klen = strlen(key);
-	while (*s) {
-		while (*s == ' ')
-			s++;
-		const char *tok = s;
-		while (*s && *s != ' ')
-			s++;
-		if ((size_t)(s - tok) > klen && memcmp(tok, key, klen) == 0 && tok[klen] == '=') {
-			*start = tok + klen + 1;
-			*end = s;
-			return 1;
-		}
-	}
-	return 0;
-}
-
-static uint64_t number(const char *key, uint64_t def)
-{
-	const char *v, *end;
-	uint64_t n = 0;
-	if (!find_key(key, &v, &end) || v == end)
-		return def;
-	for (; v < end; v++) {
-		if (*v < '0' || *v > '9')
-			return def;
-		n = n * 10 + (uint64_t)(*v - '0');
-	}
-	return n;
-}
-
 /* --- page tables ------------------------------------------------------------- */
 
 static inline uint64_t *slot(uint64_t table, unsigned index)
@@ -405,17 +363,17 @@ void kmain(uint32_t magic, uint32_t mbinfo)
 	(void)mbinfo;
 	unsigned selected[W_COUNT * 2];
 	unsigned nsel = 0, need_space = 0;
-	unsigned reps = (unsigned)number("reps", 5);
-	unsigned calls = (unsigned)number("calls", 1000);
-	unsigned switches = (unsigned)number("m", 1000);
-	unsigned pages = (unsigned)number("n", 1024);
+	unsigned reps = (unsigned)cmdline_u64("reps", 5);
+	unsigned calls = (unsigned)cmdline_u64("calls", 1000);
+	unsigned switches = (unsigned)cmdline_u64("m", 1000);
+	unsigned pages = (unsigned)cmdline_u64("n", 1024);
 	const char *v, *end;
 
 	if (pages < 1 || pages > MAX_PAGES) {
 		printf("BENCH error n=%u is out of range 1..%u\n", pages, (unsigned)MAX_PAGES);
 		exit(EXIT_FAILED_TESTS);
 	}
-	if (find_key("workload", &v, &end)) {
+	if (cmdline_find("workload", &v, &end)) {
 		while (v < end && nsel < ARRAY_SIZE(selected)) {
 			const char *comma = v;
 			while (comma < end && *comma != ',')

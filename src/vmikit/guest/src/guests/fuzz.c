@@ -111,51 +111,6 @@ static uint64_t rnd(void) /* xorshift64* */
 static uint64_t below(uint64_t n) { return n ? rnd() % n : 0; }
 static int chance(unsigned percent) { return below(100) < percent; }
 
-static uint64_t cmdline_value(const char *key, uint64_t def)
-{
-	const struct multiboot_info *mbi = boot_info;
-	if (!mbi || !(mbi->flags & MULTIBOOT_INFO_CMDLINE) || !mbi->cmdline)
-		return def;
-	const char *s = (const char *)(uintptr_t)mbi->cmdline;
-	size_t klen = strlen(key);
-	for (; *s; s++) {
-		if ((s == (const char *)(uintptr_t)mbi->cmdline || s[-1] == ' ') && !memcmp(s, key, klen) && s[klen] == '=') {
-			const char *p = s + klen + 1;
-			uint64_t v = 0, base = 10;
-			if (p[0] == '0' && (p[1] == 'x' || p[1] == 'X'))
-				base = 16, p += 2;
-			for (;; p++) {
-				unsigned d;
-				if (*p >= '0' && *p <= '9')
-					d = *p - '0';
-				else if (base == 16 && *p >= 'a' && *p <= 'f')
-					d = *p - 'a' + 10;
-				else if (base == 16 && *p >= 'A' && *p <= 'F')
-					d = *p - 'A' + 10;
-				else
-					break;
-				v = v * base + d;
-			}
-			return v;
-		}
-	}
-	return def;
-}
-
-static int cmdline_has(const char *word)
-{
-	const struct multiboot_info *mbi = boot_info;
-	if (!mbi || !(mbi->flags & MULTIBOOT_INFO_CMDLINE) || !mbi->cmdline)
-		return 0;
-	const char *s = (const char *)(uintptr_t)mbi->cmdline;
-	size_t n = strlen(word);
-	for (; *s; s++)
-		if ((s == (const char *)(uintptr_t)mbi->cmdline || s[-1] == ' ') && !memcmp(s, word, n) &&
-		    (s[n] == ' ' || s[n] == 0))
-			return 1;
-	return 0;
-}
-
 static inline uint64_t rd64(uint64_t a) { return *(volatile uint64_t *)(uintptr_t)a; }
 
 static void print_record(const char *why)
@@ -163,7 +118,7 @@ static void print_record(const char *why)
 	printf("FUZZ-LAST n=%lu kind=%lu id=0x%08lx a0=0x%lx a1=0x%lx a2=0x%lx status=%ld seed=0x%lx\n",
 	       (unsigned long)fuzz_record.n, (unsigned long)fuzz_record.kind, (unsigned long)fuzz_record.id,
 	       (unsigned long)fuzz_record.a0, (unsigned long)fuzz_record.a1, (unsigned long)fuzz_record.a2,
-	       (long)fuzz_record.status, (unsigned long)cmdline_value("seed", 1));
+	       (long)fuzz_record.status, (unsigned long)cmdline_u64("seed", 1));
 	printf("FUZZ-UNEXPECTED %s\n", why);
 }
 
@@ -928,15 +883,15 @@ static void final_checks(void)
 void kmain(uint32_t magic, uint32_t mbinfo)
 {
 	(void)magic, (void)mbinfo;
-	uint64_t n = cmdline_value("calls", 10000);
-	rng = cmdline_value("seed", 1) * 0x9E3779B97F4A7C15ull ^ 0xD1B54A32D192ED03ull;
+	uint64_t n = cmdline_u64("calls", 10000);
+	rng = cmdline_u64("seed", 1) * 0x9E3779B97F4A7C15ull ^ 0xD1B54A32D192ED03ull;
 	if (!rng)
 		rng = 1;
-	stores = (int)cmdline_value("stores", 1);
+	stores = (int)cmdline_u64("stores", 1);
 	direct = cmdline_has("paging=direct");
 	verbose = cmdline_has("verbose");
 	printf("FUZZ-START calls=%lu seed=0x%lx record=0x%lx\n", (unsigned long)n,
-	       (unsigned long)cmdline_value("seed", 1), (unsigned long)(uintptr_t)&fuzz_record);
+	       (unsigned long)cmdline_u64("seed", 1), (unsigned long)(uintptr_t)&fuzz_record);
 	if (!vmi_rom_present() || !setup()) {
 		printf("FUZZ-SETUP failed: needs a ROM and --paging direct or shadow\n");
 		vmi_shutdown(2);

@@ -236,7 +236,7 @@ static void step_teardown(void)
 void kmain(uint32_t magic, uint32_t mbinfo)
 {
 	(void)magic, (void)mbinfo;
-	uint64_t n = cmdline_value("pages", 2048), m = cmdline_value("switches", 64);
+	uint64_t n = cmdline_u64("pages", 2048), m = cmdline_u64("switches", 64);
 	npages = (unsigned)(n < MIN_PAGES ? MIN_PAGES : n > MAX_PAGES ? MAX_PAGES : n);
 	nswitches = (unsigned)(m > 1000000 ? 1000000 : m);
 	npts = (npages + 511) / 512;

@@ -75,42 +75,6 @@ static uint64_t new_table(uint32_t level)
 /* --- boot information ------------------------------------------------------ */
 
 
-/* Value of `key=` (decimal or 0x hex) on the multiboot command line, else `def`. */
-static __attribute__((unused)) uint64_t cmdline_value(const char *key, uint64_t def)
-{
-	const struct multiboot_info *mbi = boot_info;
-	if (!mbi || !(mbi->flags & MULTIBOOT_INFO_CMDLINE) || !mbi->cmdline)
-		return def;
-	const char *s = (const char *)(uintptr_t)mbi->cmdline;
-	size_t klen = strlen(key);
-	while (*s) {
-		while (*s == ' ')
-			s++;
-		const char *tok = s;
-		while (*s && *s != ' ')
-			s++;
-		if ((size_t)(s - tok) > klen && memcmp(tok, key, klen) == 0 && tok[klen] == '=') {
-			const char *v = tok + klen + 1;
-			uint64_t n = 0, base = 10;
-			int digits = 0;
-			if (v[0] == '0' && (v[1] == 'x' || v[1] == 'X'))
-				v += 2, base = 16;
-			for (; v < s; v++, digits++) {
-				unsigned d;
-				if (*v >= '0' && *v <= '9')
-					d = *v - '0';
-				else if (base == 16 && (*v | 0x20) >= 'a' && (*v | 0x20) <= 'f')
-					d = (*v | 0x20) - 'a' + 10;
-				else
-					return def;
-				n = n * base + d;
-			}
-			return digits ? n : def;
-		}
-	}
-	return def;
-}
-
 /* --- the kernel map ----------------------------------------------------------- */
 
 /*

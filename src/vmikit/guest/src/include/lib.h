@@ -65,7 +65,11 @@ const char *exception_name(unsigned vector);
 void alloc_init(const struct multiboot_info *mbi);
 void *alloc_page(void); /* zeroed 4 KiB page, or NULL when memory is exhausted */
 void *alloc_pt_page(void); /* a fresh, zero page of the page-table pool, or NULL; never written here */
-uint64_t ram_end_below_4g(void); /* end of usable RAM below 4 GiB (memory map), page-aligned down */
+uint64_t ram_end_below_4g(void);
+/* cmdline.c: the multiboot command line as space-separated `key=value` and `word` tokens */
+int cmdline_find(const char *key, const char **start, const char **end); /* value as [*start, *end) */
+uint64_t cmdline_u64(const char *key, uint64_t def); /* decimal or 0x hex; def if absent or malformed */
+int cmdline_has(const char *word); /* end of usable RAM below 4 GiB (memory map), page-aligned down */
 void free_page(void *page);
 
 #endif
