@@ -26,3 +26,13 @@ def tool_version(path: str) -> str:
         return subprocess.run([path, "--version"], capture_output=True, text=True, check=True).stdout
     except (OSError, subprocess.CalledProcessError) as err:
         raise HostError(f"cannot run {path} --version: {err}", INSTALL_HINT) from err
+
+
+def first_error(log: str) -> str:
+    """The line of a compiler/linker log that names the problem, for a one-line error."""
+    lines = [line.strip() for line in log.splitlines() if line.strip()]
+    for pattern in (": error:", "error:", "undefined reference", "overflowed", "fatal"):
+        for line in lines:
+            if pattern in line:
+                return line
+    return lines[0] if lines else "no compiler output"

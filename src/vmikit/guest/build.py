@@ -42,7 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from vmikit.toolchain import find_tool, tool_version
+from vmikit.toolchain import find_tool, first_error, tool_version
 from vmikit.errors import HostError, UsageError
 
 if TYPE_CHECKING:
@@ -340,15 +340,6 @@ def guest_hash(
     ).digest
 
 
-def _first_error(log: str) -> str:
-    lines = [line.strip() for line in log.splitlines() if line.strip()]
-    for pattern in (": error:", "error:", "undefined reference", "fatal"):
-        for line in lines:
-            if pattern in line:
-                return line
-    return lines[0] if lines else "no compiler output"
-
-
 def _run_toolchain(plan: _Plan, gcc: str, objcopy: str, workdir: Path, log_path: Path) -> Path:
     """Compile + link into ``workdir`` and convert to ELF32; returns the ELF32 path."""
     elf64 = workdir / f"{plan.spec.name}.elf64"
@@ -370,7 +361,7 @@ def _run_toolchain(plan: _Plan, gcc: str, objcopy: str, workdir: Path, log_path:
             log_path.parent.mkdir(parents=True, exist_ok=True)
             log_path.write_text("\n".join(log_parts))
             raise HostError(
-                f"building guest {plan.spec.name!r} failed: {_first_error(proc.stdout + proc.stderr)}",
+                f"building guest {plan.spec.name!r} failed: {first_error(proc.stdout + proc.stderr)}",
                 f"full log in {log_path}",
             )
     used = [Path(t) for t in deps.read_text().replace("\\\n", " ").split() if Path(t).name == VMI_HEADER]

@@ -19,7 +19,7 @@ from pathlib import Path
 from vmikit.abi import cheader
 from vmikit.abi.model import Spec
 from vmikit.abi.spec import load_spec
-from vmikit.toolchain import find_tool, tool_version
+from vmikit.toolchain import find_tool, first_error, tool_version
 from vmikit.errors import HostError
 from vmikit.rom import generate
 from vmikit.rom.image import RomImage, RomProfile, finalize, parse_rom
@@ -78,15 +78,6 @@ def _digest(files: dict[str, str], profile: RomProfile, honour: bool, gcc: str, 
     return h.hexdigest()
 
 
-def _first_error(log: str) -> str:
-    lines = [line.strip() for line in log.splitlines() if line.strip()]
-    for pattern in ("error:", "undefined reference", "overflowed", "fatal"):
-        for line in lines:
-            if pattern in line:
-                return line
-    return lines[0] if lines else "no compiler output"
-
-
 def _compile(workdir: Path, files: dict[str, str], gcc: str, objcopy: str, log_path: Path) -> bytes:
     """Write the sources, compile, link, extract the image; returns the linked image bytes."""
     for name, text in files.items():
@@ -103,7 +94,7 @@ def _compile(workdir: Path, files: dict[str, str], gcc: str, objcopy: str, log_p
         if proc.returncode != 0:
             log_path.parent.mkdir(parents=True, exist_ok=True)
             log_path.write_text("\n".join(log))
-            raise HostError(f"building the VMI ROM failed: {_first_error(proc.stdout + proc.stderr)}",
+            raise HostError(f"building the VMI ROM failed: {first_error(proc.stdout + proc.stderr)}",
                             f"full log in {log_path}")
     (workdir / "build.log").write_text("\n".join(log))
     return (workdir / "rom.linked").read_bytes()
