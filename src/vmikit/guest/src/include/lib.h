@@ -59,6 +59,18 @@ struct exception_frame {
 _Static_assert(sizeof(struct exception_frame) == 192, "panic frame is 24 u64");
 
 void idt_init(void);
+/* An interrupted context as idt_stubs.S saves it; a hook may change any field. */
+struct trap_regs {
+	uint64_t r15, r14, r13, r12, r11, r10, r9, r8;
+	uint64_t rbp, rdi, rsi, rdx, rcx, rbx, rax;
+	uint64_t vector, error_code;
+	uint64_t rip, cs, rflags, rsp, ss; /* pushed by the CPU */
+};
+/* A hook returns nonzero when it handled the exception: the context resumes (iretq) with
+ * *r as the hook left it (e.g. rip moved past the faulting instruction). Zero: fatal report. */
+typedef int (*trap_hook_t)(struct trap_regs *r);
+void set_trap_hook(unsigned vector, trap_hook_t hook); /* NULL restores the fatal default */
+uint64_t trap_cr2(void); /* the faulting address of the #PF being handled (no exit under VMI) */
 const char *exception_name(unsigned vector);
 
 /* alloc.c */

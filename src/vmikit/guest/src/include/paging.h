@@ -4,14 +4,17 @@
 
 #define PTE_P     0x001ull
 #define PTE_RW    0x002ull
+#define PTE_US    0x004ull
 #define PTE_A     0x020ull
 #define PTE_D     0x040ull
 #define PTE_PS    0x080ull
 #define PTE_ADDR  0x000FFFFFFFFFF000ull
-/* docs/paging.md: every entry carries Accessed, leaves also Dirty (the hardware never writes a table). */
-#define NONLEAF   (PTE_P | PTE_RW | PTE_A)
-#define LEAF_RW   (PTE_P | PTE_RW | PTE_A | PTE_D)
-#define LEAF_RO   (PTE_P | PTE_A | PTE_D)
+/* docs/paging.md: every entry carries Accessed, leaves also Dirty (the hardware never writes a table).
+ * U/S is set everywhere: under VMI the kernel runs at ring 3 (docs/execution-model.md), where
+ * every access is a user access, as in Xen's x86-64 PV; at ring 0 the bit changes nothing. */
+#define NONLEAF   (PTE_P | PTE_RW | PTE_US | PTE_A)
+#define LEAF_RW   (PTE_P | PTE_RW | PTE_US | PTE_A | PTE_D)
+#define LEAF_RO   (PTE_P | PTE_US | PTE_A | PTE_D)
 
 #define SZ_4K     0x1000ull
 #define SZ_2M     0x200000ull

@@ -1,9 +1,14 @@
 /*
- * Interrupt descriptor table.  Every vector is fatal for now: the handler
- * prints one line, hands a register frame to the VMM through the panic port
- * and exits with EXIT_EXCEPTION.
+ * Interrupt descriptor table.  A vector is fatal unless a guest hooked it
+ * (set_trap_hook): the handler prints one line, hands a register frame to the
+ * VMM through the panic port and exits with EXIT_EXCEPTION.
+ *
+ * The same stubs serve a kernel at ring 0 and one the hypervisor deprivileged
+ * to ring 3 (docs/execution-model.md): there the hypervisor delivers each
+ * exception to the gate installed here, with the frame the CPU would push.
  */
 #include "lib.h"
+#include "vmi.h"
 
 #define IDT_ENTRIES   256
 #define STUB_SIZE     16     /* idt_stubs.S aligns each stub to 16 bytes */
@@ -21,15 +26,7 @@ struct idt_gate {
 } __attribute__((packed));
 _Static_assert(sizeof(struct idt_gate) == 16, "long-mode IDT gate is 16 bytes");
 
-/* Stack layout built by idt_stubs.S + the CPU, lowest address first. */
-struct saved_regs {
-	uint64_t r15, r14, r13, r12, r11, r10, r9, r8;
-	uint64_t rbp, rdi, rsi, rdx, rcx, rbx, rax;
-	uint64_t vector, error_code;
-	uint64_t rip, cs, rflags, rsp, ss; /* pushed by the CPU */
-};
-
-void exception_handler(const struct saved_regs *r) __attribute__((noreturn));
+void exception_handler(struct trap_regs *r);
 
 extern char idt_stubs[];
 static struct idt_gate idt[IDT_ENTRIES] __attribute__((aligned(16)));
@@ -37,6 +34,15 @@ static struct idt_gate idt[IDT_ENTRIES] __attribute__((aligned(16)));
 /* Static, so its physical address (== virtual, identity map) is stable. */
 static struct exception_frame panic_frame;
 static volatile int in_handler;
+static trap_hook_t hooks[IDT_ENTRIES];
+
+void set_trap_hook(unsigned vector, trap_hook_t hook)
+{
+	if (vector < IDT_ENTRIES)
+		hooks[vector] = hook;
+}
+
+uint64_t trap_cr2(void) { return vmi_get_cr2(); }
 
 static const char *const exception_names[32] = {
 	"#DE", "#DB", "NMI", "#BP", "#OF", "#BR", "#UD", "#NM",
@@ -66,8 +72,11 @@ void idt_init(void)
 	lidt(&p);
 }
 
-void exception_handler(const struct saved_regs *r)
+void exception_handler(struct trap_regs *r)
 {
+	trap_hook_t hook = r->vector < IDT_ENTRIES ? hooks[r->vector] : NULL;
+	if (hook && hook(r))
+		return; /* idt_stubs.S resumes the context from *r */
 	/* A fault while reporting a fault: skip the printing, just get out. */
 	if (in_handler)
 		exit(EXIT_EXCEPTION);
@@ -81,7 +90,8 @@ void exception_handler(const struct saved_regs *r)
 		.rsi = r->rsi, .rdi = r->rdi, .rbp = r->rbp,
 		.r8 = r->r8, .r9 = r->r9, .r10 = r->r10, .r11 = r->r11,
 		.r12 = r->r12, .r13 = r->r13, .r14 = r->r14, .r15 = r->r15,
-		.cr2 = read_cr2(), .cr3 = read_cr3(),
+		/* Through the VMI layer: a deprivileged kernel cannot read CR2/CR3 itself. */
+		.cr2 = vmi_get_cr2(), .cr3 = vmi_get_cr3(),
 	};
 
 	printf("EXCEPTION: vector %lu (%s) error 0x%lx at rip 0x%lx",

@@ -44,8 +44,24 @@ idt_common:
 	pushq %r15
 	cld
 	movq %rsp, %rdi
+	movq %rsp, %rbx            /* callee-saved: the frame, to come back to */
 	andq $-16, %rsp            /* SysV ABI: 16-byte aligned at the call */
-	call exception_handler     /* never returns: unhandled exceptions are fatal */
-1:	cli
-	hlt
-	jmp 1b
+	call exception_handler     /* returns only when a hook handled the exception */
+	movq %rbx, %rsp
+	popq %r15
+	popq %r14
+	popq %r13
+	popq %r12
+	popq %r11
+	popq %r10
+	popq %r9
+	popq %r8
+	popq %rbp
+	popq %rdi
+	popq %rsi
+	popq %rdx
+	popq %rcx
+	popq %rbx
+	popq %rax
+	addq $16, %rsp             /* vector, error code */
+	iretq

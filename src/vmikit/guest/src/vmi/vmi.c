@@ -239,6 +239,37 @@ static long rom_result(vmi_entry_t e, uint64_t a0, uint64_t *out)
 	return status;
 }
 
+/* --- the execution model ---------------------------------------------------- */
+
+#define RFLAGS_USER  0xED5ul        /* CF PF AF ZF SF DF OF and IF: what user mode may set */
+#define MSR_STAR     0xC0000081u
+
+static int deprivileged;
+static volatile void *shared;
+
+int vmi_deprivileged(void) { return deprivileged; }
+volatile void *vmi_shared_page(void) { return shared; }
+
+/* Natively (and at ring 0 under a hypervisor without the call): iretq to the user selectors
+ * that sysretq would load (STAR[63:48] + 8 for SS, + 16 for a 64-bit CS). */
+static long native_return_to_user(uint64_t rip, uint64_t rsp, uint64_t rflags)
+{
+	uint64_t base = rdmsr(MSR_STAR) >> 48 & 0xFFFF;
+	uint64_t ss = (base + 8) | 3, cs = (base + 16) | 3;
+	__asm__ __volatile__("pushq %0; pushq %1; pushq %2; pushq %3; pushq %4; iretq"
+			     : : "r"(ss), "r"(rsp), "r"((rflags & RFLAGS_USER) | 0x2), "r"(cs), "r"(rip)
+			     : "memory");
+	__builtin_unreachable();
+}
+
+long vmi_return_to_user(uint64_t rip, uint64_t rsp, uint64_t rflags)
+{
+#ifdef VMI_CALL_CPU_RETURNTOUSER
+	ROM_CALL(VMI_CALL_CPU_RETURNTOUSER, rip, rsp, rflags, NULL);
+#endif
+	return native_return_to_user(rip, rsp, rflags);
+}
+
 /* --- CPU ------------------------------------------------------------------- */
 
 long vmi_cpuid(uint32_t leaf, uint32_t subleaf, uint32_t out[4])

@@ -98,6 +98,18 @@ uint32_t vmi_rom_rejected(void); /* version of a VMI ROM found but not used (oth
 /* What the hypervisor implements: Query.GetVersion, else (a 1.0 hypervisor) the ROM header. */
 uint32_t vmi_hypervisor_version(void);
 
+/* --- the execution model (docs/execution-model.md) ---------------------------
+ * Under a ROM whose hypervisor deprivileges (CPU.Deprivilege, since 1.3), vmi_init() leaves
+ * the kernel running at ring 3: from then on no privileged instruction may run (each raises
+ * #GP), and every function below reaches the hypervisor or the shared page instead. */
+int vmi_deprivileged(void);        /* 1 when the kernel runs at ring 3 under the hypervisor */
+volatile void *vmi_shared_page(void); /* the per-vCPU page shared with the hypervisor, or NULL */
+/* Enter user mode at rip with stack rsp and flags rflags (only IF and the arithmetic flags are
+ * kept). Does not return on success: user mode comes back through an exception or `syscall`,
+ * which enter the kernel through its IDT / its LSTAR, as natively. Without a ROM (or with a
+ * hypervisor older than 1.3) it is done natively (iretq with the STAR user selectors). */
+long vmi_return_to_user(uint64_t rip, uint64_t rsp, uint64_t rflags);
+
 /* --- CPU ----------------------------------------------------------------- */
 long vmi_cpuid(uint32_t leaf, uint32_t subleaf, uint32_t out[4]);
 uint64_t vmi_rdtsc(void);
