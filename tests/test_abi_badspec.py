@@ -158,3 +158,101 @@ def test_missing_file(tmp_path: Path) -> None:
 
 def test_packaged_spec_passes_its_own_checks() -> None:
     assert load_spec(spec_path()).name == "VMI"
+
+
+# --- the `user` key (since 1.3) -----------------------------------------------------------------
+
+def _dir(tmp_path: Path, name: str) -> Path:
+    """A directory of its own: load_spec caches by path."""
+    path = tmp_path / name
+    path.mkdir()
+    return path
+
+
+def test_user_key(tmp_path: Path) -> None:
+    spec = _load(tmp_path, MINIMAL.replace('doc = "set long"', 'doc = "set long"\nuser = true'))
+    assert spec.by_name("MMU.SetLongPTE").user and not spec.by_name("MMU.SetPTE").user
+
+
+@pytest.mark.parametrize("bad", ['"yes"', "1", "[true]"])
+def test_user_must_be_a_bool(tmp_path: Path, bad: str) -> None:
+    _fails(tmp_path, MINIMAL.replace('doc = "set long"', f'doc = "set long"\nuser = {bad}'),
+           "call MMU.SetLongPTE", "user must be true or false")
+
+
+@pytest.mark.parametrize("char", ["\\t", "\\u001b", "\\u007f"])
+def test_control_characters_in_docs(tmp_path: Path, char: str) -> None:
+    _fails(tmp_path, MINIMAL.replace('doc = "set long"', f'doc = "set{char}long"'), "call MMU.SetLongPTE", "control character")
+
+
+# --- [shared] (since 1.3) -----------------------------------------------------------------------
+
+SHARED = """
+[shared]
+size = 4096
+doc = "the shared page"
+
+[[shared.fields]]
+name = "cr2"
+offset = 0
+type = "u64"
+doc = "cr2"
+
+[[shared.fields]]
+name = "vif"
+offset = 8
+type = "u32"
+doc = "vif"
+"""
+
+
+def test_shared_page_is_valid(tmp_path: Path) -> None:
+    assert _load(_dir(tmp_path, "without"), MINIMAL).shared is None
+    page = _load(_dir(tmp_path, "with"), MINIMAL + SHARED).shared
+    assert page is not None and page.size == 4096 and page.offset("vif") == 8
+    assert [(f.name, f.offset, f.type, f.doc) for f in page.fields] == [("cr2", 0, "u64", "cr2"), ("vif", 8, "u32", "vif")]
+
+
+def test_shared_fields_in_any_order(tmp_path: Path) -> None:
+    text = MINIMAL + SHARED.replace('name = "cr2"\noffset = 0', 'name = "cr2"\noffset = 16')
+    page = _load(tmp_path, text).shared
+    assert page is not None and [(f.name, f.offset) for f in page.fields] == [("cr2", 16), ("vif", 8)]
+
+
+def _field(name: str, offset: int, typ: str = "u32", doc: str = "x") -> str:
+    return f'\n[[shared.fields]]\nname = "{name}"\noffset = {offset}\ntype = "{typ}"\ndoc = "{doc}"\n'
+
+
+@pytest.mark.parametrize(
+    ("edit", "needles"),
+    [
+        # misaligned
+        (lambda t: t + _field("odd", 13), ("[shared] field odd", "offset 13 is not aligned to its u32 size (4 bytes)")),
+        (lambda t: t.replace("offset = 8\ntype = \"u32\"", "offset = 4\ntype = \"u64\""),
+         ("field vif", "offset 4 is not aligned to its u64 size (8 bytes)")),
+        # overlapping
+        (lambda t: t + _field("low", 4), ("field low", "bytes 4..7 overlap field cr2 (0..7)")),
+        (lambda t: t + _field("again", 8), ("field again", "overlap field vif (8..11)")),
+        # out of size
+        (lambda t: t + _field("last", 4096), ("field last", "bytes 4096..4099 run past size = 4096")),
+        (lambda t: t.replace("size = 4096", "size = 8"), ("field vif", "bytes 8..11 run past size = 8")),
+        (lambda t: t + _field("far", 1 << 20), ("field far", "out of range")),
+        # names, types, size, docs, keys
+        (lambda t: t + _field("vif", 12), ("field vif", "the name is used twice")),
+        (lambda t: t + _field("Big", 12), ("[shared] fields[2]", "'Big' is not a valid name")),
+        (lambda t: t + _field("int", 12), ("field int", "taken by a C keyword")),
+        (lambda t: t + _field("size", 12), ("field size", "taken by VMI_SHARED_SIZE")),
+        (lambda t: t + _field("wide", 16, "gpa"), ("field wide", "type 'gpa' is not a shared-page type", "u32, u64")),
+        (lambda t: t + _field("ctl", 12, doc="a\\u0007b"), ("field ctl", "control character")),
+        (lambda t: t.replace("size = 4096", "size = 4092"), ("[shared]", "size = 4092 is not a multiple of 8")),
+        (lambda t: t.replace("size = 4096", "size = true"), ("[shared]", "size must be an integer")),
+        (lambda t: t.replace('doc = "the shared page"', 'doc = "the shared page"\nalign = 8'),
+         ("[shared]", "unknown field 'align'")),
+        (lambda t: t.replace('name = "vif"\n', ""), ("[shared] fields[1]", "missing field 'name'")),
+        (lambda t: t.split("[[shared.fields]]")[0], ("[shared]", "missing field 'fields'")),
+        (lambda t: t.split("[[shared.fields]]")[0] + "fields = []\n", ("[shared]", "fields is empty")),
+        (lambda t: "shared = 4\n" + t.split("\n[shared]")[0], ("[shared]", "expected a table")),
+    ],
+)
+def test_bad_shared_page(tmp_path: Path, edit, needles: tuple[str, ...]) -> None:
+    _fails(tmp_path, edit(MINIMAL + SHARED), *needles)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from vmikit.abi import callid as cid
-from vmikit.abi.model import Call, Family, Spec
+from vmikit.abi.model import Call, Family, SharedPage, Spec
 
 GUARD = "VMIKIT_VMI_SPEC_H"
 
@@ -24,6 +24,38 @@ def _suffix(call: Call) -> str:
 def _define(name: str, value: str, comment: str = "") -> str:
     line = f"#define {name:<44} {value}"
     return f"{line}  /* {comment.replace('*/', '* /')} */" if comment else line
+
+
+_C_TYPES = {"u32": "unsigned int", "u64": "unsigned long long"}
+
+
+def shared_macro(name: str) -> str:
+    """e.g. VMI_SHARED_VIF: the byte offset of a shared-page field."""
+    return f"VMI_SHARED_{name.upper()}"
+
+
+def _shared(page: SharedPage) -> list[str]:
+    """Offsets as macros (assembly can use them) and struct vmi_shared, padded explicitly."""
+    out = [f"/* Shared page. {page.doc.replace('*/', '* /')} */",
+           _define("VMI_SHARED_SIZE", f"{page.size}", "bytes")]
+    fields = sorted(page.fields, key=lambda f: f.offset)
+    for f in fields:
+        out.append(_define(shared_macro(f.name), f"{f.offset}", f"{f.type}: {f.doc}"))
+    out += ["#ifndef __ASSEMBLER__", "struct vmi_shared {"]
+    at = 0
+    for f in fields:
+        if f.offset > at:
+            out.append(f"\tunsigned char _pad{at}[{f.offset - at}];")
+        out.append(f"\t{_C_TYPES[f.type]} {f.name};  /* {f.offset} */")
+        at = f.end
+    if page.size > at:
+        out.append(f"\tunsigned char _pad{at}[{page.size - at}];")
+    out.append("};")
+    for f in fields:
+        out.append(f"_Static_assert(__builtin_offsetof(struct vmi_shared, {f.name}) == {shared_macro(f.name)}, "
+                   f"\"vmi_shared.{f.name}\");")
+    out += ["_Static_assert(sizeof(struct vmi_shared) == VMI_SHARED_SIZE, \"vmi_shared size\");", "#endif", ""]
+    return out
 
 
 def generate(spec: Spec) -> str:
@@ -88,12 +120,17 @@ def generate(spec: Spec) -> str:
         "_Static_assert(sizeof(struct vmi_batch_entry) == VMI_BATCH_ENTRY_SIZE, \"vmi_batch_entry layout\");",
         "#endif",
         "",
-        "/* Families. */",
     ]
+    if spec.shared is not None:
+        out += _shared(spec.shared)
+    out += ["/* Families. */"]
     for family in spec.families.values():
         out.append(_define(family_macro(family), f"0x{family.id:02x}u", family.name))
     calls = list(spec.calls())
     out += ["", "/* Calls (annotation 0). */", _define("VMI_CALL_COUNT", f"{len(calls)}", "family calls in this spec")]
+    if any(c.user for c in calls):
+        out += ["/* VMI_CALL_<FAMILY>_<NAME>_USER is defined (1) for each call that is safe from guest user",
+                " * mode; any other call made from guest user mode answers VMI_ERR_PERMISSION. */"]
     for family in spec.families.values():
         if family.calls:
             out.append(_define(f"{family_macro(family)}_NCALLS", f"{max(family.calls) + 1}", "highest call number + 1"))
@@ -104,6 +141,8 @@ def generate(spec: Spec) -> str:
         out.append(_define(f"VMI_ANNMASK_{_suffix(call)}", f"0x{spec.annotation_mask(call):02x}u", "annotations accepted"))
         out.append(_define(f"VMI_NARGS_{_suffix(call)}", f"{len(call.args)}"))
         out.append(_define(f"VMI_NRESULTS_{_suffix(call)}", f"{len(call.results)}"))
+        if call.user:
+            out.append(_define(f"{call_macro(call)}_USER", "1", "safe from guest user mode"))
     # One list of every call, so a guest can walk the calls its header knows and compare
     # each one's version with the hypervisor's (Query.GetVersion) without hand-kept tables.
     out += ["", "/* Every call: X(call ID, version it appeared in (major << 16 | minor), optional). */",

@@ -83,10 +83,11 @@ def show_cmd(ctx: click.Context) -> None:
             call.family_name, call.name, f"0x{call.call_id():08x}",
             ", ".join(str(a) for a in call.args) or "-",
             "yes" if call.optional else "",
+            "yes" if call.user else "",
             ", ".join(sorted(call.annotations)),
             "" if call.legacy is None else str(call.legacy),
         ))
-    headers = ("family", "call", "ID", "args", "optional", "annotations", "legacy")
+    headers = ("family", "call", "ID", "args", "optional", "user", "annotations", "legacy")
     title = f"{spec.name} {spec.version}  ({spec.path})"
     try:
         from rich.console import Console

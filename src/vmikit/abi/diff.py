@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from vmikit.abi.model import Arg, Call, Family, Spec, Version
+from vmikit.abi.model import Arg, Call, Family, SharedPage, Spec, Version
 from vmikit.abi.versioning import RULES, Severity, bump_problems, required_bump
 
 
@@ -72,6 +72,9 @@ def _call_changes(out: list[Change], spec_old: Spec, old: Call, new: Call) -> No
     if old.optional != new.optional:
         out.append(Change("became-optional" if new.optional else "became-required", subject,
                           f"optional {str(old.optional).lower()} -> {str(new.optional).lower()}"))
+    if old.user != new.user:
+        out.append(Change("call-allows-user" if new.user else "call-disallows-user", subject,
+                          f"user {str(old.user).lower()} -> {str(new.user).lower()}"))
     for ann in sorted(new.annotations - old.annotations):
         out.append(Change("call-accepts-annotation", subject, f"accepts `{ann}`"))
     for ann in sorted(old.annotations - new.annotations):
@@ -181,6 +184,36 @@ def _legacy(out: list[Change], old: Spec, new: Spec) -> None:
                               "listed" if a_only is None else "dropped" if b_only is None else "changed"))
 
 
+def _shared(out: list[Change], old: SharedPage | None, new: SharedPage | None) -> None:
+    if old is None and new is None:
+        return
+    if old is None:
+        assert new is not None
+        out.append(Change("shared-added", "shared page", f"{new.size} bytes, {len(new.fields)} field(s)"))
+        return
+    if new is None:
+        out.append(Change("shared-removed", "shared page", "gone"))
+        return
+    if old.size != new.size:
+        out.append(Change("shared-size-changed", "shared page", f"{old.size} -> {new.size} bytes"))
+    _doc(out, "shared page", old.doc, new.doc)
+    new_fields = {f.name: f for f in new.fields}
+    old_names = {f.name for f in old.fields}
+    for f in old.fields:
+        subject = f"shared field {f.name}"
+        other = new_fields.get(f.name)
+        if other is None:
+            out.append(Change("shared-field-removed", subject, f"{f.type} at offset {f.offset} gone"))
+            continue
+        if (f.offset, f.type) != (other.offset, other.type):
+            out.append(Change("shared-field-changed", subject,
+                              f"{f.type} at offset {f.offset} -> {other.type} at offset {other.offset}"))
+        _doc(out, subject, f.doc, other.doc)
+    for f in new.fields:
+        if f.name not in old_names:
+            out.append(Change("shared-field-added", f"shared field {f.name}", f"{f.type} at offset {f.offset}"))
+
+
 def diff_specs(old: Spec, new: Spec) -> list[Change]:
     """Every change from OLD to NEW, in a stable order (breaking first)."""
     out: list[Change] = []
@@ -198,6 +231,7 @@ def diff_specs(old: Spec, new: Spec) -> list[Change]:
     if (ob.max_entries, ob.max_args) != (nb.max_entries, nb.max_args):
         out.append(Change("batch-changed", "batch", f"{ob.max_entries} x {ob.max_args} args -> {nb.max_entries} x {nb.max_args} args"))
     _doc(out, "batch", ob.doc, nb.doc)
+    _shared(out, old.shared, new.shared)
     _families(out, old, new)
     _calls(out, old, new)
     _legacy(out, old, new)

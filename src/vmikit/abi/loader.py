@@ -17,6 +17,9 @@ from vmikit.abi.model import (
     ErrorCode,
     Family,
     LegacyOnly,
+    SHARED_TYPES,
+    SharedField,
+    SharedPage,
     Spec,
     TypeDef,
     Version,
@@ -32,6 +35,13 @@ _IDENT = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
 _UPPER = re.compile(r"^[A-Z][A-Z0-9_]*$")
 _LOWER = re.compile(r"^[a-z][a-z0-9_]*$")
 _SINCE = re.compile(r"^(\d+)\.(\d+)$")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+# Names the C header cannot use as struct members or VMI_SHARED_<NAME> macros.
+_C_KEYWORDS = frozenset(
+    "auto break case char const continue default do double else enum extern float for goto if inline "
+    "int long register restrict return short signed sizeof static struct switch typedef union unsigned "
+    "void volatile while".split()
+)
 
 _Table = dict[str, Any]
 
@@ -75,6 +85,9 @@ class _Checker:
             self.fail(where, f"{key} must be a non-empty string, got {value!r}", f'write {key} = "..."')
         if "\n" in value:
             self.fail(where, f"{key} spans several lines", "keep it to one line")
+        control = _CONTROL.search(value)
+        if control is not None:
+            self.fail(where, f"{key} contains the control character {control.group()!r}", "remove it (docs end up in C comments and Markdown)")
         if pattern is not None and not pattern.match(value):
             self.fail(where, f"{key} {value!r} is not a valid name", f"match {pattern.pattern}")
         return value
@@ -110,7 +123,7 @@ def parse_spec(text: str, path: Path) -> Spec:
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         ck.fail("invalid TOML", str(exc).replace("\n", " "), "fix the syntax at that line")
-    ck.keys(doc, "top level", {"interface", "types", "annotations", "errors", "batch", "family"}, {"constants", "legacy_only"})
+    ck.keys(doc, "top level", {"interface", "types", "annotations", "errors", "batch", "family"}, {"constants", "legacy_only", "shared"})
 
     iface = ck.table(doc["interface"], "[interface]")
     ck.keys(iface, "[interface]", {"name", "version", "doc"})
@@ -125,6 +138,7 @@ def parse_spec(text: str, path: Path) -> Spec:
     batch = _batch(ck, ck.table(doc["batch"], "[batch]"))
     families = _families(ck, doc["family"], version, types, annotations, batch)
     legacy, legacy_only = _legacy(ck, families, doc.get("legacy_only", []))
+    shared = _shared(ck, ck.table(doc["shared"], "[shared]")) if "shared" in doc else None
     return Spec(
         path=path,
         name=ck.str_(iface, "name", "[interface]"),
@@ -139,6 +153,7 @@ def parse_spec(text: str, path: Path) -> Spec:
         families=families,
         legacy=legacy,
         legacy_only=legacy_only,
+        shared=shared,
     )
 
 
@@ -214,6 +229,45 @@ def _batch(ck: _Checker, raw: _Table) -> Batch:
         max_args=ck.int_(raw, "max_args", "[batch]", 1, MAX_ARGS),
         doc=ck.str_(raw, "doc", "[batch]"),
     )
+
+
+def _shared(ck: _Checker, raw: _Table) -> SharedPage:
+    """[shared]: size, doc, fields = [{ name, offset, type, doc }, ...], laid out without overlap."""
+    ck.keys(raw, "[shared]", {"size", "doc", "fields"})
+    size = ck.int_(raw, "size", "[shared]", 8, 1 << 16)
+    if size % 8:
+        ck.fail("[shared]", f"size = {size} is not a multiple of 8", "round it up to a multiple of 8 (4096 for a page)")
+    doc = ck.str_(raw, "doc", "[shared]")
+    items = ck.list_(raw, "fields", "[shared]")
+    if not items:
+        ck.fail("[shared]", "fields is empty", 'list at least one { name, offset, type, doc }')
+    fields: list[SharedField] = []
+    for i, item in enumerate(items):
+        where = f"[shared] fields[{i}]"
+        item = ck.table(item, where)
+        ck.keys(item, where, {"name", "offset", "type", "doc"})
+        name = ck.str_(item, "name", where, _LOWER)
+        where = f"[shared] field {name}"
+        if name in _C_KEYWORDS or name == "size":
+            taken = "VMI_SHARED_SIZE" if name == "size" else "a C keyword"
+            ck.fail(where, f"the name {name!r} is taken by {taken}", "rename the field")
+        if any(f.name == name for f in fields):
+            ck.fail(where, "the name is used twice", "give each field its own name")
+        typ = ck.str_(item, "type", where)
+        if typ not in SHARED_TYPES:
+            ck.fail(where, f"type {typ!r} is not a shared-page type", f"use one of {', '.join(SHARED_TYPES)}")
+        offset = ck.int_(item, "offset", where, 0, 1 << 16)
+        field = SharedField(name, offset, typ, ck.str_(item, "doc", where))
+        if offset % field.size:
+            ck.fail(where, f"offset {offset} is not aligned to its {typ} size ({field.size} bytes)", f"use a multiple of {field.size}")
+        if field.end > size:
+            ck.fail(where, f"bytes {offset}..{field.end - 1} run past size = {size}", "move it down or raise size")
+        for other in fields:
+            if field.offset < other.end and other.offset < field.end:
+                ck.fail(where, f"bytes {offset}..{field.end - 1} overlap field {other.name} ({other.offset}..{other.end - 1})",
+                        "give each field its own bytes")
+        fields.append(field)
+    return SharedPage(size, doc, tuple(fields))
 
 
 def _args(ck: _Checker, body: _Table, key: str, where: str, types: dict[str, TypeDef], limit: int) -> tuple[Arg, ...]:
@@ -292,7 +346,7 @@ def _call(
     batch: Batch,
 ) -> Call:
     body = ck.table(raw, where)
-    ck.keys(body, where, {"number", "name", "doc"}, {"args", "results", "optional", "annotations", "legacy", "legacy_name", "since"})
+    ck.keys(body, where, {"number", "name", "doc"}, {"args", "results", "optional", "annotations", "legacy", "legacy_name", "since", "user"})
     name = ck.str_(body, "name", where, _IDENT)
     where = f"call {family_name}.{name}"
     anns = ck.list_(body, "annotations", where)
@@ -321,6 +375,7 @@ def _call(
         legacy=legacy,
         legacy_name=legacy_name,
         since=since,
+        user=ck.bool_(body, "user", where),
     )
 
 

@@ -90,6 +90,7 @@ class Call:
     legacy: int | None = None
     legacy_name: str | None = None
     since: Version = Version(1, 0)
+    user: bool = False  # safe from guest user mode; any other call from user mode gets PERMISSION
 
     @property
     def qualified_name(self) -> str:
@@ -128,6 +129,47 @@ class Family:
     runtime: bool = False  # calls are registered from Python at run time (Experimental)
 
 
+# Field types of the shared page and their sizes in bytes (the C header spells them out).
+SHARED_TYPES: dict[str, int] = {"u32": 4, "u64": 8}
+
+
+@dataclass(frozen=True, slots=True)
+class SharedField:
+    name: str
+    offset: int  # bytes from the start of the page, a multiple of size
+    type: str  # a key of SHARED_TYPES
+    doc: str
+
+    @property
+    def size(self) -> int:
+        return SHARED_TYPES[self.type]
+
+    @property
+    def end(self) -> int:
+        """One past the field's last byte."""
+        return self.offset + self.size
+
+
+@dataclass(frozen=True, slots=True)
+class SharedPage:
+    """The layout of the per-vCPU page shared by guest and hypervisor ([shared])."""
+
+    size: int
+    doc: str
+    fields: tuple[SharedField, ...]  # in spec order (the loader checks they do not overlap)
+
+    def field(self, name: str) -> SharedField:
+        for f in self.fields:
+            if f.name == name.strip().lower():
+                return f
+        known = ", ".join(f.name for f in self.fields)
+        raise UnknownName(f"unknown shared-page field {name!r}: known fields are {known}")
+
+    def offset(self, name: str) -> int:
+        """Byte offset of field NAME, e.g. offset('vif') == 8; UnknownName (a KeyError) otherwise."""
+        return self.field(name).offset
+
+
 class UnknownName(KeyError):
     """KeyError whose str() is the plain message (KeyError would quote it)."""
 
@@ -152,6 +194,7 @@ class Spec:
     families: dict[int, Family]
     legacy: dict[int, Call]  # flat legacy number -> family call
     legacy_only: dict[int, LegacyOnly]
+    shared: SharedPage | None = None  # the per-vCPU shared page (since 1.3; None before)
 
     # -------------------------------------------------------------- calls
     def calls(self) -> Iterator[Call]:

@@ -82,21 +82,38 @@ def generate(spec: Spec) -> str:
             out.append(f"| `VMI_{c.name}` | `0x{c.value:x}` | {_md(c.doc)} |")
     b = spec.batch
     out += ["", "## Batch (MMU.FlushQueue)", "",
-            f"At most {b.max_entries} entries of {b.entry_size} bytes. {_md(b.doc)}", "", "## Families"]
+            f"At most {b.max_entries} entries of {b.entry_size} bytes. {_md(b.doc)}"]
+    if spec.shared is not None:
+        page = spec.shared
+        out += ["", "## Shared page", "",
+                f"{page.size} bytes. {_md(page.doc)} In C: `struct vmi_shared`, and "
+                "`VMI_SHARED_<FIELD>` is each field's byte offset.", "",
+                "| offset | field | type | meaning |", "| --- | --- | --- | --- |"]
+        for f in sorted(page.fields, key=lambda f: f.offset):
+            out.append(f"| {f.offset} | `{f.name}` | `{f.type}` | {_md(f.doc)} |")
+    user = any(c.user for c in spec.calls())
+    out += ["", "## Families"]
+    if user:
+        out += ["", "A call with **user** = yes in the tables below is safe from guest user mode, that is from code "
+                "the kernel entered through `CPU.ReturnToUser` (or natively) rather than the kernel itself, "
+                "whichever ring the kernel runs at. The hypervisor answers it from user mode as from the "
+                "kernel; any other call made from guest user mode answers `PERMISSION`."]
     for family in spec.families.values():
         since = f" (since {family.since})" if family.since > (1, 0) else ""
         out += ["", f"### 0x{family.id:02x} {family.name}{since}", "", _md(family.doc)]
         if not family.calls:
             continue
-        out += ["", "| ID | call | args | result | optional | annotations | legacy | doc |",
-                "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+        user_head = " user |" if user else ""
+        out += ["", f"| ID | call | args | result | optional |{user_head} annotations | legacy | doc |",
+                "| --- | --- | --- | --- | --- |" + (" --- |" if user else "") + " --- | --- | --- |"]
         for call in family.calls.values():
             anns = ", ".join(f"`{a}`" for a in sorted(call.annotations)) or "—"
             legacy = "—" if call.legacy is None else str(call.legacy)
             since = f" *(since {call.since})*" if call.since > family.since and call.since > (1, 0) else ""
+            user_cell = (" yes |" if call.user else " no |") if user else ""
             out.append(
                 f"| `0x{call.call_id():08x}` | {call.name} | {_args(call)} | {_results(call)} | "
-                f"{'yes' if call.optional else 'no'} | {anns} | {legacy} | {_md(call.doc)}{since} |"
+                f"{'yes' if call.optional else 'no'} |{user_cell} {anns} | {legacy} | {_md(call.doc)}{since} |"
             )
     out += ["", "## Legacy numbers", "",
             "Flat VMI 3.0 numbers (Linux vmi.h, 2.6.21–2.6.36); call ID = `0x00` family, call = number.", "",

@@ -42,6 +42,9 @@ RULES: dict[str, Rule] = {r.kind: r for r in (
     Rule("constant-added", _C, "a new constant"),
     Rule("type-added", _C, "a new argument/result type"),
     Rule("legacy-added", _C, "a legacy VMI 3.0 number that answered NOT_SUPPORTED now maps onto a call"),
+    Rule("call-allows-user", _C, "an existing call became safe from guest user mode (`user = true`): it answered PERMISSION there before"),
+    Rule("shared-added", _C, "a shared page ([shared]) is defined where there was none"),
+    Rule("shared-field-added", _C, "a new field in bytes of the shared page no field used (old guests and hypervisors ignore them)"),
     Rule("doc-changed", _N, "the wording of a doc string (not of an annotation: its doc is its meaning)"),
     Rule("arg-renamed", _N, "an argument or result renamed, same slot and type (names are documentation)"),
     Rule("legacy-only-changed", _N, "a legacy-only number listed, dropped or re-explained (it answers NOT_SUPPORTED either way)"),
@@ -70,6 +73,11 @@ RULES: dict[str, Rule] = {r.kind: r for r in (
     Rule("batch-changed", _B, "the FlushQueue buffer layout or capacity changed"),
     Rule("legacy-removed", _B, "a legacy number no longer maps onto a call"),
     Rule("legacy-remapped", _B, "a legacy number maps onto another call or has another name"),
+    Rule("call-disallows-user", _B, "a call stopped being safe from guest user mode: user code that made it gets PERMISSION"),
+    Rule("shared-removed", _B, "the shared page is no longer defined"),
+    Rule("shared-size-changed", _B, "the shared page got another size"),
+    Rule("shared-field-removed", _B, "a shared-page field disappeared"),
+    Rule("shared-field-changed", _B, "a shared-page field moved to another offset or got another type"),
 )}
 
 # The rules in prose: printed in the generated reference, above the table of RULES.
