@@ -40,7 +40,8 @@ def test_decode_names_oddities() -> None:
     assert "unknown family 0x07" in run("decode", "0x07000000").output
     assert "MMU.<unknown call 0x7f>" in run("decode", "0x037f0000").output
     assert "Legacy.38 SetPxE -> MMU.SetPTE" in run("decode", "0x00260000").output
-    assert "IRET" in run("decode", "0x00210000").output and "not supported" in run("decode", "0x00210000").output
+    assert "Legacy.33 IRET -> CPU.ReturnToUser" in run("decode", "0x00210000").output  # since 1.3
+    assert "SYSEXIT" in run("decode", "0x00220000").output and "not supported" in run("decode", "0x00220000").output
 
 
 def test_decode_bad_input() -> None:
@@ -72,6 +73,10 @@ def test_show() -> None:
     result = run("show")
     assert result.exit_code == 0
     assert "SetPTE" in result.output and "0x03000000" in result.output and "queue" in result.output
+    header = next(line for line in result.output.splitlines() if "optional" in line)
+    assert "user" in header.split()  # the user column
+    row = next(line for line in result.output.splitlines() if "GetVersion" in line)
+    assert "yes" in row.split()  # Query.GetVersion is safe from user mode (not optional)
 
 
 def test_header_and_doc_to_file(tmp_path: Path) -> None:
@@ -79,7 +84,7 @@ def test_header_and_doc_to_file(tmp_path: Path) -> None:
     assert run("header", "-o", str(tmp_path / "vmi_spec.h")).exit_code == 0
     assert "VMI_CALL_MMU_SETPTE" in (tmp_path / "vmi_spec.h").read_text()
     assert run("doc", "-o", str(tmp_path / "vmi.md")).exit_code == 0
-    assert "# VMI 1.1" in (tmp_path / "vmi.md").read_text()
+    assert "# VMI 1.3" in (tmp_path / "vmi.md").read_text()
     line = _one_line_error(run("header", "-o", str(tmp_path / "missing-dir" / "x.h")))
     assert "cannot write" in line
 

@@ -16,7 +16,7 @@ import pytest
 from click.testing import CliRunner
 
 from vmikit.abi.cli import spec_group
-from vmikit.abi.diff import check
+from vmikit.abi.diff import check, diff_specs
 from vmikit.abi.history import available_versions, version_path
 from vmikit.abi.model import Version
 from vmikit.abi.spec import load_spec, spec_path
@@ -24,6 +24,7 @@ from vmikit.abi.versioning import RULES, Severity
 
 Doc = dict[str, Any]
 BASE = tomllib.loads(version_path(Version(1, 1)).read_text())
+SHARED = tomllib.loads(version_path(Version(1, 3)).read_text())["shared"]  # 1.1 has none
 
 
 def _toml(value: Any) -> str:
@@ -49,6 +50,15 @@ def family(doc: Doc, name: str) -> Doc:
 def call(doc: Doc, qualified: str) -> Doc:
     fam, name = qualified.split(".")
     return next(c for c in family(doc, fam).get("call", []) if c["name"] == name)
+
+
+def shared(doc: Doc) -> Doc:
+    """Give DOC the 1.3 shared page (if it has none yet) and return it."""
+    return doc.setdefault("shared", copy.deepcopy(SHARED))
+
+
+def field(doc: Doc, name: str) -> Doc:
+    return next(f for f in shared(doc)["fields"] if f["name"] == name)
 
 
 def drop_call(doc: Doc, qualified: str) -> None:
@@ -78,6 +88,14 @@ def _k(*kinds: str) -> frozenset[str]:
 NEW_CALL = {"number": 0x19, "name": "GetTSCKHz", "doc": "TSC frequency in kHz.",
             "results": [{"name": "khz", "type": "u32"}], "since": "1.2"}
 
+
+
+def map_iret(doc: Doc, new_call: Doc) -> None:
+    """What 1.3 does with legacy-only IRET (33): map it onto a call, keeping its name."""
+    doc["legacy_only"] = [o for o in doc["legacy_only"] if o["number"] != 33]
+    family(doc, "CPU")["call"].append({**new_call, "legacy": 33, "legacy_name": "IRET"})
+
+
 CASES: dict[str, Case] = {
     # --- compatible
     "family-added": Case(_k("family-added", "call-added"), lambda d: d["family"].insert(-1, {
@@ -94,11 +112,19 @@ CASES: dict[str, Case] = {
     "constant-added": Case(_k("constant-added"), lambda d: d["constants"].update(MAX_CPUS={"value": 1, "doc": "CPUs."})),
     "type-added": Case(_k("type-added"), lambda d: d["types"].update(u16={"bits": 16, "doc": "16 bits"})),
     "legacy-added": Case(_k("legacy-added"), lambda d: call(d, "Query.GetVersion").update(legacy=70)),
+    "legacy-only-mapped": Case(_k("legacy-added"), lambda d: map_iret(d, NEW_CALL),
+                               old=lambda d: family(d, "CPU")["call"].append({**NEW_CALL, "since": "1.1"})),
+    "call-allows-user": Case(_k("call-allows-user"), lambda d: call(d, "CPU.RDMSR").update(user=True)),
+    "shared-added": Case(_k("shared-added"), shared),
+    "shared-field-added": Case(_k("shared-field-added"), lambda d: shared(d)["fields"].append(
+        {"name": "ticks", "offset": 48, "type": "u64", "doc": "Timer ticks."}), old=shared),
     # --- neutral
     "doc-changed": Case(_k("doc-changed"), lambda d: call(d, "CPU.CPUID").update(doc="Run CPUID as presented.")),
     "arg-renamed": Case(_k("arg-renamed"), lambda d: call(d, "Segmentation.SetGDT")["args"][0].update(name="gdt")),
     "legacy-only-changed": Case(_k("legacy-only-changed"), lambda d: d["legacy_only"].append(
         {"number": 74, "name": "Unused74", "doc": "Never defined."})),
+    "shared-doc-changed": Case(_k("doc-changed"), lambda d: field(d, "vif").update(doc="1 = on."), old=shared),
+    "shared-page-doc-changed": Case(_k("doc-changed"), lambda d: shared(d).update(doc="The page."), old=shared),
     # --- breaking
     "interface-renamed": Case(_k("interface-renamed"), lambda d: d["interface"].update(name="VMX")),
     "family-removed": Case(_k("family-removed", "call-removed"),
@@ -135,6 +161,17 @@ CASES: dict[str, Case] = {
     "batch-changed": Case(_k("batch-changed"), lambda d: d["batch"].update(max_entries=128)),
     "legacy-removed": Case(_k("legacy-removed"), lambda d: call(d, "CPU.WBINVD").pop("legacy")),
     "legacy-remapped": Case(_k("legacy-remapped"), lambda d: call(d, "MMU.SetPTE").update(legacy_name="SetPxE32")),
+    "call-disallows-user": Case(_k("call-disallows-user"), new=lambda d: None,
+                                old=lambda d: call(d, "CPU.CPUID").update(user=True)),
+    "shared-removed": Case(_k("shared-removed"), new=lambda d: None, old=shared),
+    "shared-size-changed": Case(_k("shared-size-changed"), lambda d: shared(d).update(size=8192), old=shared),
+    "shared-field-removed": Case(_k("shared-field-removed"), lambda d: shared(d).update(
+        fields=[f for f in SHARED["fields"] if f["name"] != "vpl"]), old=shared),
+    "shared-field-moved": Case(_k("shared-field-changed"), lambda d: field(d, "vpl").update(offset=48), old=shared),
+    "shared-field-retyped": Case(_k("shared-field-changed"), lambda d: field(d, "exceptions").update(type="u32"),
+                                 old=shared),
+    "shared-field-renamed": Case(_k("shared-field-removed", "shared-field-added"),
+                                 lambda d: field(d, "vpl").update(name="level"), old=shared),
 }
 
 
@@ -211,7 +248,7 @@ def test_added_call_must_say_since_the_new_version(tmp_path: Path) -> None:
 
 def test_fixtures_follow_the_rules() -> None:
     versions = list(available_versions())
-    assert versions == [Version(1, 0), Version(1, 1), Version(1, 2)]
+    assert versions == [Version(1, 0), Version(1, 1), Version(1, 2), Version(1, 3)]
     for old, new in itertools.pairwise(versions):
         report = check(load_spec(version_path(old)), load_spec(version_path(new)))
         assert report.ok and report.bump == "minor", report.problems
@@ -223,9 +260,31 @@ def test_fixtures_follow_the_rules() -> None:
     assert {c.subject for c in second.changes if c.kind == "family-added"} == {"family EventChannel (0x05)"}
 
 
-def test_the_packaged_spec_is_the_1_1_fixture() -> None:
-    report = check(load_spec(version_path(Version(1, 1))), load_spec(spec_path()))
-    assert report.new == Version(1, 1) and report.changes == [], [c.line() for c in report.changes]
+def test_1_3_is_compatible_with_1_2_and_1_1() -> None:
+    new = load_spec(version_path(Version(1, 3)))
+    for old in (Version(1, 2), Version(1, 1)):
+        report = check(load_spec(version_path(old)), new)
+        assert report.ok and report.bump == "minor", report.problems
+        assert {c.severity for c in report.changes} == {Severity.COMPATIBLE}, [c.line() for c in report.changes]
+        by_kind: dict[str, set[str]] = {}
+        for c in report.changes:
+            by_kind.setdefault(c.kind, set()).add(c.subject.split(" (")[0])
+        assert {"CPU.Deprivilege", "CPU.ReturnToUser"} <= by_kind["call-added"]
+        assert by_kind["call-allows-user"] == {"Query.GetVersion", "Query.HasFamily", "Query.QueryCall",
+                                               "CPU.CPUID", "CPU.RDTSC", "CPU.IODelay"}
+        assert by_kind["shared-added"] == {"shared page"}
+        assert by_kind["legacy-added"] == {"legacy 33"}  # IRET, legacy-only until 1.2
+        assert {"constant PRIVILEGE_RING0", "constant PRIVILEGE_DEPRIVILEGED"} <= by_kind["constant-added"]
+    # Going back from 1.3 takes every one of those away: breaking.
+    back = {c.kind for c in diff_specs(new, load_spec(version_path(Version(1, 2))))}
+    assert {"call-disallows-user", "shared-removed", "call-removed", "legacy-removed"} <= back
+
+
+def test_the_packaged_spec_is_the_newest_fixture() -> None:
+    newest, path = list(available_versions().items())[-1]
+    assert spec_path().read_bytes() == path.read_bytes(), f"copy vmi.toml to versions/{path.name}"
+    report = check(load_spec(path), load_spec(spec_path()))
+    assert report.new == newest == Version(1, 3) and report.changes == [], [c.line() for c in report.changes]
 
 
 def test_versions_by_name_on_the_command_line() -> None:
@@ -233,5 +292,12 @@ def test_versions_by_name_on_the_command_line() -> None:
     assert result.exit_code == 0, result.output
     assert "compatible  family-added                family EventChannel (0x05)" in result.output
     assert result.output.splitlines()[-1] == "1.1 -> 1.2: 0 breaking, 6 compatible, 0 neutral; needs a minor bump: OK"
+    for old, count in (("1.2", 12), ("1.1", 18)):
+        result = CliRunner().invoke(spec_group, ["diff", old, "1.3"])
+        assert result.exit_code == 0, result.output
+        assert "compatible  shared-added                shared page: 4096 bytes, 10 field(s)" in result.output
+        assert "compatible  call-allows-user            Query.GetVersion (0x04000000): user false -> true" in result.output
+        assert result.output.splitlines()[-1] == \
+            f"{old} -> 1.3: 0 breaking, {count} compatible, 0 neutral; needs a minor bump: OK"
     result = CliRunner().invoke(spec_group, ["diff", "1.1", "9.9"])
     assert result.exit_code == 2 and "no spec fixture for version 9.9" in result.output

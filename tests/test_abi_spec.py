@@ -16,13 +16,14 @@ def spec():
 def test_loads_and_is_cached(spec) -> None:
     assert spec_path().name == "vmi.toml" and spec_path().is_file()
     assert load_spec() is spec
-    assert (spec.version.major, spec.version.minor) == (1, 1)
-    assert spec.version.packed == 0x00010001
+    assert (spec.version.major, spec.version.minor) == (1, 3)
+    assert spec.version.packed == 0x00010003
 
 
 def test_families(spec) -> None:
     names = {fid: f.name for fid, f in spec.families.items()}
-    assert names == {0x00: "Legacy", 0x01: "CPU", 0x02: "Segmentation", 0x03: "MMU", 0x04: "Query", 0xFF: "Experimental"}
+    assert names == {0x00: "Legacy", 0x01: "CPU", 0x02: "Segmentation", 0x03: "MMU", 0x04: "Query",
+                     0x05: "EventChannel", 0xFF: "Experimental"}
     assert not spec.families[0x00].calls and not spec.families[0xFF].calls
     assert spec.families[0xFF].runtime
 
@@ -53,7 +54,8 @@ def test_every_call_id_decodes_back(spec) -> None:
 def test_lookup_unknowns(spec) -> None:
     assert spec.lookup(0x07000000) is None  # unknown family
     assert spec.lookup(0x03FF0000) is None  # unknown call
-    assert spec.lookup(0x00210000) is None  # legacy-only IRET
+    assert spec.lookup(0x00220000) is None  # legacy-only SYSEXIT
+    assert spec.lookup(0x00210000) is spec.by_name("CPU.ReturnToUser")  # IRET, legacy-only before 1.3
     assert spec.lookup(-1) is None and spec.lookup(1 << 32) is None
     assert spec.lookup(0x03000100) is spec.by_name("MMU.SetPTE")  # reserved is the dispatcher's job
 
@@ -119,3 +121,47 @@ def test_flushqueue_and_query_shapes(spec) -> None:
     assert [r.name for r in fq.results] == ["index", "cause"]
     assert [c.name for c in spec.families[0x04].calls.values()] == ["GetVersion", "HasFamily", "QueryCall"]
     assert spec.constants["QUERY_SUPPORTED"].value == 0x100
+
+
+# --- 1.3: the execution model ----------------------------------------------------------------
+
+def test_execution_model_calls(spec) -> None:
+    dep, ret = spec.by_name("CPU.Deprivilege"), spec.by_name("CPU.ReturnToUser")
+    assert (dep.call_id(), ret.call_id()) == (0x01190000, 0x011A0000)
+    assert dep.args == () and [(r.name, r.type) for r in dep.results] == [("privilege", "u32"), ("shared", "gpa")]
+    assert [(a.name, a.type) for a in ret.args] == [("rip", "gva"), ("rsp", "gva"), ("rflags", "u64")]
+    assert ret.results == ()
+    assert not dep.optional and not ret.optional and not dep.user and not ret.user
+    assert dep.since == ret.since == (1, 3)
+    assert (ret.legacy, spec.legacy_name(33)) == (33, "IRET")
+    assert spec.constants["PRIVILEGE_RING0"].value == 0 and spec.constants["PRIVILEGE_DEPRIVILEGED"].value == 3
+
+
+def test_user_safe_calls(spec) -> None:
+    user = {c.qualified_name for c in spec.calls() if c.user}
+    assert user == {"Query.GetVersion", "Query.HasFamily", "Query.QueryCall", "CPU.CPUID", "CPU.RDTSC", "CPU.IODelay"}
+
+
+def test_shared_page_layout(spec) -> None:
+    page = spec.shared
+    assert page is not None and page.size == 4096
+    layout = [(f.name, f.offset, f.type) for f in page.fields]
+    assert layout == [
+        ("cr2", 0, "u64"), ("vif", 8, "u32"), ("pending", 12, "u32"), ("vpl", 16, "u32"),
+        ("privilege", 20, "u32"), ("kernel_cs", 24, "u32"), ("kernel_ss", 28, "u32"),
+        ("user_cs", 32, "u32"), ("user_ss", 36, "u32"), ("exceptions", 40, "u64"),
+    ]
+    assert page.offset("vif") == 8 and page.offset("EXCEPTIONS") == 40 and page.field("cr2").size == 8
+    assert all(f.doc for f in page.fields) and page.doc
+    with pytest.raises(KeyError) as info:
+        page.offset("vff")
+    assert "vff" in str(info.value) and "vif" in str(info.value)
+
+
+def test_older_versions_have_no_shared_page_or_user_calls() -> None:
+    from vmikit.abi.history import available_versions
+
+    for version, path in available_versions().items():
+        old = load_spec(path)
+        if version < (1, 3):
+            assert old.shared is None and not any(c.user for c in old.calls()), version
