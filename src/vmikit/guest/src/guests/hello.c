@@ -1,8 +1,14 @@
 /*
  * hello: a smoke test of the runtime.  Every PASS line must read the same on
  * KVM and on QEMU, so messages name no sizes, addresses or timings.
+ *
+ * A kernel the hypervisor deprivileged (vmi_deprivileged(): ring 3, see
+ * docs/execution-model.md) reads EFER, CR0, CR4 and its IDT register through
+ * the VMI layer: there rdmsr and mov from CRn raise #GP, and sidt names the
+ * hypervisor's IDT, not the runtime's.
  */
 #include "lib.h"
+#include "vmi.h"
 
 #define NPAGES 8
 
@@ -118,17 +124,36 @@ static void test_allocator(void)
 		free_page(pages[i]);
 }
 
+static uint64_t efer(void)
+{
+	uint64_t v = 0;
+	if (!vmi_deprivileged())
+		return rdmsr(MSR_EFER);
+	return vmi_rdmsr(MSR_EFER, &v) == VMI_ERR_OK ? v : 0;
+}
+
+static uint64_t cr0(void) { return vmi_deprivileged() ? vmi_get_cr0() : read_cr0(); }
+static uint64_t cr4(void) { return vmi_deprivileged() ? vmi_get_cr4() : read_cr4(); }
+
+static uint32_t idt_limit(void)
+{
+	uint64_t base = 0;
+	uint32_t limit = 0;
+	if (!vmi_deprivileged())
+		return sidt().limit;
+	return vmi_get_idt(&base, &limit) == VMI_ERR_OK && base ? limit : 0;
+}
+
 void kmain(uint32_t magic, uint32_t mbinfo)
 {
 	(void)mbinfo;
 	printf("vmikit hello guest\n");
 
 	report(magic == MULTIBOOT_BOOTLOADER_MAGIC && boot_info != NULL, "multiboot magic seen");
-	report((rdmsr(MSR_EFER) & EFER_LMA) != 0, "long mode active (EFER.LMA set)");
-	report((read_cr0() & CR0_PG) && (read_cr4() & CR4_PAE), "paging enabled with PAE");
+	report((efer() & EFER_LMA) != 0, "long mode active (EFER.LMA set)");
+	report((cr0() & CR0_PG) && (cr4() & CR4_PAE), "paging enabled with PAE");
 
-	struct descriptor_ptr idtr = sidt();
-	report(idtr.limit == 256 * 16 - 1, "IDT loaded with 256 gates");
+	report(idt_limit() == 256 * 16 - 1, "IDT loaded with 256 gates");
 
 	test_memory_map();
 	test_allocator();

@@ -25,6 +25,11 @@
 #define ROM_IMAGE_END   0xC8000ull
 #define ROM_DATA_BASE   0xD0000ull
 #define ROM_DATA_END    0xE0000ull
+/* Under a deprivileged kernel (docs/execution-model.md) the hardware uses the hypervisor's GDT,
+ * IDTs, TSS (with its I/O bitmap: every `out`) and trap stubs, which live here: every address
+ * space the kernel loads must map them, read-only, as it maps the ROM. */
+#define MONITOR_BASE    0xC8000ull
+#define MONITOR_END     0xD0000ull
 #define DATA_FRAMES     (DATA_POOL_SIZE / SZ_4K)
 
 /* Valid calls that did not return 0 (each one is printed once, as a diagnostic). */
@@ -80,7 +85,8 @@ static uint64_t new_table(uint32_t level)
 /*
  * A new PML4 whose entry 0 maps what keeps the guest running after the switch:
  * the first 2 MiB through a 4 KiB PT (0..LOW_RAM_END RW; with a ROM, its image
- * read-only and its data area RW; 1 MiB..2 MiB RW), then 2 MiB pages RW up to
+ * read-only and its data area RW (the shared page is its last page); deprivileged, the
+ * hypervisor's monitor area read-only; 1 MiB..2 MiB RW), then 2 MiB pages RW up to
  * the page-table pool, the pool read-only, the rest of usable RAM RW (a tail
  * that is not 2 MiB-aligned through a second 4 KiB PT).  Returns the PML4;
  * *kpdpt gets the kernel PDPT (the one a clone shares).
@@ -110,6 +116,8 @@ static uint64_t build_kernel_space(uint64_t ram_end, uint64_t *kpdpt)
 			flags = LEAF_RO;
 		else if (vmi_rom_present() && a >= ROM_DATA_BASE && a < ROM_DATA_END)
 			flags = LEAF_RW;
+		else if (vmi_deprivileged() && a >= MONITOR_BASE && a < MONITOR_END)
+			flags = LEAF_RO;
 		if (flags)
 			put(pt_low, (unsigned)(a / SZ_4K), a | flags, 1);
 	}
