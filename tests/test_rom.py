@@ -65,7 +65,7 @@ def test_header_and_table(roms: dict[tuple[RomProfile, bool], RomImage], profile
     assert [cid for cid, _ in pairs] == sorted(cid for cid, _ in pairs)
     assert all(HEADER.size <= off < size for _, off in pairs)
 
-    plain = {c.call_id() for c in SPEC.calls() if c.family in (1, 2, 3, 4)}
+    plain = {c.call_id() for c in SPEC.calls() if c.family != 0 and not SPEC.families[c.family].runtime}
     optional = {c.call_id() for c in SPEC.calls() if c.optional}
     queued = _ids("MMU.SetPTE", "MMU.SetLongPTE", annotation=QUEUE)
     expected = plain - optional if profile is RomProfile.MINIMAL else plain
@@ -203,3 +203,32 @@ def test_a_spec_without_the_queue_annotation_builds_an_unaware_rom(tmp_path: Pat
     image = build_rom(RomProfile.FULL, honour_annotations=True, spec=old, cache_dir=tmp_path)
     assert not image.honours_annotations
     assert parse_rom(image.data, old).entries == image.entries
+
+
+# What a ring-3 kernel must never execute (each raises #GP there): a deprivileged ROM has none.
+PRIVILEGED_MNEMONICS = ("cli", "sti", "hlt", "invlpg", "wrmsr", "rdmsr", "rdpmc", "lgdt", "lidt", "ltr", "lldt",
+                        "clts", "wbinvd", "swapgs", "sysret", "iret")
+
+
+@pytest.mark.skipif(shutil.which("objdump") is None, reason="objdump not installed (apt-get install binutils)")
+@pytest.mark.parametrize("profile", list(RomProfile))
+def test_deprivileged_rom_has_no_privileged_instruction(cache: Path, profile: RomProfile) -> None:
+    def instructions(deprivileged: bool) -> list[str]:
+        rom = build_rom(profile, honour_annotations=True, cache_dir=cache, deprivileged=deprivileged)
+        elf_path = next(p / "rom.elf" for p in cache.iterdir() if (p / "rom.bin").is_file()
+                        and (p / "rom.bin").read_bytes() == rom.data)
+        with elf_path.open("rb") as f:  # the code starts at vmi_hcall; before it: header and table
+            symtab = ELFFile(f).get_section_by_name(".symtab")
+            start = symtab.get_symbol_by_name("vmi_hcall")[0]["st_value"]
+        out = subprocess.run(["objdump", "-d", f"--start-address={start:#x}", str(elf_path)],
+                             capture_output=True, text=True, check=True).stdout
+        return [parts[2].strip() for parts in (line.split("\t") for line in out.splitlines()) if len(parts) >= 3]
+
+    def privileged(code: list[str]) -> list[str]:
+        return [i for i in code if i.split(" ")[0] in PRIVILEGED_MNEMONICS or "%cr" in i or "%db" in i]
+
+    ring0 = privileged(instructions(False))
+    assert any("%cr3" in i for i in ring0), "the check must see the ring-0 ROM's CR3 reload"
+    if profile is RomProfile.FULL:
+        assert {"cli", "sti"} <= {i.split(" ")[0] for i in ring0}
+    assert privileged(instructions(True)) == []

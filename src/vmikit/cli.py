@@ -73,12 +73,15 @@ def _stream(data: bytes) -> None:
                    "(default: the packaged spec).")
 @click.option("--annotations", type=click.Choice(["honour", "ignore"]), default="honour", show_default=True,
               help="Whether the hypervisor honours call annotations (queued SetPTE).")
+@click.option("--privilege", type=click.Choice(["deprivileged", "ring0"]), default=None,
+              help="Where the guest kernel runs under a ROM: deprivileged at ring 3, the hypervisor owning ring 0 "
+                   "(the default), or at ring 0 (for comparison). Without a ROM: ring 0, a bare machine.")
 @click.option("--extension", "extensions", multiple=True, type=click.Path(dir_okay=False, path_type=Path),
               help="A Python file registering experimental 0xFF calls (repeatable).")
 @click.option("--stats", is_flag=True, help="Print exit counts by reason, port and call after the run.")
 @click.option("--json", "json_file", type=click.Path(dir_okay=False, path_type=Path), help="Write a JSON summary here.")
 def run(guest: str, memory_mib: int, timeout: float, rom: str | None, paging: str, audit: bool, cmdline: str,
-        spec_name: str | None, annotations: str, extensions: tuple[Path, ...], stats: bool,
+        spec_name: str | None, annotations: str, privilege: str | None, extensions: tuple[Path, ...], stats: bool,
         json_file: Path | None) -> None:
     """Run GUEST (a bundled guest name or an ELF path) and exit with its status."""
     from vmikit.hypervisor.experimental import ExperimentalCalls, load_extension
@@ -95,7 +98,8 @@ def run(guest: str, memory_mib: int, timeout: float, rom: str | None, paging: st
         load_extension(extension, calls)
     image = resolve_image(guest)
     with Session(image, rom=rom, annotations=annotations, paging=paging, memory_mib=memory_mib, timeout=timeout,
-                 console=_stream, experimental=calls, audit=audit, cmdline=cmdline, spec=spec) as session:
+                 console=_stream, experimental=calls, audit=audit, cmdline=cmdline, spec=spec,
+                 privilege=privilege) as session:
         result = session.run()
     summary = {"guest": guest, "image": str(image), "memory_mib": memory_mib, **result.summary()}
     if stats:

@@ -13,6 +13,7 @@ from pathlib import Path
 from vmikit.abi.model import Spec
 from vmikit.errors import UsageError
 from vmikit.hypervisor import ExperimentalCalls, Hypervisor
+from vmikit.hypervisor.execution import PRIVILEGES
 from vmikit.hypervisor.mmu import PAGING_STYLES, DirectMmu, Mmu, ShadowMmu, TrapMmu
 from vmikit.machine import layout
 from vmikit.machine.board import ConsoleSink, Machine, RunResult
@@ -28,6 +29,8 @@ class SessionResult:
     rom: str
     annotations: str
     paging: dict[str, object]
+    privilege: str = "ring0"
+    execution: dict[str, object] | None = None
 
     @property
     def exit_status(self) -> int:
@@ -42,7 +45,8 @@ class SessionResult:
         exits = data["exits"]
         assert isinstance(exits, dict)
         exits["by_call"] = self.by_call
-        return {"rom": self.rom, "annotations": self.annotations, "paging": self.paging, **data}
+        return {"rom": self.rom, "annotations": self.annotations, "privilege": self.privilege,
+                "execution": self.execution, "paging": self.paging, **data}
 
 
 class Session:
@@ -51,7 +55,7 @@ class Session:
     def __init__(self, image: Path, *, rom: str | None = None, annotations: str = "honour", paging: str = "native",
                  memory_mib: int = 128, timeout: float = 30.0, console: ConsoleSink | None = None,
                  experimental: ExperimentalCalls | None = None, audit: bool = False, cmdline: str = "",
-                 spec: Spec | None = None) -> None:
+                 spec: Spec | None = None, privilege: str | None = None) -> None:
         # spec: the interface version the ROM and hypervisor implement (default: the packaged one);
         # an older spec stands for an older hypervisor (vmikit compat).
         if paging not in PAGING_STYLES:
@@ -71,6 +75,16 @@ class Session:
             raise UsageError(f"unknown ROM profile '{rom}'", f"use --rom {'|'.join(ROM_CHOICES)}")
         if annotations not in ANNOTATION_CHOICES:
             raise UsageError(f"unknown annotation mode '{annotations}'", f"use --annotations {'|'.join(ANNOTATION_CHOICES)}")
+        if privilege is None:
+            privilege = "ring0" if rom == "none" else "deprivileged"
+        if privilege not in PRIVILEGES:
+            raise UsageError(f"unknown privilege '{privilege}'", f"use --privilege {'|'.join(PRIVILEGES)}")
+        if privilege == "deprivileged" and rom == "none":
+            raise UsageError("a deprivileged kernel needs the hypervisor's ROM (without it the machine is bare)",
+                             "use --rom full or --rom minimal, or --privilege ring0")
+        if privilege == "deprivileged" and spec is not None and spec.shared is None:
+            privilege = "ring0"  # an interface before 1.3 has no execution model: its kernels keep ring 0
+        self.privilege = privilege
         self.rom = rom
         self.annotations = annotations
         honour = annotations == "honour"
@@ -78,7 +92,8 @@ class Session:
         if rom != "none":
             from vmikit.rom import RomProfile, build_rom
 
-            rom_bytes = build_rom(RomProfile(rom), honour_annotations=honour, spec=spec).data
+            rom_bytes = build_rom(RomProfile(rom), honour_annotations=honour, spec=spec,
+                                  deprivileged=privilege == "deprivileged").data
         self.machine = Machine(image, memory_mib=memory_mib, timeout=timeout, console=console, rom=rom_bytes,
                                cmdline=cmdline, pool_readonly=paging != "native",
                                private=(layout.SHADOW_BASE, layout.SHADOW_SIZE) if paging == "shadow" else None)
@@ -86,9 +101,11 @@ class Session:
         self.hypervisor: Hypervisor | None = None
         if rom != "none":  # a bare machine has no hypervisor to call
             self.hypervisor = Hypervisor(spec, honour_annotations=honour, experimental=experimental, mmu=self.mmu,
-                                         audit=audit)
-            self.hypervisor.attach(self.machine.memory, self.machine.vcpu)
+                                         audit=audit, privilege=privilege)
+            self.hypervisor.attach(self.machine.memory, self.machine.vcpu, self.machine.vm.flush_translations)
             self.machine.on_out(layout.PORT_HYPERCALL, self.hypervisor.on_hypercall)
+            assert self.hypervisor.execution is not None
+            self.machine.on_out(layout.PORT_EVENT, self.hypervisor.execution.on_event)
         self.audit = audit
         self.audits = 0
         self.audit_problems: list[str] = []
@@ -122,7 +139,8 @@ class Session:
             hv = self.hypervisor
             problems = (hv.audit_problems if hv else []) + self.audit_problems + self.mmu.audit()
             paging["audit"] = {"runs": (hv.audits if hv else 0) + self.audits + 1, "problems": problems}
-        return SessionResult(result, by_call, self.rom, self.annotations, paging)
+        execution = self.hypervisor.execution.summary() if self.hypervisor and self.hypervisor.execution else None
+        return SessionResult(result, by_call, self.rom, self.annotations, paging, self.privilege, execution)
 
     def close(self) -> None:
         self.mmu.close()  # its array views pin guest memory

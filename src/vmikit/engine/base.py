@@ -39,6 +39,15 @@ class StopRun(Exception):
         self.code = code
 
 
+class CrashRun(Exception):
+    """Raised by a VcpuOps callback when the guest's own state makes it unable to go on (what
+    the CPU would turn into a shutdown): the run loop ends with ExitKind.SHUTDOWN and ``detail``."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail)
+        self.detail = detail
+
+
 class Registers(Protocol):
     """General-purpose registers, readable and writable as attributes (rax ... r15, rip, rflags)."""
 
@@ -154,8 +163,18 @@ class Vcpu(Protocol):
 
     def set_control(self, *, cr0: int | None = None, cr2: int | None = None, cr3: int | None = None,
                     cr4: int | None = None, gdt: DescriptorTable | None = None, idt: DescriptorTable | None = None,
-                    ldt: Segment | None = None, tr: Segment | None = None) -> None:
-        """Change the named parts of the control state; raises ValueError if the CPU refuses."""
+                    ldt: Segment | None = None, tr: Segment | None = None, cs: Segment | None = None,
+                    ss: Segment | None = None, data: Segment | None = None) -> None:
+        """Change the named parts of the control state (``data``: DS, ES, FS and GS, the last two
+        keeping their bases); raises ValueError if the CPU refuses."""
+        ...
+
+    def track_privilege(self) -> None:
+        """Make cpl() cheap from now on (at a small cost per exit)."""
+        ...
+
+    def cpl(self) -> int:
+        """The hardware privilege level (0-3) the guest ran at when it last exited."""
         ...
 
     def get_msr(self, index: int) -> int | None:
@@ -181,6 +200,10 @@ class Vcpu(Protocol):
 
 class Vm(Protocol):
     def add_memory(self, region: Region) -> None: ...
+
+    def flush_translations(self) -> None:
+        """Drop every guest-virtual translation the engine caches (after the VMM wrote page tables)."""
+        ...
 
     def create_vcpu(self, boot: BootState) -> Vcpu: ...
 

@@ -7,13 +7,13 @@ import errno
 import signal
 import threading
 
-from vmikit.engine.base import BootState, ControlState, DescriptorTable, Exit, ExitKind, Segment, StopRun, VcpuOps
+from vmikit.engine.base import BootState, ControlState, CrashRun, DescriptorTable, Exit, ExitKind, Segment, StopRun, VcpuOps
 from vmikit.errors import HostError
 from vmikit.kvm import structs as ks
 from vmikit.kvm.api import (
     KVM_RUN, OPTIONAL_CAPS, REQUIRED_CAPS, Kvm, KvmVcpu, KvmVm, _ioctl,
 )
-from vmikit.kvm.structs import KVM_SYNC_X86_REGS, KvmSegment
+from vmikit.kvm.structs import KVM_SYNC_X86_REGS, KVM_SYNC_X86_SREGS, KvmSegment
 from vmikit.memory import Region
 
 KICK_SIGNAL = signal.SIGUSR1
@@ -21,6 +21,9 @@ KICK_SIGNAL = signal.SIGUSR1
 # above any guest RAM the board maps (machine.layout.MAX_MEMORY_MIB).
 KVM_TSS_ADDR = 0xFFFBD000
 KVM_IDENTITY_MAP_ADDR = 0xFFFBC000
+# A page-sized slot deleted and re-created to make KVM drop its cached translations
+# (flush_translations); below KVM's own pages, above any guest RAM and the shadow area.
+SCRATCH_SLOT_ADDR = 0xFFFA0000
 
 _INTERNAL_SUBERRORS = {
     1: "KVM could not emulate an instruction",
@@ -76,12 +79,23 @@ class KvmVcpuEngine:
         self._run_base = vcpu.run_addr
         self._fd = vcpu.fd
         self._counts: dict[int, int] = {}
+        self._tracking = False
         self._kicked = False
         self._thread_id: int | None = None
 
     @property
     def regs(self) -> ks.KvmRegs:
         return self._vcpu.regs
+
+    def track_privilege(self) -> None:
+        """Have KVM copy the segment registers out on every exit too, so cpl() costs no ioctl."""
+        self._run.kvm_valid_regs = KVM_SYNC_X86_REGS | KVM_SYNC_X86_SREGS
+        self._tracking = True
+
+    def cpl(self) -> int:
+        """The hardware privilege level the guest ran at when it exited (SS.DPL, as the CPU keeps it)."""
+        sregs = self._vcpu.sregs_view if self._tracking else self._vcpu.get_sregs()
+        return int(sregs.ss.dpl)
 
     def mark_regs_dirty(self) -> None:
         self._run.kvm_dirty_regs |= KVM_SYNC_X86_REGS
@@ -161,6 +175,8 @@ class KvmVcpuEngine:
                     return Exit(ExitKind.UNHANDLED, f"unhandled KVM exit reason {name}", reason)
         except StopRun as stop:
             return Exit(ExitKind.STOPPED, "", stop.code)
+        except CrashRun as crash:
+            return Exit(ExitKind.SHUTDOWN, crash.detail)
         finally:
             run.immediate_exit = 0
             self._thread_id = None
@@ -206,8 +222,17 @@ class KvmVcpuEngine:
 
     def set_control(self, *, cr0: int | None = None, cr2: int | None = None, cr3: int | None = None,
                     cr4: int | None = None, gdt: DescriptorTable | None = None, idt: DescriptorTable | None = None,
-                    ldt: Segment | None = None, tr: Segment | None = None) -> None:
+                    ldt: Segment | None = None, tr: Segment | None = None, cs: Segment | None = None,
+                    ss: Segment | None = None, data: Segment | None = None) -> None:
         sr = self._vcpu.get_sregs()
+        if cs is not None:
+            sr.cs = _segment_to_kvm(cs)
+        if ss is not None:
+            sr.ss = _segment_to_kvm(ss)
+        if data is not None:  # ds, es, fs, gs; fs and gs keep their bases (the FS/GS_BASE MSRs)
+            for name in ("ds", "es", "fs", "gs"):
+                base = getattr(sr, name).base if name in ("fs", "gs") else data.base
+                setattr(sr, name, _segment_to_kvm(Segment(**{**data.__dict__, "base": base})))
         for name, value in (("cr0", cr0), ("cr2", cr2), ("cr3", cr3), ("cr4", cr4)):
             if value is not None:
                 setattr(sr, name, value)
@@ -275,6 +300,9 @@ class KvmVmEngine:
 
     def add_memory(self, region: Region) -> None:
         self._vm.set_memory_region(region.gpa, region.size, region.host_addr, region.readonly)
+
+    def flush_translations(self) -> None:
+        self._vm.zap_translations(SCRATCH_SLOT_ADDR)
 
     def create_vcpu(self, boot: BootState) -> KvmVcpuEngine:
         _install_kick_handler()

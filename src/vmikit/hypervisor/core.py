@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import sys
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -17,6 +18,7 @@ from vmikit.abi.model import U64_MASK, Call, Spec
 from vmikit.abi.spec import load_spec
 from vmikit.engine import StopRun, Vcpu
 from vmikit.hypervisor.context import CallContext, HypercallError
+from vmikit.hypervisor.execution import ExecutionModel
 from vmikit.hypervisor.experimental import EXPERIMENTAL_FAMILY, ExperimentalCalls
 from vmikit.hypervisor import cpu, eventchannel, mmu, query, segmentation
 from vmikit.hypervisor.mmu import Mmu
@@ -33,6 +35,7 @@ class Route:
     name: str  # "MMU.SetPTE", or "Experimental.<name>"
     handler: Handler
     annotations_honoured: int
+    user: bool = False  # safe from guest user mode (the spec's `user`); every other call: PERMISSION
 
 
 def _family_modules() -> list[FamilyHandlers]:
@@ -44,7 +47,7 @@ class Hypervisor:
 
     def __init__(self, spec: Spec | None = None, *, honour_annotations: bool = True,
                  experimental: ExperimentalCalls | None = None, mmu: Mmu | None = None,
-                 audit: bool = False) -> None:
+                 audit: bool = False, privilege: str = "ring0") -> None:
         self.spec = spec or load_spec()
         self.honour_annotations = honour_annotations
         self.experimental = experimental or ExperimentalCalls()
@@ -62,6 +65,8 @@ class Hypervisor:
         self._build_routes()
         self._ctx: CallContext | None = None
         self._vcpu: Vcpu | None = None
+        self.privilege = privilege
+        self.execution: ExecutionModel | None = None  # after attach()
 
     # --- tables ------------------------------------------------------------
 
@@ -72,7 +77,8 @@ class Hypervisor:
                     call = self.spec.by_name(f"{module.family}.{name}")
                 except (KeyError, ValueError):
                     continue  # an older interface version without this call: the hypervisor does not offer it
-                self.routes[call.call_id()] = Route(call.qualified_name, handler, self._honoured(call))
+                self.routes[call.call_id()] = Route(call.qualified_name, handler, self._honoured(call),
+                                                    bool(getattr(call, "user", False)))
         for number, legacy_call in self.spec.legacy.items():
             route = self.routes.get(legacy_call.call_id())
             if route is not None:
@@ -102,8 +108,9 @@ class Hypervisor:
 
     # --- the port ------------------------------------------------------------
 
-    def attach(self, memory: GuestMemory, vcpu: Vcpu) -> None:
+    def attach(self, memory: GuestMemory, vcpu: Vcpu, flush_translations: Callable[[], None] | None = None) -> None:
         self._vcpu = vcpu
+        self.execution = ExecutionModel(self.privilege, self.spec, memory, vcpu, flush_translations or (lambda: None))
         self._ctx = CallContext(self.spec, memory, vcpu, self)
         if self._mmu is None:
             self._mmu = Mmu(memory)
@@ -130,11 +137,17 @@ class Hypervisor:
             status = self._errors["INVALID_ARGUMENT"]
         else:
             route = self.routes.get(value & KEY_MASK)
+            execution = self.execution
             if route is None:
                 status = self._errors["RESERVED_BITS" if value & RESERVED_MASK else "NOT_SUPPORTED"]
+            elif not route.user and execution is not None and execution.user_mode():
+                status = self._errors["PERMISSION"]  # guest user mode: only the user-safe calls
+                execution.stats.user_refused += 1
             else:
                 ctx.call_id = value
                 status, results = self.invoke(route, ctx, regs.rdi, regs.rsi, regs.rdx)
+            if execution is not None and execution.deprivileged and self.mmu.take_stale():
+                execution.flush()  # no stale translation survives the call that made it
         regs.rax = status
         if results:
             padded = (results + (0, 0, 0, 0))[:4]

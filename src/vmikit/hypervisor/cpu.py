@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from vmikit.engine import StopRun
 from vmikit.hypervisor.context import CallContext, HypercallError
+from vmikit.hypervisor.execution import ExecutionModel
 from vmikit.hypervisor.registry import FamilyHandlers
 
 HANDLERS = FamilyHandlers("CPU")
@@ -43,8 +44,19 @@ def rdtsc(ctx: CallContext, *_: int) -> tuple[int, ...]:
     return (value,)
 
 
+def _execution(ctx: CallContext) -> ExecutionModel | None:
+    """The execution model when the kernel is deprivileged (its syscall MSRs, IF, descriptor
+    tables are then virtual state), else None."""
+    execution = ctx.hypervisor.execution
+    return execution if execution is not None and execution.deprivileged else None
+
+
 @HANDLERS.call("RDMSR")
 def rdmsr(ctx: CallContext, msr: int, *_: int) -> tuple[int, ...]:
+    execution = _execution(ctx)
+    virtual = execution.read_msr(msr) if execution is not None and msr <= 0xFFFFFFFF else None
+    if virtual is not None:
+        return (virtual,)
     value = ctx.vcpu.get_msr(msr & 0xFFFFFFFF) if msr <= 0xFFFFFFFF else None
     if value is None:
         raise HypercallError("INVALID_ARGUMENT")
@@ -59,6 +71,9 @@ def wrmsr(ctx: CallContext, msr: int, value: int, _: int) -> tuple[int, ...]:
             raise HypercallError("PERMISSION")
     elif msr not in WRITABLE_MSRS:
         raise HypercallError("PERMISSION")
+    execution = _execution(ctx)
+    if execution is not None and execution.write_msr(msr, value):
+        return ()
     if not ctx.vcpu.set_msr(msr, value):
         raise HypercallError("INVALID_ARGUMENT")  # e.g. a non-canonical base address
     return ()
@@ -101,7 +116,11 @@ def set_cr0(ctx: CallContext, value: int, *_: int) -> tuple[int, ...]:
 
 @HANDLERS.call("SetCR2")
 def set_cr2(ctx: CallContext, value: int, *_: int) -> tuple[int, ...]:
-    return _set_control(ctx, cr2=value)
+    _set_control(ctx, cr2=value)
+    execution = _execution(ctx)
+    if execution is not None:
+        execution.put_cr2(value)  # what the guest reads without an exit
+    return ()
 
 
 @HANDLERS.call("SetCR3")
@@ -161,6 +180,10 @@ def set_dr(ctx: CallContext, reg: int, value: int, _: int) -> tuple[int, ...]:
 
 
 def _set_if(ctx: CallContext, enabled: bool) -> tuple[int, ...]:
+    execution = _execution(ctx)
+    if execution is not None:  # the interrupt flag is virtual: the shared page's
+        execution.set_vif(enabled)
+        return ()
     regs = ctx.vcpu.regs
     regs.rflags = (regs.rflags | RFLAGS_IF) if enabled else (regs.rflags & ~RFLAGS_IF)
     return ()  # the dispatcher marks the registers dirty
@@ -178,12 +201,31 @@ def disable_interrupts(ctx: CallContext, *_: int) -> tuple[int, ...]:
 
 @HANDLERS.call("GetInterruptMask")
 def get_interrupt_mask(ctx: CallContext, *_: int) -> tuple[int, ...]:
+    execution = _execution(ctx)
+    if execution is not None:
+        return (RFLAGS_IF if execution.vif else 0,)
     return (ctx.vcpu.regs.rflags & RFLAGS_IF,)
 
 
 @HANDLERS.call("SetInterruptMask")
 def set_interrupt_mask(ctx: CallContext, flags: int, *_: int) -> tuple[int, ...]:
     return _set_if(ctx, bool(flags & RFLAGS_IF))
+
+
+@HANDLERS.call("Deprivilege")
+def deprivilege(ctx: CallContext, *_: int) -> tuple[int, ...]:
+    execution = ctx.hypervisor.execution
+    if execution is None:
+        raise HypercallError("NOT_SUPPORTED")
+    return execution.deprivilege()
+
+
+@HANDLERS.call("ReturnToUser")
+def return_to_user(ctx: CallContext, rip: int, rsp: int, rflags: int) -> tuple[int, ...]:
+    execution = ctx.hypervisor.execution
+    if execution is None:
+        raise HypercallError("NOT_SUPPORTED")
+    return execution.return_to_user(rip, rsp, rflags)
 
 
 @HANDLERS.call("IODelay")

@@ -51,6 +51,12 @@ class Mmu:
         self.memory = memory
         self.root: int | None = None  # the guest's CR3 as loaded through SetCR3
         self.refused: Counter[str] = Counter()  # trapped or native writes refused, by error
+        self._stale = False
+
+    def take_stale(self) -> bool:
+        """Whether a write since the last call changed a present entry (and forget it)."""
+        stale, self._stale = self._stale, False
+        return stale
 
     def check_pte(self, ptep: int, value: int) -> str | None:
         if ptep % 8 or not self.memory.is_ram(ptep, 8):
@@ -58,7 +64,10 @@ class Mmu:
         return None
 
     def apply_pte(self, ptep: int, value: int) -> None:
+        old = self.memory.read_u64(ptep)
         self.memory.write_u64(ptep, value)
+        if old & P and old != value:
+            self._stale = True
 
     def check_batch(self, pteps: np.ndarray, values: np.ndarray) -> tuple[int, str] | None:
         """(index, error) of the first entry that fails, or None when all pass."""
@@ -128,6 +137,10 @@ class DirectMmu(Mmu):
 
     def apply_pte(self, ptep: int, value: int) -> None:
         self.tables.apply(ptep, value)
+
+    def take_stale(self) -> bool:
+        stale, self.tables.stale = self.tables.stale, False
+        return stale
 
     def check_batch(self, pteps: np.ndarray, values: np.ndarray) -> tuple[int, str] | None:
         if len(pteps) < VECTOR_MIN:

@@ -65,6 +65,9 @@ class PageTables:
         # Where the last validated value of an entry is read from: guest memory by default; shadow
         # paging answers from its own copy, so a value the guest forged is never believed.
         self.validated: Callable[[np.ndarray], np.ndarray] = self._gather
+        # Set when an applied write changed a present entry: a translation cached from the old
+        # value may now be stale (the hypervisor flushes before the guest runs again).
+        self.stale = False
         self.validated_one: Callable[[int], int] = self.memory.read_u64
         # The kind of memory (1 RAM, 2 ROM, 0 neither) of every whole 4 KiB, 2 MiB and 1 GiB frame
         # that lies inside one region: a large leaf across a region boundary maps no single kind.
@@ -218,6 +221,8 @@ class PageTables:
         value = self.stored(level, value)
         self._count(level, value, +1)
         self.memory.write_u64(ptep, value)
+        if old & P and old != value:
+            self.stale = True
         return value
 
     def apply_many(self, pteps: np.ndarray, values: np.ndarray) -> np.ndarray:
@@ -235,6 +240,8 @@ class PageTables:
         self._count_many(np.concatenate((levels, levels)), np.concatenate((old, stored)),
                          np.concatenate((np.full(n, -1, np.int32), np.ones(n, np.int32))))
         self._scatter(pteps, stored)
+        if (((old & U64(P)) != 0) & (old != stored)).any():
+            self.stale = True
         return stored
 
     def _region_views(self, addrs: np.ndarray):  # type: ignore[no-untyped-def]

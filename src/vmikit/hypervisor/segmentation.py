@@ -6,8 +6,9 @@ tables and every byte written must land in guest RAM.
 
 from __future__ import annotations
 
-from vmikit.engine import DescriptorTable, Segment
+from vmikit.engine import ControlState, DescriptorTable, Segment
 from vmikit.hypervisor.context import CallContext, HypercallError
+from vmikit.hypervisor.execution import ExecutionModel
 from vmikit.hypervisor.registry import FamilyHandlers
 from vmikit.hypervisor.walk import translate
 
@@ -45,7 +46,23 @@ def _check_table(ctx: CallContext, base: int, limit: int) -> DescriptorTable:
     return DescriptorTable(base, limit)
 
 
+def _state(ctx: CallContext) -> ControlState | ExecutionModel:
+    """Where the guest's GDTR, IDTR, LDTR and TR live: the CPU's, or (a deprivileged kernel,
+    which runs on the hypervisor's tables) the execution model's virtual copies."""
+    execution = ctx.hypervisor.execution
+    if execution is not None and execution.deprivileged:
+        return execution
+    return ctx.vcpu.get_control()
+
+
 def _set_tables(ctx: CallContext, **tables: DescriptorTable | Segment) -> tuple[int, ...]:
+    execution = ctx.hypervisor.execution
+    if execution is not None and execution.deprivileged:
+        for name, value in tables.items():
+            setattr(execution, name, value)
+        if "ldt" in tables:
+            execution.mirror_ldt()
+        return ()
     try:
         ctx.vcpu.set_control(**tables)  # type: ignore[arg-type]
     except ValueError:
@@ -65,13 +82,13 @@ def set_idt(ctx: CallContext, base: int, limit: int, _: int) -> tuple[int, ...]:
 
 @HANDLERS.call("GetGDT")
 def get_gdt(ctx: CallContext, *_: int) -> tuple[int, ...]:
-    gdt = ctx.vcpu.get_control().gdt
+    gdt = _state(ctx).gdt
     return gdt.base, gdt.limit
 
 
 @HANDLERS.call("GetIDT")
 def get_idt(ctx: CallContext, *_: int) -> tuple[int, ...]:
-    idt = ctx.vcpu.get_control().idt
+    idt = _state(ctx).idt
     return idt.base, idt.limit
 
 
@@ -85,7 +102,7 @@ def _system_descriptor(ctx: CallContext, selector: int, want: set[int]) -> tuple
     """The 16-byte system descriptor a selector names in the GDT, and its gpa."""
     if selector & 0x4 or selector > 0xFFFF or selector < 8:  # must be a non-null GDT selector
         raise HypercallError("INVALID_ARGUMENT")
-    gpa = _entry_gpa(ctx, ctx.vcpu.get_control().gdt, selector >> 3, 16)
+    gpa = _entry_gpa(ctx, _state(ctx).gdt, selector >> 3, 16)
     low, high = ctx.memory.read_u64(gpa), ctx.memory.read_u64(gpa + 8)
     type_ = (low >> 40) & 0xF
     present = bool(low >> 47 & 1)
@@ -122,12 +139,12 @@ def set_tr(ctx: CallContext, selector: int, *_: int) -> tuple[int, ...]:
 
 @HANDLERS.call("GetLDT")
 def get_ldt(ctx: CallContext, *_: int) -> tuple[int, ...]:
-    return (ctx.vcpu.get_control().ldt.selector,)
+    return (_state(ctx).ldt.selector,)
 
 
 @HANDLERS.call("GetTR")
 def get_tr(ctx: CallContext, *_: int) -> tuple[int, ...]:
-    return (ctx.vcpu.get_control().tr.selector,)
+    return (_state(ctx).tr.selector,)
 
 
 def _check_descriptor(low: int, high: int, *, gate_only: bool) -> int:
@@ -165,27 +182,31 @@ def _write_entry(ctx: CallContext, table: DescriptorTable, index: int, low: int,
 
 @HANDLERS.call("WriteGDTEntry")
 def write_gdt_entry(ctx: CallContext, index: int, low: int, high: int) -> tuple[int, ...]:
-    return _write_entry(ctx, ctx.vcpu.get_control().gdt, index, low, high, gate=False)
+    return _write_entry(ctx, _state(ctx).gdt, index, low, high, gate=False)
 
 
 @HANDLERS.call("WriteIDTEntry")
 def write_idt_entry(ctx: CallContext, index: int, low: int, high: int) -> tuple[int, ...]:
     if index > 0xFF:
         raise HypercallError("INVALID_ARGUMENT")
-    return _write_entry(ctx, ctx.vcpu.get_control().idt, index, low, high, gate=True)
+    return _write_entry(ctx, _state(ctx).idt, index, low, high, gate=True)
 
 
 @HANDLERS.call("WriteLDTEntry")
 def write_ldt_entry(ctx: CallContext, index: int, low: int, high: int) -> tuple[int, ...]:
-    ldt = ctx.vcpu.get_control().ldt
+    ldt = _state(ctx).ldt
     if not ldt.present:
         raise HypercallError("INVALID_ARGUMENT")
-    return _write_entry(ctx, DescriptorTable(ldt.base, ldt.limit), index, low, high, gate=False)
+    result = _write_entry(ctx, DescriptorTable(ldt.base, ldt.limit), index, low, high, gate=False)
+    execution = ctx.hypervisor.execution
+    if execution is not None and execution.deprivileged:
+        execution.mirror_ldt()  # the hardware's copy follows the guest's table
+    return result
 
 
 @HANDLERS.call("UpdateKernelStack")
 def update_kernel_stack(ctx: CallContext, stack: int, *_: int) -> tuple[int, ...]:
-    tr = ctx.vcpu.get_control().tr
+    tr = _state(ctx).tr
     if not tr.present or tr.limit < TSS_RSP0_OFFSET + 7:
         raise HypercallError("INVALID_ARGUMENT")
     ctx.memory.write_u64(_gva_to_gpa(ctx, tr.base + TSS_RSP0_OFFSET, 8), stack)

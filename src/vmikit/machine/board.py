@@ -102,6 +102,7 @@ class Machine:
         self._panic: GuestException | None = None
         self._panic_error: str | None = None
         self.rom: Region | None = None
+        self.monitor: Region | None = None
         self._mmio_writers: list[tuple[int, int, OutHandler]] = []
         self.rom_writes = 0
         self.mmio_unmapped = 0
@@ -134,7 +135,10 @@ class Machine:
                 raise UsageError(f"the ROM image is {len(rom)} bytes, more than the {layout.ROM_IMAGE_MAX}-byte window",
                                  "drop calls from the ROM profile")
             self.rom = Region(layout.ROM_BASE, layout.ROM_IMAGE_MAX, readonly=True, name="rom", kind="rom")
-            regions += [self.rom, Region(layout.ROM_DATA_BASE, layout.ROM_DATA_SIZE, name="rom-data")]
+            # The monitor area: the hypervisor's own descriptor tables and stubs (a deprivileged
+            # kernel runs on them), read-only to the guest like the ROM.
+            self.monitor = Region(layout.MONITOR_BASE, layout.MONITOR_SIZE, readonly=True, name="monitor", kind="rom")
+            regions += [self.rom, self.monitor, Region(layout.ROM_DATA_BASE, layout.ROM_DATA_SIZE, name="rom-data")]
         for region in regions:
             self.memory.add(region)
             self.vm.add_memory(region)
@@ -193,7 +197,7 @@ class Machine:
                 handler(addr, size, value)
                 return
         # A write to the read-only ROM is refused (dropped) and reported; to nowhere, dropped.
-        if layout.ROM_BASE <= addr < layout.ROM_BASE + layout.ROM_IMAGE_MAX and self.rom is not None:
+        if layout.ROM_BASE <= addr < layout.MONITOR_BASE + layout.MONITOR_SIZE and self.rom is not None:
             self.rom_writes += 1
         else:
             self.mmio_unmapped += 1
@@ -225,8 +229,8 @@ class Machine:
         if self._panic_error:
             raise GuestCrash(self._panic_error, "pass the physical address of the exception frame", dump=dump)
         if exit_.kind is ExitKind.SHUTDOWN:
-            raise GuestCrash("guest triple fault (the CPU shut down while delivering an exception)",
-                             "check the guest's IDT, GDT and stack", dump=dump)
+            cause = exit_.detail if exit_.detail != "triple fault" else "the CPU shut down while delivering an exception"
+            raise GuestCrash(f"guest triple fault ({cause})", "check the guest's IDT, GDT and stack", dump=dump)
         if exit_.kind is ExitKind.HALT:
             raise GuestCrash("guest halted without writing an exit code",
                              f"end the guest with outl(code, {layout.PORT_EXIT:#x})", dump=dump)

@@ -19,6 +19,10 @@ ROM_END = 0xE0000
 ROM_IMAGE_MAX = 0x8000  # the ROM image: read-only to the guest
 ROM_DATA_BASE = 0xD0000  # the VMI layer's private RAM (per-CPU batch buffers)
 ROM_DATA_SIZE = 0x10000
+ROM_BSS_MAX = 0xF000  # the ROM's own .bss (queue buffers); the last page is the shared page
+SHARED_PAGE = ROM_DATA_BASE + ROM_BSS_MAX  # per-vCPU page shared by guest and hypervisor (spec [shared])
+MONITOR_BASE = 0xC8000  # the hypervisor's hardware GDT, IDTs, TSS and trap stubs (docs/execution-model.md)
+MONITOR_SIZE = 0x8000  # read-only to the guest, like the ROM; present only with a ROM
 ROM_SIGNATURE = b"VMIK"
 PT_POOL_BASE = 0x0200_0000  # page-table pool (docs/paging.md): read-only slot under trap/direct
 PT_POOL_SIZE = 0x0100_0000
@@ -39,6 +43,7 @@ PORT_EXIT = 0xF4  # QEMU isa-debug-exit convention: outl(code)
 PORT_PANIC = 0xF9  # outl(gpa of a struct exception_frame); clear of isa-debug-exit at 0xF4-0xF7 (iosize=4)
 PORT_BENCH = 0xE0  # vmikit bench: the guest marks the start and end of a timed section
 PORT_HYPERCALL = 0xF8  # VMI hypercalls from the ROM (see hypervisor/)
+PORT_EVENT = 0xFA  # the hypervisor's trap and syscall stubs (deprivileged kernels): never a guest's port
 
 # Guest exit codes the runtime uses (written to PORT_EXIT).
 EXIT_OK = 0

@@ -28,6 +28,17 @@ NATIVE = {
     "CPU.GetInterruptMask": "vmi_native_get_if",
     "CPU.SetInterruptMask": "vmi_native_set_if",
 }
+# A deprivileged kernel (docs/execution-model.md) runs the ROM at ring 3: instructions that
+# need ring 0 are replaced by shared-page code (the interrupt flag, CR2) or by plain hypercalls.
+NATIVE_DEPRIVILEGED = {
+    "CPU.RDTSC": "vmi_native_rdtsc",
+    "CPU.IODelay": "vmi_native_iodelay",
+    "CPU.EnableInterrupts": "vmi_shared_sti",
+    "CPU.DisableInterrupts": "vmi_shared_cli",
+    "CPU.GetInterruptMask": "vmi_shared_get_if",
+    "CPU.SetInterruptMask": "vmi_shared_set_if",
+    "CPU.GetCR2": "vmi_shared_cr2",
+}
 # Hypercalls with work to do in the guest after a successful exit (see hcall.S).
 TAILS = {
     "MMU.FlushTLB": "vmi_hcall_flushtlb",
@@ -55,15 +66,18 @@ def rom_calls(spec: Spec, profile: RomProfile) -> list[Call]:
     return calls
 
 
-def plan_stubs(spec: Spec, profile: RomProfile, honour_annotations: bool) -> list[Stub]:
+def plan_stubs(spec: Spec, profile: RomProfile, honour_annotations: bool, deprivileged: bool = False) -> list[Stub]:
     """One stub per entry, sorted by call ID (the entry table's order)."""
     stubs: list[Stub] = []
+    native = NATIVE_DEPRIVILEGED if deprivileged else NATIVE
     for call in rom_calls(spec, profile):
         name = call.qualified_name
-        if name in NATIVE:
-            stubs.append(Stub(call.call_id(), name, "native", NATIVE[name]))
+        # GetCR2 is not optional: even the minimal ROM reads it from the shared page.
+        if name in native and (call.optional or deprivileged):
+            stubs.append(Stub(call.call_id(), name, "native", native[name]))
             continue
-        target = TAILS.get(name, "vmi_hcall")
+        # Deprivileged: the hypervisor completes TLB flushes itself (no invlpg, no CR3 reload here).
+        target = "vmi_hcall" if deprivileged else TAILS.get(name, "vmi_hcall")
         if honour_annotations and name == "MMU.FlushQueue":
             target = "vmi_flush_queue"  # flushes the ROM's own buffer (queue.c)
         stubs.append(Stub(call.call_id(), name, "hypercall", target))
@@ -77,7 +91,7 @@ def _defines(values: dict[str, int]) -> str:
     return "".join(f"#define {k:<24} {v:#x}\n" for k, v in values.items())
 
 
-def layout_header(spec: Spec, profile: RomProfile, honour_annotations: bool) -> str:
+def layout_header(spec: Spec, profile: RomProfile, honour_annotations: bool, deprivileged: bool = False) -> str:
     """rom_layout.h: plain numbers (no C suffixes) so both .S and .c can use them."""
     values = {
         "ROM_BASE": layout.ROM_BASE,
@@ -86,6 +100,12 @@ def layout_header(spec: Spec, profile: RomProfile, honour_annotations: bool) -> 
         "PORT_HYPERCALL": layout.PORT_HYPERCALL,
         "ROM_HONOURS_ANNOTATIONS": int(honour_annotations),
         "ROM_NATIVE_CALLS": int(profile is RomProfile.FULL),
+        "ROM_DEPRIVILEGED": int(deprivileged),
+        "SHARED_PAGE": layout.SHARED_PAGE,
+        **({"ROM_SHARED_VIF": spec.shared.offset("vif"), "ROM_SHARED_PENDING": spec.shared.offset("pending"),
+            "ROM_SHARED_CR2": spec.shared.offset("cr2"),
+            "ROM_CALL_ENABLEINTERRUPTS": spec.by_name("CPU.EnableInterrupts").call_id()}
+           if deprivileged and spec.shared is not None else {}),
         "FLUSH_TLB": spec.constants["FLUSH_TLB"].value,
         "FLUSH_GLOBAL": spec.constants["FLUSH_GLOBAL"].value,
         "CR4_PGE": 1 << 7,
@@ -97,7 +117,7 @@ def layout_header(spec: Spec, profile: RomProfile, honour_annotations: bool) -> 
 
 
 def linker_script(template: str) -> str:
-    for key in ("ROM_BASE", "ROM_IMAGE_MAX", "ROM_DATA_BASE", "ROM_DATA_SIZE"):
+    for key in ("ROM_BASE", "ROM_IMAGE_MAX", "ROM_DATA_BASE", "ROM_BSS_MAX"):
         template = template.replace(f"@{key}@", f"{getattr(layout, key):#x}")
     return template
 

@@ -67,6 +67,7 @@ vmi_raw_call:
 	movq	%r8, %rcx
 	jmp	vmi_hcall
 
+#if !ROM_DEPRIVILEGED
 /* MMU.FlushTLB: the hypervisor validates (and completes the queue first); the TLB
  * itself belongs to the hardware walking the guest's tables, so the ROM flushes it
  * after a successful exit: FLUSH_GLOBAL toggles CR4.PGE, FLUSH_TLB reloads CR3. */
@@ -101,9 +102,44 @@ vmi_hcall_invlpg:
 	jnz	1f
 	invlpg	(%rdi)
 1:	ret
+#endif /* a deprivileged kernel's hypervisor completes TLB flushes itself */
 
-#if ROM_NATIVE_CALLS
-/* Optional calls that are plain instructions run here, with no exit (FULL profile). */
+#if ROM_DEPRIVILEGED
+/* A ring-3 kernel: the interrupt flag is the shared page's vif and CR2 its cr2 (written by the
+ * hypervisor before it delivers a #PF). None of these exits, but unmasking with an event
+ * pending, which hands the event over with one CPU.EnableInterrupts hypercall. */
+vmi_shared_sti:
+	movl	$1, SHARED_PAGE + ROM_SHARED_VIF
+	cmpl	$0, SHARED_PAGE + ROM_SHARED_PENDING
+	je	1f
+	movl	$ROM_CALL_ENABLEINTERRUPTS, %eax
+	jmp	vmi_hcall
+1:	xorl	%r8d, %r8d
+	jmp	vmi_ret1
+
+vmi_shared_cli:
+	movl	$0, SHARED_PAGE + ROM_SHARED_VIF
+	xorl	%r8d, %r8d
+	jmp	vmi_ret1
+
+vmi_shared_get_if:
+	xorl	%r8d, %r8d
+	cmpl	$0, SHARED_PAGE + ROM_SHARED_VIF
+	je	1f
+	movl	$RFLAGS_IF, %r8d
+1:	jmp	vmi_ret1
+
+vmi_shared_set_if:		/* IF from flags bit 9 */
+	testl	$RFLAGS_IF, %edi
+	jnz	vmi_shared_sti
+	jmp	vmi_shared_cli
+
+vmi_shared_cr2:
+	movq	SHARED_PAGE + ROM_SHARED_CR2, %r8
+	jmp	vmi_ret1
+#endif
+
+#if ROM_NATIVE_CALLS || ROM_DEPRIVILEGED
 vmi_native_rdtsc:
 	rdtsc
 	shlq	$32, %rdx
@@ -111,6 +147,8 @@ vmi_native_rdtsc:
 	movq	%rdx, %r8
 	jmp	vmi_ret1
 
+#endif
+#if ROM_NATIVE_CALLS && !ROM_DEPRIVILEGED
 vmi_native_rdpmc:		/* counter = a0 */
 	movq	%rcx, %rsi	/* rdpmc takes ecx: keep res */
 	movl	%edi, %ecx
@@ -121,9 +159,13 @@ vmi_native_rdpmc:		/* counter = a0 */
 	movq	%rdx, %r8
 	jmp	vmi_ret1
 
+#endif
+#if ROM_NATIVE_CALLS || ROM_DEPRIVILEGED
 vmi_native_iodelay:		/* no port-0x80 write: that would be an exit, the very cost to avoid */
 	xorl	%r8d, %r8d
 	jmp	vmi_ret1
+#endif
+#if ROM_NATIVE_CALLS && !ROM_DEPRIVILEGED
 
 vmi_native_sti:
 	sti

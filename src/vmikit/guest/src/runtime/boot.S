@@ -67,11 +67,12 @@ _start:
 	movl $boot_stack_top, %esp
 
 	/* PML4[0] -> PDPT; PDPT[0..3] -> the four page directories. */
+	/* U/S everywhere: under VMI this kernel runs at ring 3 (docs/execution-model.md). */
 	movl $pdpt, %eax
-	orl $0x3, %eax             /* present | writable */
+	orl $0x7, %eax             /* present | writable | user */
 	movl %eax, pml4
 	movl $pd, %eax
-	orl $0x3, %eax
+	orl $0x7, %eax
 	movl $pdpt, %edi
 	movl $4, %ecx
 1:	movl %eax, (%edi)
@@ -81,7 +82,7 @@ _start:
 
 	/* 2048 PD entries mapping 2 MiB each: phys = i << 21. High dwords stay 0. */
 	movl $pd, %edi
-	movl $0x83, %eax           /* present | writable | page size (2 MiB) */
+	movl $0x87, %eax           /* present | writable | user | page size (2 MiB) */
 	movl $2048, %ecx
 2:	movl %eax, (%edi)
 	addl $0x200000, %eax

@@ -148,6 +148,8 @@ static void resolve(uint32_t family, uint32_t ncalls)
 	}
 }
 
+static void vmi_enter_model(void);
+
 int vmi_init(void)
 {
 	if (initialised)
@@ -184,6 +186,7 @@ int vmi_init(void)
 #endif
 	if (rom->raw)
 		rom_raw = (vmi_raw_t)((uintptr_t)rom + rom->raw);
+	vmi_enter_model();
 	return 1;
 }
 
@@ -248,6 +251,24 @@ static int deprivileged;
 static volatile void *shared;
 
 int vmi_deprivileged(void) { return deprivileged; }
+
+/* Hand ring 0 to the hypervisor if it wants it (CPU.Deprivilege, since 1.3): from the return
+ * on this kernel may be at ring 3 and uses only the ROM and the shared page. */
+static void vmi_enter_model(void)
+{
+#ifdef VMI_CALL_CPU_DEPRIVILEGE
+	vmi_entry_t e = entry_of(VMI_CALL_CPU_DEPRIVILEGE);
+	uint64_t r[4] = { 0 };
+	if (e && e(0, 0, 0, r) == VMI_ERR_OK) {
+		shared = (volatile void *)(uintptr_t)r[1];
+		deprivileged = r[0] == VMI_PRIVILEGE_DEPRIVILEGED;
+	}
+#endif
+}
+
+#ifdef VMI_SHARED_VIF
+#define SHARED_U32(off) (*(volatile uint32_t *)((volatile char *)shared + (off)))
+#endif
 volatile void *vmi_shared_page(void) { return shared; }
 
 /* Natively (and at ring 0 under a hypervisor without the call): iretq to the user selectors
@@ -425,15 +446,36 @@ long vmi_rdpmc(uint32_t counter, uint64_t *value)
 	vmi_entry_t e = entry_of(VMI_CALL_CPU_RDPMC);
 	if (e)
 		return rom_result(e, counter, value);
+	if (deprivileged)
+		return VMI_ERR_NOT_SUPPORTED; /* rdpmc needs ring 0 (CR4.PCE is the hypervisor's) */
 	uint32_t lo, hi;
 	__asm__ __volatile__("rdpmc" : "=a"(lo), "=d"(hi) : "c"(counter));
 	*value = (uint64_t)hi << 32 | lo;
 	return VMI_ERR_OK;
 }
 
+/* Without the ROM's interrupt-flag entries (the minimal ROM) a deprivileged kernel's flag is
+ * still the shared page's: cli/sti/popf cannot change the real one at ring 3. */
+static int shared_if(int set, int value)
+{
+#ifdef VMI_SHARED_VIF
+	if (set) {
+		SHARED_U32(VMI_SHARED_VIF) = value;
+		if (value && SHARED_U32(VMI_SHARED_PENDING))
+			vmi_raw_call(VMI_CALL_CPU_ENABLEINTERRUPTS, 0, 0, 0, NULL);
+	}
+	return SHARED_U32(VMI_SHARED_VIF) != 0;
+#else
+	(void)set;
+	return value;
+#endif
+}
+
 long vmi_enable_interrupts(void)
 {
 	ROM_CALL(VMI_CALL_CPU_ENABLEINTERRUPTS, 0, 0, 0, NULL);
+	if (deprivileged)
+		return shared_if(1, 1), VMI_ERR_OK;
 	sti();
 	return VMI_ERR_OK;
 }
@@ -441,15 +483,23 @@ long vmi_enable_interrupts(void)
 long vmi_disable_interrupts(void)
 {
 	ROM_CALL(VMI_CALL_CPU_DISABLEINTERRUPTS, 0, 0, 0, NULL);
+	if (deprivileged)
+		return shared_if(1, 0), VMI_ERR_OK;
 	cli();
 	return VMI_ERR_OK;
 }
 
-uint64_t vmi_get_interrupt_mask(void) { ROM_GET(VMI_CALL_CPU_GETINTERRUPTMASK, 0, read_rflags()); }
+uint64_t vmi_get_interrupt_mask(void)
+{
+	ROM_GET(VMI_CALL_CPU_GETINTERRUPTMASK, 0,
+		deprivileged ? (shared_if(0, 0) ? RFLAGS_IF : 0) : read_rflags());
+}
 
 long vmi_set_interrupt_mask(uint64_t flags)
 {
 	ROM_CALL(VMI_CALL_CPU_SETINTERRUPTMASK, flags, 0, 0, NULL);
+	if (deprivileged)
+		return shared_if(1, (flags & RFLAGS_IF) != 0), VMI_ERR_OK;
 	write_rflags((read_rflags() & ~RFLAGS_IF) | (flags & RFLAGS_IF));
 	return VMI_ERR_OK;
 }
