@@ -201,8 +201,10 @@ class Vcpu(Protocol):
 class Vm(Protocol):
     def add_memory(self, region: Region) -> None: ...
 
-    def flush_translations(self) -> None:
-        """Drop every guest-virtual translation the engine caches (after the VMM wrote page tables)."""
+    def flush_translations(self, stale: list[tuple[int, int]] | None = None) -> str:
+        """Drop the guest-virtual translations the engine caches to the ``stale`` guest-physical
+        (gpa, size) ranges (None: all of them), after the VMM wrote page tables. Returns how:
+        "frames" (just those) or "all"."""
         ...
 
     def create_vcpu(self, boot: BootState) -> Vcpu: ...

@@ -25,6 +25,26 @@ KVM_IDENTITY_MAP_ADDR = 0xFFFBC000
 # (flush_translations); below KVM's own pages, above any guest RAM and the shadow area.
 SCRATCH_SLOT_ADDR = 0xFFFA0000
 
+# Above this many distinct stale ranges one full zap is cheaper than a pair of mprotects each.
+MAX_TARGETED_RANGES = 8
+PROT_READ, PROT_WRITE = 0x1, 0x2
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _coalesce(ranges: list[tuple[int, int]]) -> list[tuple[int, int]] | None:
+    """Sorted, merged, page-aligned ranges; None when one is unbounded (a table entry changed)."""
+    merged: list[tuple[int, int]] = []
+    for gpa, size in sorted(ranges):
+        if size >= 1 << 40:
+            return None
+        start, end = gpa & ~0xFFF, (gpa + size + 0xFFF) & ~0xFFF
+        if merged and start <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], end))
+        else:
+            merged.append((start, end))
+    return [(start, end - start) for start, end in merged]
+
+
 _INTERNAL_SUBERRORS = {
     1: "KVM could not emulate an instruction",
     2: "an exception occurred while delivering another (simultaneous exceptions)",
@@ -295,14 +315,38 @@ class KvmVmEngine:
         self._kvm = kvm
         self._vm = vm
         self._vcpus: list[KvmVcpuEngine] = []
+        self._regions: list[Region] = []
         vm.set_tss_addr(KVM_TSS_ADDR)
         vm.set_identity_map_addr(KVM_IDENTITY_MAP_ADDR)
 
     def add_memory(self, region: Region) -> None:
         self._vm.set_memory_region(region.gpa, region.size, region.host_addr, region.readonly)
+        self._regions.append(region)
 
-    def flush_translations(self) -> None:
-        self._vm.zap_translations(SCRATCH_SLOT_ADDR)
+    def flush_translations(self, stale: list[tuple[int, int]] | None = None) -> str:
+        """Drop KVM's cached translations to the ``stale`` (gpa, size) ranges, or all of them.
+
+        A few ranges of RAM: the host mapping of each is write-protected and restored, whose
+        MMU-notifier invalidation makes KVM zap exactly the shadow entries that map it (~20 µs
+        a range here). Anything else (a table entry changed, a range outside RAM, many
+        ranges): the whole shadow MMU goes (scratch-slot deletion). Returns "frames" or "all".
+        """
+        ranges = _coalesce(stale) if stale else None
+        if ranges is None or len(ranges) > MAX_TARGETED_RANGES:
+            self._vm.zap_translations(SCRATCH_SLOT_ADDR)
+            return "all"
+        spans = []
+        for gpa, size in ranges:
+            region = next((r for r in self._regions if r.gpa <= gpa and gpa + size <= r.gpa + r.size), None)
+            if region is None:
+                self._vm.zap_translations(SCRATCH_SLOT_ADDR)
+                return "all"
+            spans.append((region.host_addr + gpa - region.gpa, size))
+        for addr, size in spans:
+            if _libc.mprotect(ctypes.c_void_p(addr), ctypes.c_size_t(size), PROT_READ) != 0 or \
+                    _libc.mprotect(ctypes.c_void_p(addr), ctypes.c_size_t(size), PROT_READ | PROT_WRITE) != 0:
+                raise OSError(ctypes.get_errno(), "mprotect of guest memory failed")
+        return "frames"
 
     def create_vcpu(self, boot: BootState) -> KvmVcpuEngine:
         _install_kick_handler()

@@ -108,9 +108,11 @@ class Hypervisor:
 
     # --- the port ------------------------------------------------------------
 
-    def attach(self, memory: GuestMemory, vcpu: Vcpu, flush_translations: Callable[[], None] | None = None) -> None:
+    def attach(self, memory: GuestMemory, vcpu: Vcpu,
+               flush_translations: Callable[[list[tuple[int, int]]], str] | None = None) -> None:
         self._vcpu = vcpu
-        self.execution = ExecutionModel(self.privilege, self.spec, memory, vcpu, flush_translations or (lambda: None))
+        self.execution = ExecutionModel(self.privilege, self.spec, memory, vcpu,
+                                        flush_translations or (lambda stale: "none"))
         self._ctx = CallContext(self.spec, memory, vcpu, self)
         if self._mmu is None:
             self._mmu = Mmu(memory)
@@ -146,8 +148,10 @@ class Hypervisor:
             else:
                 ctx.call_id = value
                 status, results = self.invoke(route, ctx, regs.rdi, regs.rsi, regs.rdx)
-            if execution is not None and execution.deprivileged and self.mmu.take_stale():
-                execution.flush()  # no stale translation survives the call that made it
+            if execution is not None and execution.deprivileged:
+                stale = self.mmu.take_stale()
+                if stale:
+                    execution.flush(stale)  # no stale translation survives the call that made it
         regs.rax = status
         if results:
             padded = (results + (0, 0, 0, 0))[:4]

@@ -94,11 +94,12 @@ class ExecutionStats:
     flushes: int = 0  # translation flushes (engine.flush_translations)
     flush_seconds: float = 0.0
     by_vector: dict[int, int] = field(default_factory=dict)
+    by_kind: dict[str, int] = field(default_factory=dict)  # flushes: "frames" (targeted) or "all"
 
     def summary(self) -> dict[str, object]:
         return {"exceptions": self.exceptions, "by_vector": {str(v): n for v, n in sorted(self.by_vector.items())},
                 "syscalls": self.syscalls, "user_entries": self.user_entries, "user_refused": self.user_refused,
-                "flushes": self.flushes,
+                "flushes": self.flushes, "flushes_by_kind": dict(self.by_kind),
                 "flush_us_mean": round(self.flush_seconds / self.flushes * 1e6, 1) if self.flushes else None}
 
 
@@ -106,7 +107,7 @@ class ExecutionModel:
     """One vCPU's privilege state: the hardware ring of its kernel and the virtual level."""
 
     def __init__(self, privilege: str, spec: Spec, memory: GuestMemory, vcpu: Vcpu,
-                 flush_translations: Callable[[], None]) -> None:
+                 flush_translations: Callable[[list[tuple[int, int]]], str]) -> None:
         if privilege not in PRIVILEGES:
             raise ValueError(f"unknown privilege {privilege!r}")
         self.privilege = privilege
@@ -163,13 +164,15 @@ class ExecutionModel:
 
     # --- translations -----------------------------------------------------------
 
-    def flush(self) -> None:
-        """After the VMM changed a present page-table entry: KVM's shadow of it must go (a
-        deprivileged kernel runs on KVM's shadow tables, which never see the VMM's writes)."""
+    def flush(self, stale: list[tuple[int, int]]) -> None:
+        """After the VMM changed present page-table entries: KVM's cached translations to
+        the ``stale`` ranges must go (a deprivileged kernel runs on KVM's shadow tables, which
+        never see the VMM's writes). The engine drops just those, or everything."""
         start = time.perf_counter()
-        self._flush()
+        how = self._flush(stale)
         self.stats.flush_seconds += time.perf_counter() - start
         self.stats.flushes += 1
+        self.stats.by_kind[how] = self.stats.by_kind.get(how, 0) + 1
 
     # --- entering the model -----------------------------------------------------
 

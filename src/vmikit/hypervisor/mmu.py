@@ -20,7 +20,7 @@ from collections import Counter
 import numpy as np
 
 from vmikit.hypervisor.context import CallContext, HypercallError, check_range
-from vmikit.hypervisor.pagetables import ADDR_MASK, ERRORS, PAGE, PCD, PS, PWT, U64, A, D, P, PageTables, is_leaf
+from vmikit.hypervisor.pagetables import ADDR_MASK, ERRORS, EVERYTHING, PAGE, PCD, PS, PWT, U64, A, D, P, PageTables, is_leaf
 from vmikit.hypervisor.registry import FamilyHandlers
 from vmikit.memory import GuestMemory
 
@@ -51,11 +51,12 @@ class Mmu:
         self.memory = memory
         self.root: int | None = None  # the guest's CR3 as loaded through SetCR3
         self.refused: Counter[str] = Counter()  # trapped or native writes refused, by error
-        self._stale = False
+        self._stale: list[tuple[int, int]] = []
 
-    def take_stale(self) -> bool:
-        """Whether a write since the last call changed a present entry (and forget it)."""
-        stale, self._stale = self._stale, False
+    def take_stale(self) -> list[tuple[int, int]]:
+        """Guest-physical ranges whose cached translations writes since the last call made
+        stale (and forget them); EVERYTHING when no cheaper bound is known."""
+        stale, self._stale = self._stale, []
         return stale
 
     def check_pte(self, ptep: int, value: int) -> str | None:
@@ -67,7 +68,7 @@ class Mmu:
         old = self.memory.read_u64(ptep)
         self.memory.write_u64(ptep, value)
         if old & P and old != value:
-            self._stale = True
+            self._stale.append(EVERYTHING)  # native style: the level of the entry is not known
 
     def check_batch(self, pteps: np.ndarray, values: np.ndarray) -> tuple[int, str] | None:
         """(index, error) of the first entry that fails, or None when all pass."""
@@ -138,8 +139,8 @@ class DirectMmu(Mmu):
     def apply_pte(self, ptep: int, value: int) -> None:
         self.tables.apply(ptep, value)
 
-    def take_stale(self) -> bool:
-        stale, self.tables.stale = self.tables.stale, False
+    def take_stale(self) -> list[tuple[int, int]]:
+        stale, self.tables.stale = self.tables.stale, []
         return stale
 
     def check_batch(self, pteps: np.ndarray, values: np.ndarray) -> tuple[int, str] | None:

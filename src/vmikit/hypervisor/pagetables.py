@@ -38,6 +38,18 @@ _KIND_CODES = {"ram": 1, "rom": 2}
 U64 = np.uint64
 
 
+EVERYTHING = (0, 1 << 52)  # a stale range that covers all of guest-physical memory
+
+
+def _mapped(level: int, old: int) -> tuple[int, int]:
+    """What a present entry's cached translations point at: its frame (a leaf) or, for a
+    table entry, everything below it (EVERYTHING: no cheaper bound is known)."""
+    if not is_leaf(level, old):
+        return EVERYTHING
+    size = PAGE if level == 1 else 1 << (21 if level == 2 else 30)
+    return old & ADDR_MASK & ~(size - 1), size
+
+
 def is_leaf(level: int, value: int) -> bool:
     return level == 1 or (level in LARGE and bool(value & PS))
 
@@ -65,9 +77,10 @@ class PageTables:
         # Where the last validated value of an entry is read from: guest memory by default; shadow
         # paging answers from its own copy, so a value the guest forged is never believed.
         self.validated: Callable[[np.ndarray], np.ndarray] = self._gather
-        # Set when an applied write changed a present entry: a translation cached from the old
-        # value may now be stale (the hypervisor flushes before the guest runs again).
-        self.stale = False
+        # Frames whose cached translations an applied write made stale (a changed present leaf:
+        # the frame it mapped; a changed present table entry: EVERYTHING). The hypervisor
+        # has them dropped before the guest runs again.
+        self.stale: list[tuple[int, int]] = []
         self.validated_one: Callable[[int], int] = self.memory.read_u64
         # The kind of memory (1 RAM, 2 ROM, 0 neither) of every whole 4 KiB, 2 MiB and 1 GiB frame
         # that lies inside one region: a large leaf across a region boundary maps no single kind.
@@ -222,7 +235,7 @@ class PageTables:
         self._count(level, value, +1)
         self.memory.write_u64(ptep, value)
         if old & P and old != value:
-            self.stale = True
+            self.stale.append(_mapped(level, old))
         return value
 
     def apply_many(self, pteps: np.ndarray, values: np.ndarray) -> np.ndarray:
@@ -240,8 +253,15 @@ class PageTables:
         self._count_many(np.concatenate((levels, levels)), np.concatenate((old, stored)),
                          np.concatenate((np.full(n, -1, np.int32), np.ones(n, np.int32))))
         self._scatter(pteps, stored)
-        if (((old & U64(P)) != 0) & (old != stored)).any():
-            self.stale = True
+        changed = ((old & U64(P)) != 0) & (old != stored)
+        if changed.any():
+            was_leaf = (levels == 1) | (((levels == 2) | (levels == 3)) & ((old & U64(PS)) != 0))
+            if (changed & ~was_leaf).any():
+                self.stale.append(EVERYTHING)
+            else:
+                sizes = np.where(levels == 1, U64(PAGE), np.where(levels == 2, U64(1 << 21), U64(1 << 30)))
+                frames = old[changed] & U64(ADDR_MASK) & ~(sizes[changed] - U64(1))
+                self.stale += list(zip(frames.tolist(), sizes[changed].tolist()))
         return stored
 
     def _region_views(self, addrs: np.ndarray):  # type: ignore[no-untyped-def]
