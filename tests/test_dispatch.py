@@ -257,3 +257,16 @@ def test_non_canonical_addresses_never_translate() -> None:
     assert translate(memory, 0x80000011, 0x1000, 0x0040_0000_0013_3000) is None
     assert translate(memory, 0x80000011, 0x1000, 0xFFFF_0000_0000_0000) is None
 
+
+
+def test_query_call_says_what_has_no_native_fallback_when_deprivileged(hv: tuple[Hypervisor, StandInVcpu]) -> None:
+    hypervisor, _ = hv
+    query = SPEC.by_name("Query.QueryCall").call_id()
+    not_native = SPEC.constants["QUERY_NOT_NATIVE"].value
+    ids = {n: SPEC.by_name(n).call_id() for n in ("CPU.EnableInterrupts", "CPU.RDPMC", "CPU.RDTSC")}
+    assert all(not call(hv, query, i)[1][0] & not_native for i in ids.values())  # ring 0: every native path works
+    assert hypervisor.execution is not None
+    hypervisor.execution.deprivileged = True
+    assert call(hv, query, ids["CPU.EnableInterrupts"])[1][0] & not_native
+    assert call(hv, query, ids["CPU.RDPMC"])[1][0] == not_native  # not implemented, and no rdpmc at ring 3
+    assert not call(hv, query, ids["CPU.RDTSC"])[1][0] & not_native  # rdtsc works at ring 3

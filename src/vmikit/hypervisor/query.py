@@ -8,6 +8,10 @@ from vmikit.hypervisor.registry import FamilyHandlers
 HANDLERS = FamilyHandlers("Query")
 
 QUERY_SUPPORTED = 0x100
+QUERY_NOT_NATIVE = 0x200
+# Optional calls whose native fallback is a privileged instruction (ring 0 only).
+PRIVILEGED_NATIVE = frozenset({"CPU.RDPMC", "CPU.EnableInterrupts", "CPU.DisableInterrupts",
+                               "CPU.GetInterruptMask", "CPU.SetInterruptMask"})
 
 
 @HANDLERS.call("GetVersion")
@@ -27,6 +31,13 @@ def query_call(ctx: CallContext, call_id: int, *_: int) -> tuple[int, ...]:
     if call_id > 0xFFFFFFFF or call_id & 0xFF00:
         raise HypercallError("RESERVED_BITS")
     route = ctx.hypervisor.route_for(call_id)
+    execution = ctx.hypervisor.execution
+    not_native = QUERY_NOT_NATIVE if execution is not None and execution.deprivileged and route is not None \
+        and route.name in PRIVILEGED_NATIVE else 0
     if route is None:
-        return (0,)
-    return (QUERY_SUPPORTED | route.annotations_honoured,)
+        # Not implemented (RDPMC): a deprivileged kernel still must not fall back to the instruction.
+        call = ctx.spec.lookup(call_id & 0xFFFF0000)
+        name = call.qualified_name if call is not None else ""
+        deprivileged = execution is not None and execution.deprivileged
+        return (QUERY_NOT_NATIVE if deprivileged and name in PRIVILEGED_NATIVE else 0,)
+    return (QUERY_SUPPORTED | route.annotations_honoured | not_native,)
