@@ -50,9 +50,10 @@ def test_record_is_described() -> None:
 
 # --- short runs (CI) -------------------------------------------------------------------------
 
-@pytest.mark.parametrize("paging,seed", [("direct", 1), ("direct", 2), ("shadow", 3)])
-def test_short_fuzz_run_is_clean(kvm: str, paging: str, seed: int) -> None:
-    report = run_fuzz(FuzzConfig(calls=CI_CALLS, seed=seed, paging=paging))
+@pytest.mark.parametrize("paging,seed,privilege", [("direct", 1, "deprivileged"), ("direct", 2, "deprivileged"),
+                                                   ("shadow", 3, "deprivileged"), ("direct", 4, "ring0")])
+def test_short_fuzz_run_is_clean(kvm: str, paging: str, seed: int, privilege: str) -> None:
+    report = run_fuzz(FuzzConfig(calls=CI_CALLS, seed=seed, paging=paging, privilege=privilege))
     assert report.guest.calls >= CI_CALLS
     assert report.handler_failures == []
     assert report.crash is None
@@ -80,8 +81,18 @@ def test_cli_writes_json_and_names_rejections(kvm: str, tmp_path: Path) -> None:
     data = json.loads((tmp_path / "r.json").read_text())
     assert data["calls"] >= 500 and data["calls_per_second"] > 0
     assert set(data["rejections"]) <= set(SPEC.errors), data["rejections"]
-    assert "fuzz: seed=9 paging=direct" in proc.stdout
+    assert "fuzz: seed=9 paging=direct privilege=deprivileged" in proc.stdout
+    assert data["privilege"] == "deprivileged"
     assert data["rom_writes_refused"] >= 0 and data["audits"] > 0
+
+
+def test_cli_privilege_ring0_is_recorded_and_replayed(kvm: str, tmp_path: Path) -> None:
+    proc = vmikit("fuzz", "--calls", "300", "--seed", "9", "--privilege", "ring0", "--json",
+                  str(tmp_path / "r.json"), timeout=300)
+    data = json.loads((tmp_path / "r.json").read_text())
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert data["privilege"] == "ring0" and data["replay"].endswith("--privilege ring0")
+    assert "privilege=ring0" in proc.stdout
 
 
 # --- regression tests: one per bug the fuzzer found --------------------------------------------

@@ -18,6 +18,8 @@ from vmikit.fuzz.runner import FUZZ_PAGING, FuzzConfig, FuzzReport
 @click.option("--paging", type=click.Choice(FUZZ_PAGING), default="direct", show_default=True,
               help="Page-table style under attack (both validate every update).")
 @click.option("--annotations", type=click.Choice(["honour", "ignore"]), default="honour", show_default=True)
+@click.option("--privilege", type=click.Choice(["deprivileged", "ring0"]), default="deprivileged", show_default=True,
+              help="Where the guest kernel runs: deprivileged at ring 3, the hypervisor owning ring 0, or at ring 0.")
 @click.option("--stores/--no-stores", default=True, show_default=True,
               help="Also make plain guest stores into the ROM, the page-table pool and the shadow area.")
 @click.option("--audit-every", type=click.IntRange(1), default=1, show_default=True,
@@ -26,7 +28,7 @@ from vmikit.fuzz.runner import FUZZ_PAGING, FuzzConfig, FuzzReport
               help="A Python file registering experimental 0xFF calls; they are fuzzed too (repeatable).")
 @click.option("--timeout", type=float, default=None, help="Watchdog limit in seconds (default: scaled with --calls).")
 @click.option("--json", "json_file", type=click.Path(dir_okay=False, path_type=Path), help="Write the report here.")
-def fuzz(calls: int, seed: int, paging: str, annotations: str, stores: bool, audit_every: int,
+def fuzz(calls: int, seed: int, paging: str, annotations: str, privilege: str, stores: bool, audit_every: int,
          extensions: tuple[Path, ...], timeout: float | None, json_file: Path | None) -> None:
     """Fuzz the hypercall surface; exit 0 only if the hypervisor held."""
     from vmikit.abi import load_spec
@@ -36,7 +38,7 @@ def fuzz(calls: int, seed: int, paging: str, annotations: str, stores: bool, aud
     experimental = ExperimentalCalls()
     for extension in extensions:
         load_extension(extension, experimental)
-    config = FuzzConfig(calls=calls, seed=seed, paging=paging, annotations=annotations, stores=stores,
+    config = FuzzConfig(calls=calls, seed=seed, paging=paging, annotations=annotations, privilege=privilege, stores=stores,
                         audit_every=audit_every, timeout=timeout, experimental=experimental)
     report = run_fuzz(config)
     errors = load_spec().errors
@@ -49,7 +51,8 @@ def fuzz(calls: int, seed: int, paging: str, annotations: str, stores: bool, aud
 def _print(report: FuzzReport, errors: dict[str, int]) -> None:
     g = report.guest
     exits = report.exits.get("total", "?") if report.exits else "?"
-    click.echo(f"fuzz: seed={report.config.seed} paging={report.config.paging} calls={g.calls} "
+    click.echo(f"fuzz: seed={report.config.seed} paging={report.config.paging} privilege={report.config.privilege} "
+               f"calls={g.calls} "
                f"(+{g.canaries} canary) stores={g.stores} experimental={g.experimental} exits={exits} "
                f"in {report.wall_seconds:.1f} s = {report.calls_per_second:.0f} calls/s; "
                f"audits={report.audits} (every {report.config.audit_every})")

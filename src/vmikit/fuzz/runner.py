@@ -29,7 +29,7 @@ from vmikit.machine import layout
 from vmikit.session import Session
 
 MUTATING_FAMILIES = frozenset({0x00, 0x02, 0x03, 0xFF})
-KNOWN_FAMILIES = frozenset({0x00, 0x01, 0x02, 0x03, 0x04})
+KNOWN_FAMILIES = frozenset({0x00, 0x01, 0x02, 0x03, 0x04, 0x05})
 FUZZ_PAGING = ("direct", "shadow")
 
 
@@ -39,6 +39,7 @@ class FuzzConfig:
     seed: int = 1
     paging: str = "direct"
     annotations: str = "honour"
+    privilege: str = "deprivileged"  # where the guest kernel runs: ring 3 under the hypervisor, or ring 0
     stores: bool = True  # plain guest stores into the ROM, the pool, the shadow area, unmapped MMIO
     audit_every: int = 1
     memory_mib: int = 128
@@ -53,6 +54,7 @@ class FuzzConfig:
     def replay(self) -> str:
         extra = "" if self.stores else " --no-stores"
         extra += "" if self.annotations == "honour" else f" --annotations {self.annotations}"
+        extra += "" if self.privilege == "deprivileged" else f" --privilege {self.privilege}"
         return f"vmikit fuzz --calls {self.calls} --seed {self.seed} --paging {self.paging}{extra}"
 
 
@@ -206,6 +208,7 @@ class FuzzReport:
             "seed": self.config.seed,
             "paging": self.config.paging,
             "annotations": self.config.annotations,
+            "privilege": self.config.privilege,
             "audit_every": self.config.audit_every,
             "calls": self.guest.calls,
             "canary_calls": self.guest.canaries,
@@ -274,7 +277,7 @@ def run_fuzz(config: FuzzConfig) -> FuzzReport:
     timeout = config.timeout or default_timeout(config.calls)
     with Session(image, rom="full", annotations=config.annotations, paging=config.paging,
                  memory_mib=config.memory_mib, timeout=timeout, experimental=config.experimental,
-                 cmdline=config.cmdline()) as session:
+                 cmdline=config.cmdline(), privilege=config.privilege) as session:
         watch = HypercallWatch(session, config.audit_every)
         crash: str | None = None
         exit_status: int | None = None

@@ -41,22 +41,23 @@
  * vmi_shutdown(0), or 1 when a valid call stopped working.
  */
 #include "lib.h"
+#include "paging.h"
 #include "vmi.h"
 
-/* --- page-table constants (docs/paging.md) ----------------------------------------- */
-#define P_   0x001ull
-#define RW_  0x002ull
-#define US_  0x004ull
-#define A_   0x020ull
-#define D_   0x040ull
-#define PS_  0x080ull
+/* --- page-table constants (docs/paging.md; NONLEAF and LEAF_RW from paging.h carry U/S) --- */
+#define P_   PTE_P
+#define RW_  PTE_RW
+#define US_  PTE_US
+#define A_   PTE_A
+#define D_   PTE_D
+#define PS_  PTE_PS
 #define G_   0x100ull
 #define NX_  (1ull << 63)
-#define ADDR 0x000FFFFFFFFFF000ull
-#define NONLEAF (P_ | RW_ | A_)
-#define LEAF_RW (P_ | RW_ | A_ | D_)
+#define ADDR PTE_ADDR
+#define LEAF_RO_ (P_ | US_ | A_ | D_)
 
 #define ROM_IMAGE   0xC0000ull
+#define MONITOR     0xC8000ull    /* the hypervisor's GDT, IDTs, TSS and stubs (layout.MONITOR_BASE) */
 #define ROM_DATA    0xD0000ull
 #define SHADOW_BASE 0xE0000000ull /* shadow paging's private tables (machine/layout.py) */
 #define MMIO_HOLE   0xFEB00000ull /* nothing decodes it */
@@ -67,7 +68,7 @@
 #define NPOOL  16 /* pool pages the fuzzer owns: 0..4 its address space, the rest free game */
 #define NDATA  8
 #define NBATCH (VMI_BATCH_MAX_ENTRIES + 44)
-#define ALL_ERRORS 0x7FFu /* bit k: status -k is acceptable (bit 0: OK) */
+#define ALL_ERRORS 0x7FFu /* bit k: status -k is acceptable (bit 0: OK); AGAIN (-11) only for EventChannel */
 #define BIT(e) (1u << (unsigned)-(e))
 #define GDT_FIRST_FREE 8 /* boot GDT uses 0..2; 3..7 left alone */
 
@@ -84,6 +85,11 @@ static struct vmi_batch_entry batch[NBATCH] __attribute__((aligned(64)));
 
 static uint64_t rng;
 static uint64_t ram_end, boot_cr3;
+/* CR0, CR4 and EFER as setup found them: the fuzzer never changes them (it sets only these
+ * values or ones the hypervisor must refuse), so the final check expects them unchanged.
+ * Read through VMI: a deprivileged kernel (ring 3) may not execute mov from CRn or rdmsr. */
+static uint64_t cr0_0, cr4_0, efer_0;
+static int depriv;
 static uint64_t pool[NPOOL];
 static int level_of[NPOOL]; /* the guest's model of registrations (0: not registered) */
 static uint64_t data[NDATA], victim, scratch, gdt;
@@ -95,7 +101,8 @@ static uint32_t experimental[256];
 static unsigned n_experimental;
 
 /* Statistics. */
-static uint64_t calls, canaries, by_status[11], odd_status, unexpected, store_ops;
+#define NSTATUS (1 - VMI_ERR_AGAIN) /* 0 .. -11 */
+static uint64_t calls, canaries, by_status[NSTATUS], odd_status, unexpected, store_ops;
 static int broken;
 
 /* --- helpers ------------------------------------------------------------------------ */
@@ -153,7 +160,7 @@ static void canary(void)
 
 static void count_status(long s)
 {
-	if (s <= 0 && s >= -10)
+	if (s <= 0 && s > -NSTATUS)
 		by_status[-s]++;
 	else
 		odd_status++;
@@ -168,7 +175,7 @@ static long call(uint32_t id, uint64_t a0, uint64_t a1, uint64_t a2, uint32_t al
 	long s = vmi_raw_call(id, a0, a1, a2, r ? r : junk);
 	fuzz_record.status = s;
 	count_status(s);
-	if (s > 0 || s < -10)
+	if (s > 0 || s <= -NSTATUS)
 		surprise("status is not a spec error code");
 	else if (!(allowed & BIT(s)))
 		surprise("status not one this call may give");
@@ -207,7 +214,7 @@ static uint64_t hostile_addr(void)
 	case 3: return ram_end;
 	case 4: return ram_end - 8;
 	case 5: return ram_end - 4096 + below(4096);
-	case 6: return ROM_IMAGE + below(0x8000);
+	case 6: return ROM_IMAGE + below(0x10000); /* the ROM image and the monitor area */
 	case 7: return any_pool() + 8 * below(512) + (chance(20) ? below(8) : 0);
 	case 8: return SHADOW_BASE + 8 * below(512);
 	case 9: return MMIO_HOLE;
@@ -224,7 +231,7 @@ static uint64_t frame_choice(void)
 {
 	switch (below(12)) {
 	case 0: case 1: return any_pool();
-	case 2: return ROM_IMAGE + 0x1000 * below(8);
+	case 2: return ROM_IMAGE + 0x1000 * below(16); /* the ROM image and the monitor area */
 	case 3: return ROM_DATA + 0x1000 * below(16);
 	case 4: case 5: case 6: return data[below(NDATA)];
 	case 7: return ram_end + 0x1000 * below(4);
@@ -272,7 +279,7 @@ static uint64_t seg_base(void)
 	case 0: case 1: case 2: return scratch + 8 * below(64);
 	case 3: return pool[below(6)] + 8 * below(64); /* a page-table page */
 	case 4: return any_pool();
-	case 5: return ROM_IMAGE;
+	case 5: return chance(50) ? ROM_IMAGE : MONITOR + 0x1000 * below(8) + 8 * below(64);
 	case 6: return ram_end;
 	case 7: return non_canonical(scratch);
 	case 8: return 1ull << 39;                    /* unmapped */
@@ -305,7 +312,7 @@ static uint64_t seg_base_of(uint16_t sel)
 	return ((lo >> 16) & 0xFFFFFF) | ((lo >> 56) & 0xFF) << 24 | (hi & 0xFFFFFFFF) << 32;
 }
 
-static int protected_gpa(uint64_t gpa) { return is_table(gpa) || (gpa >= ROM_IMAGE && gpa < ROM_IMAGE + 0x8000); }
+static int protected_gpa(uint64_t gpa) { return is_table(gpa) || (gpa >= ROM_IMAGE && gpa < ROM_DATA); }
 
 /* --- one attack per spec call -------------------------------------------------------- */
 
@@ -334,7 +341,7 @@ static uint32_t gen_args(uint32_t c, uint64_t *a, int *skip)
 		switch (below(4)) {
 		case 0: /* EFER: flip LME/LMA or a reserved bit */
 			a[0] = MSR_EFER;
-			a[1] = rdmsr(MSR_EFER) ^ (1ull << (chance(50) ? 8 + 2 * below(2) : 16 + below(40)));
+			a[1] = efer_0 ^ (1ull << (chance(50) ? 8 + 2 * below(2) : 16 + below(40)));
 			return BIT(VMI_ERR_PERMISSION);
 		case 1: /* harmless MSRs the guest owns (no syscalls, no FS/GS use here) */
 			a[0] = chance(50) ? MSR_STAR : 0xC0000102u;
@@ -349,7 +356,7 @@ static uint32_t gen_args(uint32_t c, uint64_t *a, int *skip)
 			return BIT(VMI_ERR_PERMISSION);
 		}
 	case VMI_CALL_CPU_SETCR0:
-		v = read_cr0();
+		v = cr0_0;
 		switch (below(5)) {
 		case 0: a[0] = v | 1ull << (32 + below(32)); return BIT(VMI_ERR_INVALID_ARGUMENT);
 		case 1: a[0] = v & ~CR0_PG; return BIT(VMI_ERR_PERMISSION);
@@ -358,7 +365,7 @@ static uint32_t gen_args(uint32_t c, uint64_t *a, int *skip)
 		default: a[0] = v; return BIT(0);
 		}
 	case VMI_CALL_CPU_SETCR4:
-		v = read_cr4();
+		v = cr4_0;
 		switch (below(4)) {
 		case 0: a[0] = v | 1ull << (32 + below(32)); return BIT(VMI_ERR_INVALID_ARGUMENT);
 		case 1: a[0] = v & ~CR4_PAE; return BIT(VMI_ERR_PERMISSION);
@@ -381,6 +388,21 @@ static uint32_t gen_args(uint32_t c, uint64_t *a, int *skip)
 			return BIT(level_of[i] ? VMI_ERR_WRONG_LEVEL : VMI_ERR_NOT_PAGE_TABLE);
 		}
 	}
+	case VMI_CALL_CPU_DEPRIVILEGE: /* idempotent: it answers the privilege the kernel already has */
+		return BIT(0);
+	case VMI_CALL_CPU_RETURNTOUSER: /* reject-only: a non-canonical rip or rsp (an accepted call
+					 * would leave the kernel for user code at a hostile address) */
+		if (chance(50))
+			a[0] = non_canonical(a[0]);
+		else
+			a[1] = non_canonical(a[1]);
+		a[2] = rnd();
+		return BIT(VMI_ERR_INVALID_ARGUMENT);
+	case VMI_CALL_EVENTCHANNEL_SEND:
+	case VMI_CALL_EVENTCHANNEL_POLL:
+		a[0] = chance(70) ? below(VMI_EVTCHN_PORTS + 2) : rnd();
+		a[1] = rnd();
+		return a[0] >= VMI_EVTCHN_PORTS ? BIT(VMI_ERR_INVALID_ARGUMENT) : BIT(0) | BIT(VMI_ERR_AGAIN);
 	case VMI_CALL_CPU_SETCR2:
 		a[0] = rnd();
 		return BIT(0) | BIT(VMI_ERR_INVALID_ARGUMENT);
@@ -408,7 +430,8 @@ static uint32_t gen_args(uint32_t c, uint64_t *a, int *skip)
 		switch (below(6)) {
 		case 0: a[0] = base, a[1] = 0x10000 + below(1ull << 32); return BIT(VMI_ERR_INVALID_ARGUMENT);
 		case 1: a[0] = 1ull << 39 | below(1ull << 39), a[1] = below(0x10000); return BIT(VMI_ERR_BAD_ADDRESS);
-		case 2: a[0] = ROM_IMAGE, a[1] = below(0x1000); return BIT(VMI_ERR_BAD_ADDRESS);
+		case 2: a[0] = chance(50) ? ROM_IMAGE : MONITOR + 0x1000 * below(8), a[1] = below(0x1000);
+			return BIT(VMI_ERR_BAD_ADDRESS);
 		case 3: a[0] = ram_end - 0x800, a[1] = 0x1000 + below(0xF000); return BIT(VMI_ERR_BAD_ADDRESS);
 		case 4: /* a non-canonical base that the identity map would translate */
 			a[0] = non_canonical(base), a[1] = limit;
@@ -473,7 +496,7 @@ static uint32_t gen_args(uint32_t c, uint64_t *a, int *skip)
 		if (chance(15)) { /* a writable alias of a page table or of the ROM */
 			int t = (int)below(5), pt = 3 + (int)below(2);
 			a[0] = pool[pt] + 8 * below(512);
-			a[1] = (chance(70) ? pool[t] : ROM_IMAGE + 0x1000 * below(8)) | LEAF_RW;
+			a[1] = (chance(70) ? pool[t] : ROM_IMAGE + 0x1000 * below(16)) | LEAF_RW; /* ROM or monitor */
 			if (level_of[pt] != 1)
 				return ALL_ERRORS & ~BIT(VMI_ERR_BATCH_INVALID); /* not a PT now: judged at another level */
 			if (is_table(a[1]) || (a[1] & ADDR) < pool[0])
@@ -656,8 +679,8 @@ static void attack_store(void)
 	uint64_t addr;
 	store_ops++;
 	switch (below(4)) {
-	case 0: { /* the ROM image is read-only */
-		addr = ROM_IMAGE + below(0x8000);
+	case 0: { /* the ROM image and the monitor area (the hypervisor's GDT, IDTs, TSS) are read-only */
+		addr = ROM_IMAGE + below(0x10000);
 		volatile uint8_t *p = (volatile uint8_t *)(uintptr_t)addr;
 		uint8_t old = *p;
 		record(KIND_STORE, 0, addr, (uint8_t)~old, 0);
@@ -704,7 +727,7 @@ static const uint32_t legacy_map[][2] = {
 	L(GETCR0, CPU_GETCR0), L(SETDR, CPU_SETDR), L(GETDR, CPU_GETDR), L(SETPXE, MMU_SETPTE),
 	L(SETPXELONG, MMU_SETLONGPTE), L(ALLOCATEPAGE, MMU_ALLOCATEPAGE), L(RELEASEPAGE, MMU_RELEASEPAGE),
 	L(FLUSHTLB, MMU_FLUSHTLB), L(INVALPAGE, MMU_INVALPAGE), L(SHUTDOWN, CPU_SHUTDOWN), L(REBOOT, CPU_REBOOT),
-	L(HALT, CPU_HALT), L(SETINTERRUPTMASK, CPU_SETINTERRUPTMASK), L(RDPMC, CPU_RDPMC),
+	L(HALT, CPU_HALT), L(SETINTERRUPTMASK, CPU_SETINTERRUPTMASK), L(RDPMC, CPU_RDPMC), L(IRET, CPU_RETURNTOUSER),
 #undef L
 };
 
@@ -715,6 +738,14 @@ static const struct {
 	{ VMI_FAMILY_SEGMENTATION, VMI_FAMILY_SEGMENTATION_NCALLS },
 	{ VMI_FAMILY_MMU, VMI_FAMILY_MMU_NCALLS },
 	{ VMI_FAMILY_QUERY, VMI_FAMILY_QUERY_NCALLS },
+	{ VMI_FAMILY_EVENTCHANNEL, VMI_FAMILY_EVENTCHANNEL_NCALLS },
+};
+
+/* Legacy VMI 3.0 numbers with no family call: NOT_SUPPORTED. */
+static const uint32_t legacy_only[] = {
+	VMI_LEGACY_SYSEXIT, VMI_LEGACY_UPDATEPXE, VMI_LEGACY_UPDATEPXELONG, VMI_LEGACY_MACHINETOPHYSICAL,
+	VMI_LEGACY_PHYSICALTOMACHINE, VMI_LEGACY_SETLINEARMAPPING, VMI_LEGACY_SETIOPLMASK,
+	VMI_LEGACY_SETINITIALAPSTATE, VMI_LEGACY_APICWRITE, VMI_LEGACY_APICREAD, VMI_LEGACY_SETLAZYMODE,
 };
 
 static void one_attack(void)
@@ -736,8 +767,9 @@ static void one_attack(void)
 		unsigned f = (unsigned)below(ARRAY_SIZE(families));
 		switch (below(4)) {
 		case 0: id = VMI_CALLID(families[f].family, families[f].ncalls + below(256 - families[f].ncalls), 0); break;
-		case 1: id = VMI_CALLID(5 + below(0xFA), below(256), 0); break;
-		case 2: id = VMI_CALLID(VMI_FAMILY_LEGACY, VMI_LEGACY_IRET + below(2), 0); break;
+		case 1: id = VMI_CALLID(VMI_FAMILY_EVENTCHANNEL + 1 + below(VMI_FAMILY_EXPERIMENTAL - VMI_FAMILY_EVENTCHANNEL - 1),
+					below(256), 0); break;
+		case 2: id = VMI_CALLID(VMI_FAMILY_LEGACY, legacy_only[below(ARRAY_SIZE(legacy_only))], 0); break;
 		default: id = VMI_CALLID(VMI_FAMILY_EXPERIMENTAL, below(256), 0); break;
 		}
 		for (unsigned k = 0; k < n_experimental; k++)
@@ -790,7 +822,14 @@ static void one_attack(void)
 static int setup(void)
 {
 	ram_end = ram_end_below_4g();
-	boot_cr3 = read_cr3() & ADDR;
+	depriv = vmi_deprivileged();
+	boot_cr3 = vmi_get_cr3() & ADDR;
+	cr0_0 = vmi_get_cr0(), cr4_0 = vmi_get_cr4();
+	if (vmi_rdmsr(MSR_EFER, &efer_0) || !(cr0_0 & CR0_PG) || !(cr4_0 & CR4_PAE))
+		return 0;
+	if (!depriv && (cr0_0 != read_cr0() || cr4_0 != read_cr4() || boot_cr3 != (read_cr3() & ADDR) ||
+			efer_0 != rdmsr(MSR_EFER)))
+		return 0; /* at ring 0 the getters must agree with the native instructions */
 	for (int i = 0; i < NPOOL; i++)
 		if (!(pool[i] = (uintptr_t)alloc_pt_page()))
 			return 0;
@@ -815,15 +854,24 @@ static int setup(void)
 	s |= vmi_set_pte((uint64_t *)(uintptr_t)pool[2], pool[3] | NONLEAF);
 	s |= vmi_set_pte((uint64_t *)(uintptr_t)(pool[2] + 8), pool[4] | NONLEAF);
 	for (int i = 0; i < NDATA; i++)
-		s |= vmi_set_pte((uint64_t *)(uintptr_t)(pool[3] + 8 * i), data[i] | (i & 1 ? LEAF_RW : P_ | A_ | D_));
+		s |= vmi_set_pte((uint64_t *)(uintptr_t)(pool[3] + 8 * i), data[i] | (i & 1 ? LEAF_RW : LEAF_RO_));
 	if (s)
 		return 0;
 
 	/* A private GDT: the boot entries, then room for the fuzzer's descriptors. */
-	struct descriptor_ptr g = sgdt(), idt = sidt();
-	memcpy((void *)(uintptr_t)gdt, (const void *)(uintptr_t)g.base, g.limit + 1u);
+	/* sgdt/sidt would give the hypervisor's tables at ring 3: ask for the guest's own. */
+	uint64_t g_base = 0, i_base = 0;
+	uint32_t g_limit = 0, i_limit = 0;
+	if (vmi_get_gdt(&g_base, &g_limit) || vmi_get_idt(&i_base, &i_limit) || g_limit > 0xFFF)
+		return 0;
+	if (!depriv) {
+		struct descriptor_ptr g = sgdt(), idt = sidt();
+		if (g.base != g_base || g.limit != g_limit || idt.base != i_base || idt.limit != i_limit)
+			return 0;
+	}
+	memcpy((void *)(uintptr_t)gdt, (const void *)(uintptr_t)g_base, g_limit + 1u);
 	gdt_limit = 0xFFF;
-	idt_base = idt.base, idt_limit = idt.limit;
+	idt_base = i_base, idt_limit = i_limit;
 	if (vmi_set_gdt(gdt, (uint32_t)gdt_limit))
 		return 0;
 
@@ -852,7 +900,9 @@ static void final_checks(void)
 {
 	uint64_t r[4] = { 0 }, info = 0;
 	int ok = 1;
-	ok &= vmi_raw_call(VMI_CALL_CPU_GETCR0, 0, 0, 0, r) == 0 && r[0] == read_cr0();
+	ok &= vmi_raw_call(VMI_CALL_CPU_GETCR0, 0, 0, 0, r) == 0 && r[0] == cr0_0 && (depriv || r[0] == read_cr0());
+	ok &= vmi_raw_call(VMI_CALL_CPU_GETCR4, 0, 0, 0, r) == 0 && r[0] == cr4_0;
+	ok &= vmi_raw_call(VMI_CALL_CPU_RDMSR, MSR_EFER, 0, 0, r) == 0 && r[0] == efer_0;
 	ok &= vmi_query_call(VMI_CALL_MMU_SETPTE, &info) == 0 && (info & VMI_QUERY_SUPPORTED);
 	uint64_t scratch_table = pool[NPOOL - 1];
 	if (level_of[NPOOL - 1] != 1) { /* make it a registered, empty PT again (or refuse) */
