@@ -41,14 +41,14 @@ def cells(matrix: dict[str, object], workload: str) -> dict[tuple[str, str], dic
 
 def test_full_matrix_passes(matrix: dict[str, object]) -> None:
     versions = [str(v) for v in available_versions()]
-    assert matrix["versions"] == versions == ["1.0", "1.1", "1.2"]
+    assert matrix["versions"] == versions == ["1.0", "1.1", "1.2", "1.3"]
     assert matrix["ok"] is True and matrix["problems"] == []
     for workload in ("conformance", "mmu"):
         grid = cells(matrix, workload)
         assert set(grid) == {(g, h) for g in versions for h in versions}
         for key, cell in grid.items():
             assert cell["ok"] and cell["exit_status"] == 0 and cell["fails"] == [], (workload, key, cell)
-    assert "compat: 18/18 cells pass; OK" in matrix["stdout"]  # type: ignore[operator]
+    assert "compat: 32/32 cells pass; OK" in matrix["stdout"]  # type: ignore[operator]
 
 
 def test_mmu_digest_identical_everywhere(matrix: dict[str, object]) -> None:
