@@ -9,9 +9,17 @@ import pytest
 from click.testing import CliRunner
 
 from vmikit.bench.cli import bench
-from vmikit.bench.workloads import MMU_WORKLOADS, PROFILE_NAMES, TINY, WORKLOAD_NAMES
+from vmikit.bench.workloads import (
+    MMU_WORKLOADS, PROFILE_BY_NAME, PROFILE_NAMES, QUICK_PROFILES, TINY, WORKLOAD_NAMES,
+)
 
 QUEUED_UPDATES = ("map", "unmap", "mprotect")
+ROM_PROFILES = ("direct-ignore", "direct-honour", "shadow-ignore", "shadow-honour")
+TWINS = tuple((p, f"{p}-ring0") for p in ROM_PROFILES)
+# Workloads whose updates change present entries (each needs KVM's shadow tables flushed when
+# the kernel is deprivileged), and ones that only fill empty entries (no flush).
+CHANGES_PRESENT = ("unmap", "mprotect", "fork")
+FILLS_EMPTY = ("setpte", "map", "demand")
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +53,69 @@ def test_run_is_described(results: dict) -> None:
     assert machine["kernel"] and machine["kvm"]["capabilities"]
     assert results["date"] and results["config"]["repetitions"] == TINY.reps
     assert results["tsc_khz"] > 0
-    assert len(results["targets"]) == 5
+    names = [t["name"] for t in results["targets"]]
+    assert len(names) == 7 and len(set(names)) == 7
+    for wanted in ("map / setpte per page, direct-honour", "map under direct-honour / native map",
+                   "rdtsc-vmi under direct-honour"):
+        assert any(n.startswith(wanted) for n in names), wanted
+    for t in results["targets"]:
+        assert "issue" not in t["name"] and t["kind"] in ("ratio", "fraction", "ns", "MiB")
+        assert (t["measured"] is None) == (t["met"] is None)
+    assert results["config"]["privileges"] == {p: PROFILE_BY_NAME[p].privilege for p in PROFILE_NAMES}
+
+
+def test_every_rom_profile_runs_under_both_privileges(results: dict) -> None:
+    assert PROFILE_NAMES == ("native", "trap", *(name for pair in TWINS for name in pair))
+    for workload in WORKLOAD_NAMES:
+        cells = results["cells"][workload]
+        assert cells["native"]["privilege"] == cells["trap"]["privilege"] == "ring0"
+        for deprivileged, ring0 in TWINS:
+            assert cells[deprivileged]["privilege"] == "deprivileged", (workload, deprivileged)
+            assert cells[ring0]["privilege"] == "ring0", (workload, ring0)
+            assert cells[deprivileged]["ratio_to_ring0"] > 0
+            assert cells[ring0]["ratio_to_ring0"] is None
+            # Same ROM calls, same exits per call ID: the privilege changes where the kernel runs, not what it asks.
+            assert {k: v["calls"] for k, v in cells[deprivileged]["by_call"].items()} == \
+                {k: v["calls"] for k, v in cells[ring0]["by_call"].items()}, (workload, deprivileged)
+    for name, session in results["sessions"].items():
+        assert session["privilege"] == PROFILE_BY_NAME[name].privilege
+        execution = session["session"]["execution"]
+        if PROFILE_BY_NAME[name].rom == "none":
+            assert execution is None
+        else:
+            assert execution["privilege"] == session["privilege"]
+            assert execution["deprivileged"] == (session["privilege"] == "deprivileged")
+
+
+def test_deprivileged_demand_faults_pass_through_the_hypervisor(results: dict) -> None:
+    for deprivileged, ring0 in TWINS:
+        d, r = results["cells"]["demand"][deprivileged], results["cells"]["demand"][ring0]
+        # At ring 3 every #PF reaches the hypervisor (an exit on its event port) and is reflected.
+        assert d["exits_per_op"]["median"] == pytest.approx(r["exits_per_op"]["median"] + 1.0)
+        by_vector = results["sessions"][deprivileged]["session"]["execution"]["by_vector"]
+        assert by_vector.get("14", 0) >= TINY.n * TINY.reps
+        assert results["sessions"][ring0]["session"]["execution"]["exceptions"] == 0
+
+
+def test_flush_mechanism_has_its_own_figure(results: dict) -> None:
+    for deprivileged, ring0 in TWINS:
+        for workload in CHANGES_PRESENT:
+            f = results["cells"][workload][deprivileged]["flush"]
+            assert f["flushes"] > 0, (workload, deprivileged)
+            assert f["us_per_flush"] > 0 and f["share_of_time"]["median"] > 0
+            if deprivileged.endswith("ignore") and workload != "fork":
+                assert f["flushes_per_op"] == pytest.approx(1.0)  # one SetPTE exit, one flush, per page
+            if deprivileged.endswith("honour"):
+                assert f["flushes_per_op"] <= 0.1, (workload, deprivileged)  # one per batch
+        for workload in FILLS_EMPTY:
+            assert results["cells"][workload][deprivileged]["flush"]["flushes"] == 0, (workload, deprivileged)
+        for workload in WORKLOAD_NAMES:  # at ring 0 the emulator walks the tables afresh: never a flush
+            f = results["cells"][workload][ring0]["flush"]
+            assert f["flushes"] == 0 and f["us_per_flush"] is None
+        session = results["sessions"][deprivileged]["flush"]
+        assert session["session_flushes"] >= session["timed_flushes"] > 0
+        assert session["session_us_mean"] > 0
+        assert results["sessions"][ring0]["flush"]["session_flushes"] == 0
 
 
 def test_native_and_trap_make_no_calls(results: dict) -> None:
@@ -58,17 +128,18 @@ def test_native_and_trap_make_no_calls(results: dict) -> None:
         assert results["cells"][workload]["trap"]["exits_per_op_by_reason"]["mmio"] == pytest.approx(1.0)
 
 
+@pytest.mark.parametrize("suffix", ["", "-ring0"])
 @pytest.mark.parametrize("style", ["direct", "shadow"])
-def test_ignore_exits_per_update_honour_batches(results: dict, style: str) -> None:
+def test_ignore_exits_per_update_honour_batches(results: dict, style: str, suffix: str) -> None:
     for workload in QUEUED_UPDATES:
-        ignore = results["cells"][workload][f"{style}-ignore"]
-        honour = results["cells"][workload][f"{style}-honour"]
+        ignore = results["cells"][workload][f"{style}-ignore{suffix}"]
+        honour = results["cells"][workload][f"{style}-honour{suffix}"]
         assert ignore["by_call"]["MMU.SetPTE"]["exits_per_op"] == pytest.approx(1.0)
         assert 1.0 <= ignore["exits_per_op"]["median"] <= 1.1, workload
         assert honour["exits_per_op"]["median"] <= 0.1, workload
         assert honour["by_call"]["MMU.SetPTE|queue"]["calls_per_op"] == pytest.approx(1.0)
         assert honour["by_call"]["MMU.SetPTE|queue"]["exits"] == 0
-    setpte = results["cells"]["setpte"][f"{style}-honour"]  # never queued: one exit per page
+    setpte = results["cells"]["setpte"][f"{style}-honour{suffix}"]  # never queued: one exit per page
     assert setpte["exits_per_op"]["median"] == pytest.approx(1.0)
 
 
@@ -87,10 +158,11 @@ def test_c_reference_and_memory(results: dict) -> None:
     assert c["c"]["null_ns_per_call"]["median"] > 0 and c["python"]["null_ns_per_call"]["median"] > 0
     assert c["c"]["hypercalls"] >= TINY.calls * TINY.reps
     assert c["python"]["exits_per_call"] == pytest.approx(1.0)
+    assert c["python"]["privilege"] == "ring0"  # refvmm has no execution model: both sides at ring 0
     assert c["ratio"] > 0
     mem = results["memory"]
     assert "error" not in mem, mem
-    assert mem["exit_status"] == 0
+    assert mem["exit_status"] == 0 and mem["privilege"] == "deprivileged"
     assert 0 < mem["guest_ram_resident_kib"] <= mem["guest_ram_mib"] * 1024
     assert mem["beyond_guest_kib"] > 0
 
@@ -107,6 +179,23 @@ def test_filters_and_plot(kvm: str, tmp_path: Path) -> None:
     assert set(data["cells"]["map"]) == {"native", "direct-honour"}
     assert "c_reference" not in data and "memory" not in data
     assert png.read_bytes().startswith(b"\x89PNG")
+
+
+def test_quick_keeps_one_ring0_comparison(monkeypatch: pytest.MonkeyPatch) -> None:
+    import vmikit.bench.report
+    import vmikit.bench.runner
+
+    seen = []
+    monkeypatch.setattr(vmikit.bench.runner, "run_bench", lambda config, **_: seen.append(config) or {"errors": {}})
+    monkeypatch.setattr(vmikit.bench.report, "print_report", lambda *a, **k: None)
+    for args in (["--quick"], ["--quick", "--profile", "shadow-honour-ring0"], []):
+        result = CliRunner().invoke(bench, args, catch_exceptions=False)
+        assert result.exit_code == 0, result.output
+    quick, chosen, full = (c.profiles for c in seen)
+    assert quick == QUICK_PROFILES and chosen == ("shadow-honour-ring0",) and full == PROFILE_NAMES
+    assert [p for p in quick if PROFILE_BY_NAME[p].privilege == "ring0" and PROFILE_BY_NAME[p].rom != "none"] == \
+        ["direct-honour-ring0"]
+    assert {p for p in PROFILE_NAMES if PROFILE_BY_NAME[p].privilege == "deprivileged"} <= set(quick)
 
 
 def test_unknown_workload_is_a_usage_error() -> None:

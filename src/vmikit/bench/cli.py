@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from vmikit.bench.workloads import FULL, PROFILE_NAMES, QUICK, WORKLOAD_NAMES
+from vmikit.bench.workloads import FULL, PROFILE_NAMES, QUICK, QUICK_PROFILES, WORKLOAD_NAMES
 from vmikit.errors import UsageError
 
 
@@ -27,11 +27,15 @@ def _split(values: tuple[str, ...], choices: tuple[str, ...], what: str) -> tupl
 
 
 @click.command()
-@click.option("--quick", is_flag=True, help=f"Small sizes ({QUICK.n} pages, {QUICK.reps} reps): under a minute.")
+@click.option("--quick", is_flag=True,
+              help=f"Small sizes ({QUICK.n} pages, {QUICK.reps} reps) and, unless --profile says otherwise, only "
+                   f"{', '.join(QUICK_PROFILES)}: every deprivileged profile and one ring-0 comparison (the other "
+                   "-ring0 twins would double the run): about half a minute.")
 @click.option("--workload", "workloads", multiple=True, metavar="NAME[,NAME]",
               help=f"Only these workloads (repeatable): {', '.join(WORKLOAD_NAMES)}.")
 @click.option("--profile", "profiles", multiple=True, metavar="NAME[,NAME]",
-              help=f"Only these profiles (repeatable): {', '.join(PROFILE_NAMES)}.")
+              help=f"Only these profiles (repeatable): {', '.join(PROFILE_NAMES)}. Profiles with a ROM run the "
+                   "kernel deprivileged at ring 3; each -ring0 twin keeps it at ring 0.")
 @click.option("-n", "--pages", type=click.IntRange(1, 32768), default=None, help="Pages per MMU workload.")
 @click.option("-m", "--switches", type=click.IntRange(1, 1_000_000), default=None, help="Address-space switches.")
 @click.option("--calls", type=click.IntRange(1, 10_000_000), default=None, help="Iterations of null/rdtsc/cpuid.")
@@ -43,7 +47,8 @@ def _split(values: tuple[str, ...], choices: tuple[str, ...], what: str) -> tupl
 def bench(quick: bool, workloads: tuple[str, ...], profiles: tuple[str, ...], pages: int | None,
           switches: int | None, calls: int | None, reps: int | None, no_c_reference: bool, no_memory: bool,
           json_file: Path | None, plot_file: Path | None) -> None:
-    """Measure what each VMI call costs under every paging profile, against native and a C reference VMM."""
+    """Measure what each VMI call costs under every paging profile and both privileges (the kernel
+    deprivileged at ring 3, and its -ring0 twin), against native and a C reference VMM."""
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -58,8 +63,10 @@ def bench(quick: bool, workloads: tuple[str, ...], profiles: tuple[str, ...], pa
     base = QUICK if quick else FULL
     overrides = {k: v for k, v in (("n", pages), ("m", switches), ("calls", calls), ("reps", reps)) if v is not None}
     sizes = dataclasses.replace(base, **overrides)
-    config = BenchConfig(workloads=_split(workloads, WORKLOAD_NAMES, "workload"),
-                         profiles=_split(profiles, PROFILE_NAMES, "profile"), sizes=sizes,
+    chosen = _split(profiles, PROFILE_NAMES, "profile")
+    if quick and not profiles:
+        chosen = QUICK_PROFILES
+    config = BenchConfig(workloads=_split(workloads, WORKLOAD_NAMES, "workload"), profiles=chosen, sizes=sizes,
                          c_reference=not no_c_reference, memory_probe=not no_memory, quick=quick)
     console = Console()
     total = len(config.workloads) * len(config.profiles) * sizes.reps

@@ -111,8 +111,11 @@ def _summary(values: list[float]) -> dict[str, float]:
 
 
 def compare(image: Path, sizes: Sizes, *, memory_mib: int = 128,
-            profile: Profile = PROFILE_BY_NAME["direct-honour"]) -> dict[str, object]:
-    """The null hypercall on refvmm and on the Python VMM, back to back, same image, ROM and command line."""
+            profile: Profile = PROFILE_BY_NAME["direct-honour-ring0"]) -> dict[str, object]:
+    """The null hypercall on refvmm and on the Python VMM, back to back, same image, ROM and command line.
+
+    At ring 0 on both: refvmm has no execution model (no monitor tables, no event port), so the
+    Python side runs the same ring-0 ROM with the kernel kept at ring 0."""
     from vmikit.bench.runner import run_profile
     from vmikit.rom import RomProfile, build_rom
 
@@ -136,7 +139,7 @@ def compare(image: Path, sizes: Sizes, *, memory_mib: int = 128,
               "tsc_khz": c_khz},
         "python": {"null_ns_per_call": _summary(py_null), "spin_ns_per_iteration": _summary(py_spin),
                    "exits_per_call": statistics.median(py_exits), "paging": "native", "rom": "full",
-                   "annotations": profile.annotations},
+                   "annotations": profile.annotations, "privilege": py["privilege"]},
         "ratio": p_ns / c_ns,
         # What the VMM adds per exit, beyond the floor: (python - C) per call, each call one exit.
         "python_extra_ns_per_exit": p_ns - c_ns,

@@ -1,8 +1,8 @@
 """The VMM's memory beyond guest RAM, measured in a fresh child process.
 
 The child imports vmikit, notes its RSS (the interpreter and modules), runs one
-bench session (shadow paging, queued calls: the profile that keeps the most
-hypervisor state) and, before closing it, reads ``/proc/self/smaps`` and
+bench session (shadow paging, queued calls, the kernel deprivileged: the profile that
+keeps the most hypervisor state) and, before closing it, reads ``/proc/self/smaps`` and
 ``/proc/self/status``: the resident size of the guest's RAM mappings (the
 anonymous mappings backing guest-physical memory) and the process's peak RSS
 (VmHWM). *Beyond guest RAM* = VmHWM - guest RAM resident. Guest RAM only grows
@@ -59,7 +59,7 @@ def child(args: dict[str, object]) -> dict[str, object]:
     line = cmdline(args["workloads"], sizes)  # type: ignore[arg-type]
     memory_mib = int(args["memory_mib"])  # type: ignore[call-overload]
     with Session(image, rom=profile.rom, paging=profile.paging, annotations=profile.annotations,
-                 memory_mib=memory_mib, timeout=300, cmdline=line) as session:
+                 memory_mib=memory_mib, timeout=300, cmdline=line, privilege=profile.privilege) as session:
         result = session.run()
         regions = session.machine.memory.regions
         guest = [(r.host_addr, r.host_addr + r.size) for r in regions if r.kind != "private"]
@@ -68,7 +68,7 @@ def child(args: dict[str, object]) -> dict[str, object]:
         private_kib = _resident_kib(private)
         hwm = _status_kib("VmHWM")
         rss = _status_kib("VmRSS")
-    return {"profile": PROFILE, "cmdline": line, "exit_status": result.exit_status, "guest_ram_mib": memory_mib,
+    return {"profile": PROFILE, "privilege": result.privilege, "cmdline": line, "exit_status": result.exit_status, "guest_ram_mib": memory_mib,
             "baseline_rss_kib": baseline, "peak_rss_kib": hwm, "final_rss_kib": rss,
             "guest_ram_resident_kib": guest_kib, "shadow_tables_resident_kib": private_kib,
             "beyond_guest_kib": hwm - guest_kib, "beyond_guest_mib": round((hwm - guest_kib) / 1024, 2),

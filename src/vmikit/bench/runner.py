@@ -19,6 +19,7 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 from pathlib import Path
 
 from vmikit.bench.workloads import (
@@ -58,14 +59,19 @@ class Recorder:
         self.session = session
         self.on_rep = on_rep
         self.sections: list[dict[str, object]] = []
-        self._open: tuple[int, tuple[float, dict[str, int], dict[int, int], dict[int, int]]] | None = None
+        self._open: tuple[int, tuple[float, dict[str, int], dict[int, int], dict[int, int], int, float]] | None = None
 
-    def _snapshot(self) -> tuple[float, dict[str, int], dict[int, int], dict[int, int]]:
+    def _snapshot(self) -> tuple[float, dict[str, int], dict[int, int], dict[int, int], int, float]:
         hv = self.session.hypervisor  # type: ignore[attr-defined]
         reasons = self.session.machine.vcpu.exit_counts()  # type: ignore[attr-defined]
         calls = dict(hv.calls) if hv is not None else {}
         exits = dict(hv.exits) if hv is not None else {}
-        return time.perf_counter(), reasons, calls, exits
+        # The flush mechanism (ExecutionModel.flush: KVM drops its shadow of the guest's tables
+        # after the VMM changed a present entry): how many, and the host time they took.
+        execution = hv.execution if hv is not None else None
+        flushes = execution.stats.flushes if execution is not None else 0
+        flush_s = execution.stats.flush_seconds if execution is not None else 0.0
+        return time.perf_counter(), reasons, calls, exits, flushes, flush_s
 
     def __call__(self, port: int, size: int, value: int) -> None:
         snap = self._snapshot()
@@ -87,7 +93,8 @@ class Recorder:
         index = tag >> 16
         name = GUEST_ORDER[index] if index < len(GUEST_ORDER) else str(index)
         self.sections.append({"workload": name, "rep": tag & 0xFFFF, "wall_s": snap[0] - begin[0],
-                              "exits": sum(reasons.values()), "by_reason": reasons, "calls": calls, "call_exits": exits})
+                              "exits": sum(reasons.values()), "by_reason": reasons, "calls": calls, "call_exits": exits,
+                              "flushes": snap[4] - begin[4], "flush_s": snap[5] - begin[5]})
         if self.on_rep is not None:
             self.on_rep(name)
 
@@ -104,7 +111,7 @@ def run_profile(image: Path, profile: Profile, workloads: tuple[str, ...] | list
 
     line = cmdline(list(workloads), sizes)
     with Session(image, rom=rom or profile.rom, annotations=profile.annotations, paging=paging or profile.paging,
-                 memory_mib=memory_mib, timeout=timeout, cmdline=line) as session:
+                 memory_mib=memory_mib, timeout=timeout, cmdline=line, privilege=profile.privilege) as session:
         recorder = Recorder(session, on_rep)
         session.machine.on_out(PORT_BENCH, recorder)
         tsc_khz = session.machine.vcpu.tsc_khz()
@@ -135,10 +142,25 @@ def run_profile(image: Path, profile: Profile, workloads: tuple[str, ...] | list
     else:
         tsc_source = "KVM_GET_TSC_KHZ"
     summary = result.summary()
-    return {"profile": profile.name, "cmdline": line, "tsc_khz": tsc_khz, "tsc_source": tsc_source,
-            "sections": sections, "session": {"wall_seconds": summary["wall_seconds"],
-                                              "exits_total": summary["exits"]["total"],  # type: ignore[index]
-                                              "paging": summary["paging"]}}
+    return {"profile": profile.name, "privilege": result.privilege, "cmdline": line, "tsc_khz": tsc_khz,
+            "tsc_source": tsc_source, "sections": sections,
+            "session": {"wall_seconds": summary["wall_seconds"],
+                        "exits_total": summary["exits"]["total"],  # type: ignore[index]
+                        "paging": summary["paging"], "privilege": result.privilege,
+                        "execution": result.execution}}
+
+
+def flush_of(secs: list[dict[str, Any]], tsc_khz: int) -> dict[str, object]:
+    """The flush mechanism's own figure for one cell: flushes per operation, mean host µs per
+    flush, and the share of the section's (guest-measured) time the flushes took."""
+    flushes = sum(int(s["flushes"]) for s in secs)
+    seconds = sum(float(s["flush_s"]) for s in secs)
+    total_ops = sum(int(s["ops"]) for s in secs)
+    shares = [float(s["flush_s"]) / (int(s["cycles"]) / (tsc_khz * 1e3)) for s in secs if int(s["cycles"])]
+    return {"flushes": flushes, "flushes_per_op": flushes / total_ops if total_ops else 0.0,
+            "us_per_flush": seconds / flushes * 1e6 if flushes else None,
+            "us_per_op": seconds / total_ops * 1e6 if total_ops else 0.0,
+            "share_of_time": stats(shares) if shares else None}
 
 
 def cells_of(raw: dict[str, object]) -> dict[str, dict[str, object]]:
@@ -168,10 +190,21 @@ def cells_of(raw: dict[str, object]) -> dict[str, dict[str, object]]:
         for s in secs:
             for reason, count in s["by_reason"].items():  # type: ignore[union-attr]
                 reasons[reason] = reasons.get(reason, 0) + count / total_ops
-        cells[name] = {"workload": name, "profile": raw["profile"], "ops": ops, "reps": len(secs),
-                       "ns_per_op": stats(ns), "exits_per_op": stats(exits), "wall_s": stats(wall),
-                       "cycles": [s["cycles"] for s in secs], "exits_per_op_by_reason": reasons, "by_call": by_call}
+        cells[name] = {"workload": name, "profile": raw["profile"], "privilege": raw["privilege"], "ops": ops,
+                       "reps": len(secs), "ns_per_op": stats(ns), "exits_per_op": stats(exits), "wall_s": stats(wall),
+                       "cycles": [s["cycles"] for s in secs], "exits_per_op_by_reason": reasons, "by_call": by_call,
+                       "flush": flush_of(secs, int(tsc_khz))}  # type: ignore[call-overload]
     return cells
+
+
+def flush_summary(raw: dict[str, Any]) -> dict[str, object]:
+    """The flush mechanism over one whole session (its execution stats) and over its timed sections."""
+    execution = raw["session"].get("execution") or {}
+    secs = raw["sections"]
+    timed = sum(int(s["flushes"]) for s in secs)
+    timed_s = sum(float(s["flush_s"]) for s in secs)
+    return {"session_flushes": execution.get("flushes", 0), "session_us_mean": execution.get("flush_us_mean"),
+            "timed_flushes": timed, "timed_us_mean": timed_s / timed * 1e6 if timed else None}
 
 
 def machine_facts() -> dict[str, object]:
@@ -179,7 +212,8 @@ def machine_facts() -> dict[str, object]:
 
     facts: dict[str, object] = {"hostname": platform.node(), "machine": platform.machine(),
                                 "kernel": platform.release(), "kernel_version": platform.version(),
-                                "python": platform.python_version(), "cpus": os.cpu_count()}
+                                "python": platform.python_version(), "cpus": os.cpu_count(),
+                                "loadavg_start": list(os.getloadavg())}
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -212,7 +246,8 @@ def run_bench(config: BenchConfig, progress: Progress | None = None,
         "machine": machine_facts(),
         "config": {"workloads": list(config.workloads), "profiles": list(config.profiles),
                    "repetitions": config.sizes.reps, "calls": config.sizes.calls, "n": config.sizes.n,
-                   "m": config.sizes.m, "memory_mib": config.memory_mib, "quick": config.quick},
+                   "m": config.sizes.m, "memory_mib": config.memory_mib, "quick": config.quick,
+                   "privileges": {name: PROFILE_BY_NAME[name].privilege for name in config.profiles}},
         "image": str(image),
     }
     sessions = {}
@@ -229,6 +264,7 @@ def run_bench(config: BenchConfig, progress: Progress | None = None,
             errors[name] = str(err)
             continue
         sessions[name] = {k: v for k, v in raw.items() if k != "sections"}
+        sessions[name]["flush"] = flush_summary(raw)
         for workload, cell in cells_of(raw).items():
             cells.setdefault(workload, {})[name] = cell
     tsc = {s["tsc_khz"] for s in sessions.values()}
@@ -238,6 +274,12 @@ def run_bench(config: BenchConfig, progress: Progress | None = None,
         for cell in per_profile.values():
             base = native["ns_per_op"]["median"] if native else None  # type: ignore[index]
             cell["ratio_to_native"] = cell["ns_per_op"]["median"] / base if base else None  # type: ignore[index]
+        for name, cell in per_profile.items():
+            # Deprivileged / ring 0, same ROM, paging and annotations (None without a twin in the run).
+            twin = PROFILE_BY_NAME[name].twin
+            ring0 = per_profile.get(twin) if twin and cell["privilege"] == "deprivileged" else None
+            cell["ratio_to_ring0"] = (cell["ns_per_op"]["median"] / ring0["ns_per_op"]["median"]  # type: ignore[index]
+                                      if ring0 else None)
     results["sessions"] = sessions
     results["cells"] = cells
     results["errors"] = errors
@@ -261,4 +303,5 @@ def run_bench(config: BenchConfig, progress: Progress | None = None,
 
     results["targets"] = targets(results)
     results["bench_wall_seconds"] = round(time.perf_counter() - started, 3)
+    results["machine"]["loadavg_end"] = list(os.getloadavg())  # type: ignore[index]  # other work on the host
     return results

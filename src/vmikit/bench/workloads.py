@@ -6,7 +6,7 @@ command-line keys. Each workload says which size parameter counts its operations
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from vmikit.machine import layout
 
@@ -49,18 +49,46 @@ class Profile:
     paging: str
     annotations: str
     doc: str
+    privilege: str = "ring0"  # where the guest kernel runs (Session(privilege=...)): a ROM's default is deprivileged
+
+    @property
+    def twin(self) -> str | None:
+        """The profile that differs from this one only in privilege (None without a ROM)."""
+        if self.rom == "none":
+            return None
+        return self.name[:-len(RING0_SUFFIX)] if self.name.endswith(RING0_SUFFIX) else self.name + RING0_SUFFIX
 
 
-PROFILES: tuple[Profile, ...] = (
+RING0_SUFFIX = "-ring0"
+
+
+def _with_ring0_twins(profiles: tuple[Profile, ...]) -> tuple[Profile, ...]:
+    """Every profile with a ROM runs deprivileged (the VMI execution model) and, right after it,
+    as its `-ring0` twin: the same ROM, paging and annotations with the kernel kept at ring 0."""
+    out: list[Profile] = []
+    for p in profiles:
+        if p.rom == "none":
+            out.append(p)
+            continue
+        out.append(replace(p, privilege="deprivileged", doc=f"{p.doc}; kernel deprivileged at ring 3"))
+        out.append(replace(p, name=p.name + RING0_SUFFIX, privilege="ring0", doc=f"{p.doc}; kernel at ring 0"))
+    return tuple(out)
+
+
+PROFILES: tuple[Profile, ...] = _with_ring0_twins((
     Profile("native", "none", "native", "honour", "no ROM, the guest owns its tables (a bare machine under KVM)"),
     Profile("trap", "none", "trap", "honour", "no ROM, page-table stores trap and are emulated"),
     Profile("direct-ignore", "full", "direct", "ignore", "ROM, validated tables, every SetPTE an exit"),
     Profile("direct-honour", "full", "direct", "honour", "ROM, validated tables, queued SetPTE batched"),
     Profile("shadow-ignore", "full", "shadow", "ignore", "ROM, shadow tables, every SetPTE an exit"),
     Profile("shadow-honour", "full", "shadow", "honour", "ROM, shadow tables, queued SetPTE batched"),
-)
+))
 PROFILE_NAMES = tuple(p.name for p in PROFILES)
 PROFILE_BY_NAME = {p.name: p for p in PROFILES}
+# --quick: every deprivileged profile, the two without a ROM, and one ring-0 comparison.
+QUICK_PROFILES = tuple(p.name for p in PROFILES if p.privilege == "deprivileged" or p.rom == "none") + \
+    ("direct-honour" + RING0_SUFFIX,)
+QUICK_PROFILES = tuple(n for n in PROFILE_NAMES if n in QUICK_PROFILES)
 
 
 @dataclass(frozen=True)
