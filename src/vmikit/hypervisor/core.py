@@ -148,7 +148,9 @@ class Hypervisor:
             else:
                 ctx.call_id = value
                 status, results = self.invoke(route, ctx, regs.rdi, regs.rsi, regs.rdx)
-            if execution is not None and execution.deprivileged:
+            # Under a deprivileged ROM (no invlpg/CR3 tails) the hypervisor drops stale translations
+            # itself, also for a kernel that never called Deprivilege (an older guest at ring 0).
+            if execution is not None and execution.privilege == "deprivileged":
                 stale = self.mmu.take_stale()
                 if stale:
                     execution.flush(stale)  # no stale translation survives the call that made it

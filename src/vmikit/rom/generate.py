@@ -104,7 +104,9 @@ def layout_header(spec: Spec, profile: RomProfile, honour_annotations: bool, dep
         "SHARED_PAGE": layout.SHARED_PAGE,
         **({"ROM_SHARED_VIF": spec.shared.offset("vif"), "ROM_SHARED_PENDING": spec.shared.offset("pending"),
             "ROM_SHARED_CR2": spec.shared.offset("cr2"),
-            "ROM_CALL_ENABLEINTERRUPTS": spec.by_name("CPU.EnableInterrupts").call_id()}
+            "ROM_SHARED_PRIVILEGE": spec.shared.offset("privilege"),
+            **{f"ROM_CALL_{name.upper()}": spec.by_name(f"CPU.{name}").call_id()
+               for name in ("EnableInterrupts", "DisableInterrupts", "GetInterruptMask", "SetInterruptMask", "GetCR2")}}
            if deprivileged and spec.shared is not None else {}),
         "FLUSH_TLB": spec.constants["FLUSH_TLB"].value,
         "FLUSH_GLOBAL": spec.constants["FLUSH_GLOBAL"].value,

@@ -107,8 +107,18 @@ vmi_hcall_invlpg:
 #if ROM_DEPRIVILEGED
 /* A ring-3 kernel: the interrupt flag is the shared page's vif and CR2 its cr2 (written by the
  * hypervisor before it delivers a #PF). None of these exits, but unmasking with an event
- * pending, which hands the event over with one CPU.EnableInterrupts hypercall. */
+ * pending, which hands the event over with one CPU.EnableInterrupts hypercall. A kernel that
+ * has not (or not yet) called CPU.Deprivilege is at ring 0 with the real flag and CR2: for it
+ * each of these is the plain hypercall (still no privileged instruction in this image). */
+#define IF_NOT_DEPRIVILEGED(id) \
+	cmpl	$3, SHARED_PAGE + ROM_SHARED_PRIVILEGE; \
+	je	9f; \
+	movl	$(id), %eax; \
+	jmp	vmi_hcall; \
+9:
+
 vmi_shared_sti:
+	IF_NOT_DEPRIVILEGED(ROM_CALL_ENABLEINTERRUPTS)
 	movl	$1, SHARED_PAGE + ROM_SHARED_VIF
 	cmpl	$0, SHARED_PAGE + ROM_SHARED_PENDING
 	je	1f
@@ -118,11 +128,13 @@ vmi_shared_sti:
 	jmp	vmi_ret1
 
 vmi_shared_cli:
+	IF_NOT_DEPRIVILEGED(ROM_CALL_DISABLEINTERRUPTS)
 	movl	$0, SHARED_PAGE + ROM_SHARED_VIF
 	xorl	%r8d, %r8d
 	jmp	vmi_ret1
 
 vmi_shared_get_if:
+	IF_NOT_DEPRIVILEGED(ROM_CALL_GETINTERRUPTMASK)
 	xorl	%r8d, %r8d
 	cmpl	$0, SHARED_PAGE + ROM_SHARED_VIF
 	je	1f
@@ -130,11 +142,13 @@ vmi_shared_get_if:
 1:	jmp	vmi_ret1
 
 vmi_shared_set_if:		/* IF from flags bit 9 */
+	IF_NOT_DEPRIVILEGED(ROM_CALL_SETINTERRUPTMASK)
 	testl	$RFLAGS_IF, %edi
 	jnz	vmi_shared_sti
 	jmp	vmi_shared_cli
 
 vmi_shared_cr2:
+	IF_NOT_DEPRIVILEGED(ROM_CALL_GETCR2)
 	movq	SHARED_PAGE + ROM_SHARED_CR2, %r8
 	jmp	vmi_ret1
 #endif
