@@ -565,7 +565,7 @@ static void test_query(void)
 			supported &= s == VMI_ERR_NOT_SUPPORTED;
 			continue;
 		}
-		supported &= s == 0 && (unimplemented(id) ? info == 0 : (info & VMI_QUERY_SUPPORTED) != 0);
+		supported &= s == 0 && (unimplemented(id) ? !(info & VMI_QUERY_SUPPORTED) : (info & VMI_QUERY_SUPPORTED) != 0);
 		int queueable = id == VMI_CALL_MMU_SETPTE || id == VMI_CALL_MMU_SETLONGPTE;
 		if (!unimplemented(id))
 			annotations &= (info & 0xFF) == (queueable ? honoured : 0);
