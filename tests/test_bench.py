@@ -87,6 +87,27 @@ def test_every_rom_profile_runs_under_both_privileges(results: dict) -> None:
             assert execution["deprivileged"] == (session["privilege"] == "deprivileged")
 
 
+def test_vmm_time_is_its_own_figure(results: dict) -> None:
+    for workload in WORKLOAD_NAMES:
+        for profile in ("native", "trap"):  # no hypervisor to spend time in
+            assert results["cells"][workload][profile]["vmm_us_per_op"] == 0
+    for deprivileged, ring0 in TWINS:
+        for name in (deprivileged, ring0):
+            null = results["cells"]["null"][name]
+            assert null["vmm_us_per_op"] > 0 and 0 < null["vmm_share_of_time"] < 1
+            assert null["by_call"]["Query.GetVersion"]["vmm_us_per_exit"] > 0
+            assert results["cells"]["rdtsc-vmi"][name]["vmm_us_per_op"] == 0  # the ROM runs rdtsc itself
+        assert results["cells"]["demand"][deprivileged]["event_us_per_op"] > 0  # reflecting each #PF
+        assert results["cells"]["demand"][ring0]["event_us_per_op"] == 0
+        for name in (deprivileged, ring0):
+            queue = results["cells"]["map"][name]["queue"]
+            if name.startswith(("direct-honour", "shadow-honour")):
+                assert TINY.n <= 256 and queue["entries_per_flushqueue"] == pytest.approx(TINY.n)
+                assert queue["entries"] == TINY.n * TINY.reps and queue["vmm_us_per_entry"] > 0
+            else:
+                assert queue["entries"] == 0 and queue["vmm_us_per_entry"] is None
+
+
 def test_deprivileged_demand_faults_pass_through_the_hypervisor(results: dict) -> None:
     for deprivileged, ring0 in TWINS:
         d, r = results["cells"]["demand"][deprivileged], results["cells"]["demand"][ring0]

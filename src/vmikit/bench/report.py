@@ -145,6 +145,39 @@ def flush_table(results: dict) -> Table | None:
     return table
 
 
+def vmm_table(results: dict) -> Table | None:
+    """The VMM's own host time per operation (its hypercall handlers and, deprivileged, the
+    reflection of exceptions; the flush included) and its share of the guest-measured time:
+    what is left is the exits themselves and the guest's code."""
+    workloads, profiles = _ordered(results)
+    groups = [(b, m) for b, m in _groups(profiles) if PROFILE_BY_NAME[m[0]].rom != "none"]
+    if not groups:
+        return None
+    table = Table(title="the VMM's own time per operation (host clock, its handlers; the flush included) and its "
+                        "share of the guest's time — r3 | r0; per queued entry for FlushQueue batches",
+                  show_lines=True)
+    table.add_column("workload", style="bold")
+    for base, _ in groups:
+        table.add_column(base, justify="right")
+    for w in workloads:
+        row = [w]
+        for _, members in groups:
+            lines = []
+            for p in members:
+                cell = results["cells"][w].get(p)
+                if cell is None or "vmm_us_per_op" not in cell:
+                    continue
+                tag = "r3" if PROFILE_BY_NAME[p].privilege == "deprivileged" else "r0"
+                text = f"{tag} {fmt_ns(cell['vmm_us_per_op'] * 1e3)} {100 * cell['vmm_share_of_time']:.0f}%"
+                per_entry = (cell.get("queue") or {}).get("vmm_us_per_entry")
+                if per_entry is not None:
+                    text += f" [dim]({fmt_ns(per_entry * 1e3)}/entry)[/dim]"
+                lines.append(text)
+            row.append("\n".join(lines) or "-")
+        table.add_row(*row)
+    return table
+
+
 def fmt_measured(t: dict) -> str:
     m = t["measured"]
     kind = t.get("kind", "ratio")
@@ -175,9 +208,9 @@ def print_report(results: dict, console: Console | None = None) -> None:
     console.print(cell_table(results))
     if any(cell["by_call"] for pp in results["cells"].values() for cell in pp.values()):
         console.print(calls_table(results))
-    flushes = flush_table(results)
-    if flushes is not None:
-        console.print(flushes)
+    for extra in (vmm_table(results), flush_table(results)):
+        if extra is not None:
+            console.print(extra)
     c = results.get("c_reference")
     if c and "error" not in c:
         console.print(f"[bold]C reference[/bold] (same image, ring-0 ROM and kernel, cmdline `{c['cmdline']}`): null hypercall "

@@ -26,6 +26,7 @@ from vmikit.bench.workloads import (
     GUEST, MARK_END, PORT_BENCH, PROFILE_BY_NAME, PROFILE_NAMES, WORKLOAD_NAMES, FULL, Profile, Sizes, cmdline,
 )
 from vmikit.errors import VmikitError
+from vmikit.machine import layout
 
 # The guest's workload numbering (the tag's high half): bench.c's names[], in order.
 GUEST_ORDER = (*WORKLOAD_NAMES, "spin")
@@ -52,26 +53,76 @@ def stats(values: list[float]) -> dict[str, float]:
     return {"min": min(values), "median": statistics.median(values), "max": max(values)}
 
 
+class VmmClock:
+    """Host time the VMM spends in its handlers: per hypercall ID (the PORT_HYPERCALL handler,
+    wrapped) and for reflected exceptions and syscalls (the PORT_EVENT handler). Two
+    perf_counter() calls per exit, well under a µs, against exits of tens of µs."""
+
+    def __init__(self, session: object) -> None:
+        self.by_call: dict[int, float] = {}
+        self.event_s = 0.0
+        hv = session.hypervisor  # type: ignore[attr-defined]
+        if hv is None:
+            return
+        machine = session.machine  # type: ignore[attr-defined]
+        hypercall, event = hv.on_hypercall, hv.execution.on_event if hv.execution is not None else None
+
+        def timed_hypercall(port: int, size: int, value: int) -> None:
+            start = time.perf_counter()
+            try:
+                hypercall(port, size, value)
+            finally:
+                self.by_call[value] = self.by_call.get(value, 0.0) + time.perf_counter() - start
+
+        machine.on_out(layout.PORT_HYPERCALL, timed_hypercall)
+        if event is not None:
+            def timed_event(port: int, size: int, value: int) -> None:
+                start = time.perf_counter()
+                try:
+                    event(port, size, value)
+                finally:
+                    self.event_s += time.perf_counter() - start
+
+            machine.on_out(layout.PORT_EVENT, timed_event)
+
+
+@dataclass
+class Snapshot:
+    clock: float
+    reasons: dict[str, int]
+    calls: dict[int, int]
+    exits: dict[int, int]
+    host_s: dict[int, float]  # VMM handler time per call ID
+    event_s: float  # VMM time reflecting exceptions and syscalls
+    flushes: int
+    flush_s: float
+
+
+def _delta(end: dict, begin: dict) -> dict:
+    return {k: v - begin.get(k, 0) for k, v in end.items() if v - begin.get(k, 0)}
+
+
 class Recorder:
-    """The PORT_BENCH handler: per timed section, exits, calls and host wall time."""
+    """The PORT_BENCH handler: per timed section, exits, calls, host wall time, the VMM's own
+    time and the flush mechanism's."""
 
     def __init__(self, session: object, on_rep: Callable[[str], None] | None = None) -> None:
         self.session = session
         self.on_rep = on_rep
+        self.clock = VmmClock(session)
         self.sections: list[dict[str, object]] = []
-        self._open: tuple[int, tuple[float, dict[str, int], dict[int, int], dict[int, int], int, float]] | None = None
+        self._open: tuple[int, Snapshot] | None = None
 
-    def _snapshot(self) -> tuple[float, dict[str, int], dict[int, int], dict[int, int], int, float]:
+    def _snapshot(self) -> Snapshot:
         hv = self.session.hypervisor  # type: ignore[attr-defined]
         reasons = self.session.machine.vcpu.exit_counts()  # type: ignore[attr-defined]
-        calls = dict(hv.calls) if hv is not None else {}
-        exits = dict(hv.exits) if hv is not None else {}
         # The flush mechanism (ExecutionModel.flush: KVM drops its shadow of the guest's tables
         # after the VMM changed a present entry): how many, and the host time they took.
         execution = hv.execution if hv is not None else None
-        flushes = execution.stats.flushes if execution is not None else 0
-        flush_s = execution.stats.flush_seconds if execution is not None else 0.0
-        return time.perf_counter(), reasons, calls, exits, flushes, flush_s
+        return Snapshot(time.perf_counter(), reasons, dict(hv.calls) if hv is not None else {},
+                        dict(hv.exits) if hv is not None else {}, dict(self.clock.by_call), self.clock.event_s,
+                        execution.stats.flushes if execution is not None else 0,
+                        execution.stats.flush_seconds if execution is not None else 0.0)
 
     def __call__(self, port: int, size: int, value: int) -> None:
         snap = self._snapshot()
@@ -84,17 +135,17 @@ class Recorder:
             return
         _, begin = self._open
         self._open = None
-        reasons = {k: v - begin[1].get(k, 0) for k, v in snap[1].items() if v - begin[1].get(k, 0)}
+        reasons = _delta(snap.reasons, begin.reasons)
         reasons["io"] = reasons.get("io", 0) - 1  # the closing marker's own exit
         if not reasons["io"]:
             del reasons["io"]
-        calls = {k: v - begin[2].get(k, 0) for k, v in snap[2].items() if v - begin[2].get(k, 0)}
-        exits = {k: v - begin[3].get(k, 0) for k, v in snap[3].items() if v - begin[3].get(k, 0)}
         index = tag >> 16
         name = GUEST_ORDER[index] if index < len(GUEST_ORDER) else str(index)
-        self.sections.append({"workload": name, "rep": tag & 0xFFFF, "wall_s": snap[0] - begin[0],
-                              "exits": sum(reasons.values()), "by_reason": reasons, "calls": calls, "call_exits": exits,
-                              "flushes": snap[4] - begin[4], "flush_s": snap[5] - begin[5]})
+        self.sections.append({"workload": name, "rep": tag & 0xFFFF, "wall_s": snap.clock - begin.clock,
+                              "exits": sum(reasons.values()), "by_reason": reasons,
+                              "calls": _delta(snap.calls, begin.calls), "call_exits": _delta(snap.exits, begin.exits),
+                              "host_s": _delta(snap.host_s, begin.host_s), "event_s": snap.event_s - begin.event_s,
+                              "flushes": snap.flushes - begin.flushes, "flush_s": snap.flush_s - begin.flush_s})
         if self.on_rep is not None:
             self.on_rep(name)
 
@@ -125,7 +176,7 @@ def run_profile(image: Path, profile: Profile, workloads: tuple[str, ...] | list
         raise VmikitError(f"bench guest under {profile.name} exited {result.exit_status}: "
                           f"{'; '.join(problems) or console[-300:]}", "run it alone with `vmikit run bench` to see why")
     lines = parse_console(console)
-    sections = recorder.sections
+    sections: list[dict[str, Any]] = recorder.sections  # type: ignore[assignment]
     if len(lines) != len(sections):
         raise VmikitError(f"bench guest under {profile.name}: {len(lines)} result lines but {len(sections)} "
                           "marked sections", "is something else writing to the bench port?")
@@ -133,11 +184,12 @@ def run_profile(image: Path, profile: Profile, workloads: tuple[str, ...] | list
         if sec["workload"] != name:
             raise VmikitError(f"bench guest: section {sec['workload']} reported as {name}", "rebuild the bench guest")
         sec["ops"], sec["cycles"] = ops, cycles
-        sec["calls"] = {names.get(k, hex(k)): v for k, v in sec["calls"].items()}  # type: ignore[union-attr]
-        sec["call_exits"] = {names.get(k, hex(k)): v for k, v in sec["call_exits"].items()}  # type: ignore[union-attr]
+        sec["calls"] = {names.get(k, hex(k)): v for k, v in sec["calls"].items()}
+        sec["call_exits"] = {names.get(k, hex(k)): v for k, v in sec["call_exits"].items()}
+        sec["host_s"] = {names.get(k, hex(k)): v for k, v in sec["host_s"].items()}
     if not tsc_khz:  # no KVM_GET_TSC_KHZ: calibrate against the host clock on the longest section
-        longest = max(sections, key=lambda s: s["wall_s"])  # type: ignore[arg-type, return-value]
-        tsc_khz = int(longest["cycles"] / longest["wall_s"] / 1000)  # type: ignore[operator]
+        longest = max(sections, key=lambda s: s["wall_s"])
+        tsc_khz = int(longest["cycles"] / longest["wall_s"] / 1000)
         tsc_source = "host clock"
     else:
         tsc_source = "KVM_GET_TSC_KHZ"
@@ -163,37 +215,57 @@ def flush_of(secs: list[dict[str, Any]], tsc_khz: int) -> dict[str, object]:
             "share_of_time": stats(shares) if shares else None}
 
 
-def cells_of(raw: dict[str, object]) -> dict[str, dict[str, object]]:
+def cells_of(raw: dict[str, Any]) -> dict[str, dict[str, object]]:
     """Per workload of one profile session: min/median/max over its repetitions."""
     tsc_khz = raw["tsc_khz"]
-    by_workload: dict[str, list[dict[str, object]]] = {}
-    for sec in raw["sections"]:  # type: ignore[union-attr]
+    by_workload: dict[str, list[dict[str, Any]]] = {}
+    for sec in raw["sections"]:
         by_workload.setdefault(sec["workload"], []).append(sec)
     cells = {}
     for name, secs in by_workload.items():
-        ns = [s["cycles"] * 1e6 / tsc_khz / s["ops"] for s in secs]  # type: ignore[operator]
-        exits = [s["exits"] / s["ops"] for s in secs]  # type: ignore[operator]
+        ns = [s["cycles"] * 1e6 / tsc_khz / s["ops"] for s in secs]
+        exits = [s["exits"] / s["ops"] for s in secs]
         wall = [s["wall_s"] for s in secs]
         ops = secs[0]["ops"]
-        total_ops = sum(s["ops"] for s in secs)  # type: ignore[misc]
-        by_call: dict[str, dict[str, float]] = {}
+        total_ops = sum(s["ops"] for s in secs)
+        by_call: dict[str, dict[str, Any]] = {}
         for s in secs:
-            for call, count in s["calls"].items():  # type: ignore[union-attr]
+            for call, count in s["calls"].items():
                 entry = by_call.setdefault(call, {"calls": 0, "exits": 0})
                 entry["calls"] += count
-            for call, count in s["call_exits"].items():  # type: ignore[union-attr]
+            for call, count in s["call_exits"].items():
                 by_call.setdefault(call, {"calls": 0, "exits": 0})["exits"] += count
+            for call, seconds in s["host_s"].items():
+                entry = by_call.setdefault(call, {"calls": 0, "exits": 0})
+                entry["host_s"] = entry.get("host_s", 0.0) + seconds
         for entry in by_call.values():
             entry["calls_per_op"] = entry["calls"] / total_ops
             entry["exits_per_op"] = entry["exits"] / total_ops
+            # Host µs in the VMM's handler per exit of this call (a FlushQueue exit completes a whole batch).
+            host = entry.pop("host_s", 0.0)
+            entry["vmm_us_per_exit"] = host / entry["exits"] * 1e6 if entry["exits"] else None
+        vmm_s = sum(sum(s["host_s"].values()) + s["event_s"] for s in secs)
+        event_s = sum(s["event_s"] for s in secs)
+        # The VMM's cost per queued entry: FlushQueue handler time (validating and applying the
+        # batch, and any flush it triggers) over the entries queued.
+        queued = by_call.get("MMU.SetPTE|queue", {}).get("calls", 0)
+        fq_s = sum(s["host_s"].get("MMU.FlushQueue", 0.0) for s in secs)
+        fq = by_call.get("MMU.FlushQueue", {}).get("exits", 0)
+        queue = {"entries": queued, "flushqueue_exits": fq, "entries_per_flushqueue": queued / fq if fq else None,
+                 "vmm_us_per_entry": fq_s / queued * 1e6 if queued and fq else None}
         reasons: dict[str, float] = {}
         for s in secs:
-            for reason, count in s["by_reason"].items():  # type: ignore[union-attr]
+            for reason, count in s["by_reason"].items():
                 reasons[reason] = reasons.get(reason, 0) + count / total_ops
         cells[name] = {"workload": name, "profile": raw["profile"], "privilege": raw["privilege"], "ops": ops,
                        "reps": len(secs), "ns_per_op": stats(ns), "exits_per_op": stats(exits), "wall_s": stats(wall),
                        "cycles": [s["cycles"] for s in secs], "exits_per_op_by_reason": reasons, "by_call": by_call,
-                       "flush": flush_of(secs, int(tsc_khz))}  # type: ignore[call-overload]
+                       "flush": flush_of(secs, int(tsc_khz)),
+                       # The VMM's own host time per operation: its hypercall handlers plus (deprivileged)
+                       # reflecting exceptions; the rest of the guest time is the exits themselves and guest code.
+                       "vmm_us_per_op": vmm_s / total_ops * 1e6, "event_us_per_op": event_s / total_ops * 1e6,
+                       "vmm_share_of_time": vmm_s / sum(s["cycles"] / (tsc_khz * 1e3) for s in secs),
+                       "queue": queue}
     return cells
 
 
