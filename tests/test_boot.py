@@ -12,6 +12,7 @@ import pytest
 from helpers import vmikit
 from vmikit.guest.build import build_guest
 from vmikit.machine.board import Machine
+from vmikit.session import Session
 
 PASS_RE = re.compile(r"^(PASS|FAIL): ", re.M)
 
@@ -127,3 +128,25 @@ def test_hello_same_pass_lines_on_qemu(kvm: str, qemu: str) -> None:
         ours = machine.run()
     assert pass_lines(bare.stdout) == pass_lines(ours.console)
     assert len(pass_lines(ours.console)) >= 4
+
+
+# Under the hypervisor: every ROM profile with the kernel deprivileged (ring 3, the default) and at
+# ring 0; the PASS lines are those of the bare machine (--rom none), which QEMU's match above.
+HELLO_CONFIGS = [(rom, privilege) for rom in ("full", "minimal") for privilege in ("deprivileged", "ring0")]
+
+
+@pytest.fixture(scope="module")
+def hello_bare(kvm: str) -> list[str]:
+    with Session(build_guest("hello"), rom="none") as session:
+        result = session.run()
+    assert result.exit_status == 0, result.console
+    return pass_lines(result.console)
+
+
+@pytest.mark.parametrize("rom,privilege", HELLO_CONFIGS, ids=[f"{r}-{p}" for r, p in HELLO_CONFIGS])
+def test_hello_same_pass_lines_under_every_rom_and_privilege(hello_bare: list[str], rom: str, privilege: str) -> None:
+    with Session(build_guest("hello"), rom=rom, privilege=privilege) as session:
+        result = session.run()
+    assert result.exit_status == 0, result.console
+    assert pass_lines(result.console) == hello_bare and len(hello_bare) >= 4
+    assert result.execution is not None and result.execution["deprivileged"] == (privilege == "deprivileged")

@@ -20,6 +20,7 @@ from vmikit.compat.matrix import Cell, Matrix, Options, run_cell
 from vmikit.guest.build import build_info
 from vmikit.hypervisor import Hypervisor, eventchannel
 from vmikit.hypervisor.context import HypercallError
+from vmikit.session import Session
 
 V10, V11, V12 = Version(1, 0), Version(1, 1), Version(1, 2)
 REFERENCE = Path(__file__).resolve().parents[1] / "docs" / "vmi-reference.md"
@@ -88,6 +89,20 @@ def test_minimum_version_rejects_an_older_rom(kvm: str) -> None:
     new = run_cell(image, V12, V12, "conformance", Options())
     assert new.ok and "evtchn hv" in new.note(), new.console
     assert old.passes[0] == new.passes[0]
+
+
+def test_current_guest_same_lines_under_both_privileges(kvm: str) -> None:
+    """The compat guest of today's header on today's hypervisor (full ROM, what the matrix runs):
+    deprivileged (ring 3) and at ring 0 it prints the same PASS and INFO lines, all passing."""
+    image = build_for("conformance", load_spec().version)
+    lines = {}
+    for privilege in ("deprivileged", "ring0"):
+        with Session(image, rom="full", privilege=privilege) as session:
+            result = session.run()
+        assert result.exit_status == 0 and "FAIL" not in result.console, (privilege, result.console)
+        assert result.execution is not None and result.execution["deprivileged"] == (privilege == "deprivileged")
+        lines[privilege] = [line for line in result.console.splitlines() if line.startswith(("PASS: ", "INFO: "))]
+    assert lines["deprivileged"] == lines["ring0"] and len(lines["ring0"]) > 10
 
 
 # --- the 1.2 EventChannel family, without a guest -----------------------------------------

@@ -2,7 +2,9 @@
 
 The PASS lines must be the same everywhere (one guest binary, same behaviour); what differs
 between a full ROM, a minimal ROM and a bare machine shows only on INFO: lines and in the
-hypervisor's per-call counters. Also: the experiment guest reaching a call registered from
+hypervisor's per-call counters. Each ROM profile runs with the kernel deprivileged (ring 3, the
+default) and at ring 0 (``privilege="ring0"``): the PASS and INFO lines are the same for both.
+Also: the experiment guest reaching a call registered from
 Python, and the check that a guest was built with the header the spec generates.
 """
 
@@ -24,6 +26,10 @@ from vmikit.session import Session, SessionResult
 
 SPEC = load_spec()
 ROMS = ("full", "minimal", "none")
+PRIVILEGES = ("deprivileged", "ring0")
+# (rom, privilege) of every run: a bare machine has no hypervisor to deprivilege the kernel.
+CONFIGS = [(rom, privilege) for rom in ("full", "minimal") for privilege in PRIVILEGES] + [("none", "ring0")]
+NCALLS = len(list(SPEC.calls()))
 OPTIONAL = {c.qualified_name for c in SPEC.calls() if c.optional}
 VERSION_LINE = re.compile(r"^INFO: built with VMI (\d+)\.(\d+) \(0x([0-9a-f]{8})\)$", re.M)
 
@@ -66,24 +72,35 @@ def image() -> Path:
 
 
 @pytest.fixture(scope="module")
-def runs(kvm: str, image: Path) -> dict[str, SessionResult]:
-    return {rom: run(image, rom=rom) for rom in ROMS}
+def all_runs(kvm: str, image: Path) -> dict[tuple[str, str], SessionResult]:
+    return {(rom, privilege): run(image, rom=rom, privilege=privilege) for rom, privilege in CONFIGS}
 
 
-@pytest.mark.parametrize("rom", ROMS)
-def test_conformance_passes(runs: dict[str, SessionResult], rom: str) -> None:
-    result = runs[rom]
+@pytest.fixture(scope="module")
+def runs(all_runs: dict[tuple[str, str], SessionResult]) -> dict[str, SessionResult]:
+    """By ROM profile, as a user gets them without --privilege (deprivileged under a ROM)."""
+    return {rom: all_runs[(rom, "ring0" if rom == "none" else "deprivileged")] for rom in ROMS}
+
+
+@pytest.mark.parametrize("rom,privilege", CONFIGS, ids=[f"{r}-{p}" for r, p in CONFIGS])
+def test_conformance_passes(all_runs: dict[tuple[str, str], SessionResult], rom: str, privilege: str) -> None:
+    result = all_runs[(rom, privilege)]
     lines = result.console.splitlines()
     assert not [line for line in lines if line.startswith("FAIL")], result.console
     assert len(passes(result.console)) >= 40, result.console
     assert f"DONE pass={len(passes(result.console))} fail=0" in lines
     assert result.exit_status == layout.EXIT_OK
+    # The kernel really ran where asked: the hypervisor's execution model says so.
+    assert result.privilege == privilege
+    if rom != "none":  # (a bare machine has no hypervisor, hence no execution model)
+        assert result.execution is not None and result.execution["deprivileged"] == (privilege == "deprivileged")
 
 
-def test_pass_lines_identical_across_roms_and_qemu(runs: dict[str, SessionResult], image: Path, qemu: str) -> None:
-    reference = passes(runs["none"].console)
-    for rom in ("full", "minimal"):
-        assert passes(runs[rom].console) == reference, rom
+def test_pass_lines_identical_across_roms_and_qemu(all_runs: dict[tuple[str, str], SessionResult], image: Path,
+                                                   qemu: str) -> None:
+    reference = passes(all_runs[("none", "ring0")].console)
+    for config in CONFIGS:
+        assert passes(all_runs[config].console) == reference, config
     cmd = [qemu, "-kernel", str(image), "-device", "isa-debug-exit,iobase=0xf4,iosize=4", "-serial", "stdio",
            "-display", "none", "-no-reboot", "-m", "128", "-accel", "kvm"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
@@ -92,30 +109,53 @@ def test_pass_lines_identical_across_roms_and_qemu(runs: dict[str, SessionResult
     assert proc.returncode == (layout.EXIT_OK << 1) | 1, proc.stdout + proc.stderr
 
 
-def test_info_lines_show_the_rom(runs: dict[str, SessionResult]) -> None:
-    full, minimal, none = (infos(runs[rom].console) for rom in ROMS)
+@pytest.mark.parametrize("privilege", PRIVILEGES)
+def test_info_lines_show_the_rom(all_runs: dict[tuple[str, str], SessionResult], privilege: str) -> None:
+    full, minimal = (infos(all_runs[(rom, privilege)].console) for rom in ("full", "minimal"))
+    none = infos(all_runs[("none", "ring0")].console)
     assert "INFO: no rom" in none and not any(line.startswith("INFO: rom present") for line in none)
+    version = f"{SPEC.version.major}.{SPEC.version.minor}"
     for lines in (full, minimal):
-        assert any(line.startswith("INFO: rom present at 0xc0000, version 1.1,") for line in lines), lines
+        assert any(line.startswith(f"INFO: rom present at 0xc0000, version {version},") for line in lines), lines
         assert "INFO: a queued SetPTE was deferred until MMU.FlushQueue" in lines
         assert "INFO: raw: reserved bits in a call ID are refused with RESERVED_BITS" in lines
     assert "INFO: native fallback for: none" in full
-    assert "INFO: 47 of 47 calls through the rom; queued SetPTE entry specialised" in full
+    assert f"INFO: {NCALLS} of {NCALLS} calls through the rom; queued SetPTE entry specialised" in full
     optional_ids = sorted(SPEC.by_name(name).call_id() for name in OPTIONAL)
     assert "INFO: native fallback for: " + " ".join(f"0x{i:08x}" for i in optional_ids) in minimal
     assert "INFO: a queued SetPTE was applied at once" in none
 
 
-def test_minimal_rom_runs_optional_calls_natively(runs: dict[str, SessionResult]) -> None:
-    minimal = runs["minimal"].summary()["exits"]["by_call"]  # type: ignore[index]
-    full = runs["full"].summary()["exits"]["by_call"]  # type: ignore[index]
+@pytest.mark.parametrize("rom", ["full", "minimal"])
+def test_info_lines_identical_across_privileges(all_runs: dict[tuple[str, str], SessionResult], rom: str) -> None:
+    """Where the kernel runs changes nothing the guest reports: same INFO lines, same PASS lines."""
+    deprivileged, ring0 = (all_runs[(rom, p)].console for p in PRIVILEGES)
+    assert infos(deprivileged) == infos(ring0)
+    assert passes(deprivileged) == passes(ring0)
+
+
+@pytest.mark.parametrize("rom", ["full", "minimal"])
+def test_deprivileged_witnesses_fault_through_the_hypervisor(all_runs: dict[tuple[str, str], SessionResult],
+                                                             rom: str) -> None:
+    """Deprivileged, the guest's #UD (WriteIDTEntry's handler) and its #PF on purpose (the CR2 witness)
+    are reflected by the hypervisor to the guest's own gates; at ring 0 the CPU delivers them itself."""
+    execution = all_runs[(rom, "deprivileged")].execution
+    assert execution is not None and execution["by_vector"] == {"6": 1, "14": 1}, execution
+    ring0 = all_runs[(rom, "ring0")].execution
+    assert ring0 is not None and ring0["exceptions"] == 0, ring0
+
+
+@pytest.mark.parametrize("privilege", PRIVILEGES)
+def test_minimal_rom_runs_optional_calls_natively(all_runs: dict[tuple[str, str], SessionResult], privilege: str) -> None:
+    minimal = all_runs[("minimal", privilege)].summary()["exits"]["by_call"]  # type: ignore[index]
+    full = all_runs[("full", privilege)].summary()["exits"]["by_call"]  # type: ignore[index]
     assert not OPTIONAL & set(minimal), minimal  # not one optional call reached the hypervisor
     assert full["CPU.CPUID"]["exits"] == 2  # the full ROM makes the hypercall for CPUID ...
     assert "CPU.RDTSC" not in full  # ... but runs RDTSC and the IF calls natively inside the ROM
     for by_call in (full, minimal):
         assert by_call["MMU.SetPTE|queue"]["exits"] == 0 and by_call["MMU.SetPTE|queue"]["calls"] > SPEC.batch.max_entries
-        assert by_call["Query.QueryCall"]["calls"] == len(list(SPEC.calls())) + 1  # every call + one malformed
-    assert runs["none"].summary()["exits"]["by_call"] == {}  # type: ignore[index]
+        assert by_call["Query.QueryCall"]["calls"] == NCALLS + 1  # every call + one malformed
+    assert all_runs[("none", "ring0")].summary()["exits"]["by_call"] == {}  # type: ignore[index]
 
 
 def test_annotations_ignored_same_pass_lines(kvm: str, image: Path, runs: dict[str, SessionResult]) -> None:

@@ -1,7 +1,8 @@
 """The mmu workload (docs/paging.md) on real KVM and on QEMU: same PASS lines, same DIGEST.
 
 Adding a paging style or ROM profile is one entry in ``MODES``; ``run_mmu`` runs the CLI
-and returns what every comparison needs.
+and returns what every comparison needs. Under a ROM the kernel runs deprivileged (ring 3) unless
+``--privilege ring0``: both are compared with the bare machine (``PRIVILEGE_CONFIGS``).
 """
 
 from __future__ import annotations
@@ -63,6 +64,13 @@ def _ok(run: MmuRun) -> None:
     assert "FAIL" not in run.console
 
 
+def _deprivileged(run: MmuRun) -> bool:
+    """Whether the kernel ran at ring 3 (the execution model's own record; no ROM: no model)."""
+    assert run.summary is not None, run.console
+    execution = run.summary.get("execution")
+    return bool(execution and execution["deprivileged"])  # type: ignore[index]
+
+
 # One entry per way of running the guest under vmikit: id -> CLI arguments.
 MODES = {
     "native": ("--rom", "none"),
@@ -104,6 +112,7 @@ def test_mode_matches_native(reference: MmuRun, tmp_path: Path, mode: str) -> No
     _ok(run)
     assert run.digest == reference.digest
     assert run.pass_lines == reference.pass_lines
+    assert _deprivileged(run) == ("none" not in MODES[mode])  # a ROM deprivileges the kernel by default
     if mode in ("direct", "shadow", "direct-ignore"):
         assert "INFO: release of a linked table: status=-9 (IN_USE)" in run.console
         assert run.summary is not None
@@ -170,10 +179,12 @@ def _audit(run: MmuRun) -> dict[str, object]:
     return audit
 
 
+@pytest.mark.parametrize("privilege", ["deprivileged", "ring0"])
 @pytest.mark.parametrize("mode", ["direct", "shadow"])
-def test_every_violation_is_refused(kvm: str, tmp_path: Path, mode: str) -> None:
-    run = run_mmu(tmp_path, *MODES[mode], "--audit", guest="mmuviolate")
+def test_every_violation_is_refused(kvm: str, tmp_path: Path, mode: str, privilege: str) -> None:
+    run = run_mmu(tmp_path, *MODES[mode], "--privilege", privilege, "--audit", guest="mmuviolate")
     assert run.returncode == 0, run.console
+    assert _deprivileged(run) == (privilege == "deprivileged")
     audit = _audit(run)  # the auditor walked every registered table after each update: all invariants hold
     assert audit["problems"] == [] and audit["runs"] > 10
     assert "FAIL" not in run.console
@@ -231,3 +242,42 @@ def test_ignoring_annotations_costs_at_least_50x_the_exits(kvm: str, tmp_path: P
     assert honour.summary is not None and ignore.summary is not None
     total = {name: run.summary["exits"]["total"] for name, run in (("honour", honour), ("ignore", ignore))}  # type: ignore[index]
     assert total["ignore"] >= 50 * total["honour"], total
+
+
+# --- every ROM profile under both privileges, against the bare machine -----------------------
+
+# A small mmu workload: a ring-0 kernel is emulated instruction by instruction on this host.
+SMALL = ("--cmdline", "pages=256 switches=8")
+GUEST_ARGS = {"mmu": SMALL, "mmuviolate": ()}
+RESULT_RE = re.compile(r"^(VIOLATION|BATCH) .*$", re.M)
+
+
+@pytest.fixture(scope="module")
+def bare(kvm: str, tmp_path_factory: pytest.TempPathFactory) -> dict[str, MmuRun]:
+    """mmu (small) and mmuviolate on the bare machine: what every ROM and privilege must match."""
+    tmp = tmp_path_factory.mktemp("bare")
+    runs = {guest: run_mmu(tmp, "--rom", "none", *args, guest=guest) for guest, args in GUEST_ARGS.items()}
+    for run in runs.values():
+        assert run.returncode == 0 and run.pass_lines and "FAIL" not in run.console, run.console
+    assert runs["mmu"].digest is not None
+    return runs
+
+
+@pytest.mark.parametrize("rom", ["full", "minimal"])
+@pytest.mark.parametrize("guest", list(GUEST_ARGS))
+def test_both_privileges_match_the_bare_machine(bare: dict[str, MmuRun], tmp_path: Path, guest: str, rom: str) -> None:
+    """Deprivileged (ring 3) and ring 0 under each ROM profile: the bare machine's PASS lines, DIGEST
+    (mmu) and violation statuses (mmuviolate: native paging validates nothing, as bare); and the two
+    privileges print exactly the same console."""
+    runs = {p: run_mmu(tmp_path, "--rom", rom, "--privilege", p, *GUEST_ARGS[guest], guest=guest)
+            for p in ("deprivileged", "ring0")}
+    reference = bare[guest]
+    for privilege, run in runs.items():
+        assert run.returncode == 0, (privilege, run.console)
+        assert _deprivileged(run) == (privilege == "deprivileged")
+        assert run.pass_lines == reference.pass_lines, (privilege, run.console)
+        assert run.digest == reference.digest, privilege
+        results = [m.group(0) for m in RESULT_RE.finditer(run.console)]
+        assert results == [m.group(0) for m in RESULT_RE.finditer(reference.console)], (privilege, run.console)
+        assert bool(results) == (guest == "mmuviolate")
+    assert runs["deprivileged"].console == runs["ring0"].console
