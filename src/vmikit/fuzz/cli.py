@@ -56,6 +56,9 @@ def _print(report: FuzzReport, errors: dict[str, int]) -> None:
                f"(+{g.canaries} canary) stores={g.stores} experimental={g.experimental} exits={exits} "
                f"in {report.wall_seconds:.1f} s = {report.calls_per_second:.0f} calls/s; "
                f"audits={report.audits} (every {report.config.audit_every})")
+    click.echo(f"  auditor: {report.audit_seconds:.2f} s = {100 * report.audit_share:.1f}% of the run "
+               f"({report.audits} incremental audits re-derived {report.tables_rederived} tables; "
+               f"{report.full_audits} full audits agreed: {'yes' if not report.auditor_disagreements else 'NO'})")
     click.echo(f"  accepted: {g.by_status.get(0, 0)}")
     for name, n in report.rejections(errors).items():
         click.echo(f"  {name}: {n}")

@@ -80,26 +80,42 @@ def _signed(value: int) -> int:
 
 
 class HypercallWatch:
-    """Wraps the dispatcher on the hypercall port; all checks are O(1) except the audit."""
+    """Wraps the dispatcher on the hypercall port; all checks are O(1) except the audit.
 
-    def __init__(self, session: Session, audit_every: int) -> None:
-        assert session.hypervisor is not None
-        self.hv: Hypervisor = session.hypervisor
-        self.vcpu = session.machine.vcpu
+    Audits are incremental (``Mmu.auditor()``: each reports what a full audit would, but
+    re-derives only the tables whose bytes or registration changed since the previous one).
+    Every ``full_every``-th audit and the last one are also run as full audits from scratch,
+    and a disagreement between the two is reported as an auditor bug.
+    """
+
+    def __init__(self, hypervisor: Hypervisor, vcpu: object, audit_every: int, full_every: int = 1000) -> None:
+        self.hv: Hypervisor = hypervisor
+        self.vcpu = vcpu
         self.audit_every = max(1, audit_every)
+        self.full_every = max(1, full_every)
         self.documented = {value & U64_MASK for value in self.hv.spec.errors.values()}
         self.statuses: Counter[int] = Counter()
         self.undocumented = 0
         self.audits = 0
+        self.full_audits = 0
+        self.audit_seconds = 0.0  # time spent auditing, incremental and full
         self.audit_problems: list[str] = []
         self.offences: list[Offence] = []
         self.calls = 0
         self._mutating = 0
         self._pending_audit = False
-        session.machine.on_out(layout.PORT_HYPERCALL, self.on_hypercall)
+        self._auditor = self.hv.mmu.auditor()
+        self.disagreements = 0  # audits where the incremental and the full auditor differed
+
+    @classmethod
+    def attach(cls, session: Session, audit_every: int, full_every: int = 1000) -> HypercallWatch:
+        assert session.hypervisor is not None
+        watch = cls(session.hypervisor, session.machine.vcpu, audit_every, full_every)
+        session.machine.on_out(layout.PORT_HYPERCALL, watch.on_hypercall)
+        return watch
 
     def on_hypercall(self, port: int, size: int, value: int) -> None:
-        regs = self.vcpu.regs
+        regs = self.vcpu.regs  # type: ignore[attr-defined]
         args = (regs.rdi, regs.rsi, regs.rdx)
         failures = len(self.hv.handler_failures)
         self.hv.on_hypercall(port, size, value)
@@ -118,13 +134,21 @@ class HypercallWatch:
             if self._mutating % self.audit_every == 0:
                 self.audit(value, args, status)
 
-    def audit(self, call_id: int | None = None, args: tuple[int, int, int] = (0, 0, 0), status: int = 0) -> None:
+    def audit(self, call_id: int | None = None, args: tuple[int, int, int] = (0, 0, 0), status: int = 0,
+              full: bool = False) -> None:
+        start = time.perf_counter()
         self._pending_audit = False
         self.audits += 1
-        try:
-            problems = self.hv.mmu.audit()
-        except Exception as exc:  # the auditor itself tripping over the guest's tables is a finding too
-            problems = [f"auditor raised {type(exc).__name__}: {exc}"]
+        problems = self._run(self._auditor)
+        if full or self.audits % self.full_every == 0:
+            self.full_audits += 1
+            complete = self._run(self.hv.mmu.auditor())  # a fresh auditor: everything from scratch
+            if complete != problems:
+                self.disagreements += 1
+                self._offend("the incremental auditor disagrees with a full audit", call_id or 0, args, status,
+                             [f"incremental: {problems[:3]}", f"full: {complete[:3]}"])
+                problems = complete
+        self.audit_seconds += time.perf_counter() - start
         if not problems:
             return
         fresh = [p for p in problems if p not in self.audit_problems]
@@ -132,9 +156,22 @@ class HypercallWatch:
         if fresh:
             self._offend("page-table invariant broken (auditor)", call_id or 0, args, status, fresh[:5])
 
+    def _run(self, auditor: object) -> list[str]:
+        try:
+            return auditor.audit()  # type: ignore[attr-defined, no-any-return]
+        except Exception as exc:  # the auditor itself tripping over the guest's tables is a finding too
+            if auditor is self._auditor:
+                self._auditor = self.hv.mmu.auditor()  # its caches may be half updated: start afresh
+            return [f"auditor raised {type(exc).__name__}: {exc}"]
+
+    @property
+    def tables_rederived(self) -> int:
+        tables = getattr(self._auditor, "tables", None)
+        return getattr(tables, "rederived", 0)
+
     def finish(self) -> None:
-        if self._pending_audit or not self.audits:
-            self.audit()
+        """The last audit, also run in full (it is the one the run's verdict rests on)."""
+        self.audit(full=True)
 
     def _offend(self, reason: str, call_id: int, args: tuple[int, int, int], status: int,
                 detail: list[str] | None = None) -> None:
@@ -160,10 +197,20 @@ class FuzzReport:
     mmio_unmapped: int = 0
     refused_pool_writes: dict[str, int] = field(default_factory=dict)
     console_tail: str = ""
+    audit_seconds: float = 0.0  # the auditor's time during the run (within wall_seconds)
+    full_audits: int = 0
+    tables_rederived: int = 0  # tables the incremental auditor derived afresh, over all audits
+    auditor_disagreements: int = 0
+    execution: dict[str, object] | None = None  # the execution model's summary (privilege, flushes)
 
     @property
     def calls_per_second(self) -> float:
         return self.guest.calls / self.wall_seconds if self.wall_seconds else 0.0
+
+    @property
+    def audit_share(self) -> float:
+        """The fraction of the run's wall time the auditor took."""
+        return self.audit_seconds / self.wall_seconds if self.wall_seconds else 0.0
 
     def rejections(self, spec_errors: dict[str, int]) -> dict[str, int]:
         """The guest's counts of fuzzed calls by status, under the spec's error names."""
@@ -178,6 +225,8 @@ class FuzzReport:
             out.append(self.crash)
         if self.handler_failures:
             out.append(f"{len(self.handler_failures)} VMM exception(s) in hypercall handlers: {self.handler_failures[0]}")
+        if self.auditor_disagreements:
+            out.append(f"the incremental auditor disagreed with a full audit {self.auditor_disagreements} time(s)")
         if self.audit_problems:
             out.append(f"page-table auditor found {len(self.audit_problems)} problem(s): {self.audit_problems[0]}")
         undocumented = [s for s in self.host_statuses if s.startswith("UNDOCUMENTED")]
@@ -221,6 +270,12 @@ class FuzzReport:
             "wall_seconds": round(self.wall_seconds, 3),
             "calls_per_second": round(self.calls_per_second, 1),
             "audits": self.audits,
+            "full_audits": self.full_audits,
+            "tables_rederived": self.tables_rederived,
+            "audit_seconds": round(self.audit_seconds, 3),
+            "audit_share": round(self.audit_share, 4),
+            "auditor_disagreements": self.auditor_disagreements,
+            "execution": self.execution,
             "audit_problems": self.audit_problems,
             "handler_failures": self.handler_failures[:20],
             "offences": [o.line() for o in self.offences],
@@ -278,7 +333,7 @@ def run_fuzz(config: FuzzConfig) -> FuzzReport:
     with Session(image, rom="full", annotations=config.annotations, paging=config.paging,
                  memory_mib=config.memory_mib, timeout=timeout, experimental=config.experimental,
                  cmdline=config.cmdline(), privilege=config.privilege) as session:
-        watch = HypercallWatch(session, config.audit_every)
+        watch = HypercallWatch.attach(session, config.audit_every)
         crash: str | None = None
         exit_status: int | None = None
         start = time.perf_counter()
@@ -298,6 +353,7 @@ def run_fuzz(config: FuzzConfig) -> FuzzReport:
             exits = {}
             del exc
         wall = time.perf_counter() - start
+        audit_seconds = watch.audit_seconds
         watch.finish()
         machine = session.machine
         console = machine.console.text()
@@ -313,7 +369,10 @@ def run_fuzz(config: FuzzConfig) -> FuzzReport:
         stats = session.mmu.stats()
         return FuzzReport(
             config=config, guest=guest, wall_seconds=wall, exits=exits, host_statuses=host_statuses,
-            audits=watch.audits, audit_problems=watch.audit_problems,
+            audits=watch.audits, audit_problems=watch.audit_problems, audit_seconds=audit_seconds,
+            full_audits=watch.full_audits, tables_rederived=watch.tables_rederived,
+            auditor_disagreements=watch.disagreements,
+            execution=session.hypervisor.execution.summary() if session.hypervisor.execution else None,  # type: ignore[union-attr]
             handler_failures=list(session.hypervisor.handler_failures),  # type: ignore[union-attr]
             offences=watch.offences, crash=crash, exit_status=exit_status, record=record,
             rom_writes_refused=machine.rom_writes, mmio_unmapped=machine.mmio_unmapped,

@@ -20,7 +20,7 @@ from collections import Counter
 import numpy as np
 
 from vmikit.hypervisor.context import CallContext, HypercallError, check_range
-from vmikit.hypervisor.pagetables import ADDR_MASK, ERRORS, EVERYTHING, PAGE, PCD, PS, PWT, U64, A, D, P, PageTables, is_leaf
+from vmikit.hypervisor.pagetables import ADDR_MASK, ERRORS, EVERYTHING, Auditor, PAGE, PCD, PS, PWT, U64, A, D, P, PageTables, is_leaf
 from vmikit.hypervisor.registry import FamilyHandlers
 from vmikit.memory import GuestMemory
 
@@ -110,7 +110,12 @@ class Mmu:
         return False
 
     def audit(self) -> list[str]:
-        return []
+        return self.auditor().audit()
+
+    def auditor(self) -> MmuAuditor:
+        """An incremental auditor: each ``audit()`` reports what ``audit()`` here would, re-deriving
+        only what changed since its previous one (pagetables.Auditor)."""
+        return MmuAuditor(self)
 
     def stats(self) -> dict[str, object]:
         return {"style": self.style, "refused_writes": dict(self.refused)}
@@ -201,8 +206,8 @@ class DirectMmu(Mmu):
         """A guest store into the read-only pool: refused (the guest must use SetPTE)."""
         self.refused["PERMISSION"] += 1
 
-    def audit(self) -> list[str]:
-        return self.tables.audit()
+    def auditor(self) -> MmuAuditor:
+        return TablesAuditor(self)
 
 
 class ShadowMmu(DirectMmu):
@@ -301,13 +306,70 @@ class ShadowMmu(DirectMmu):
     def guest_cr3(self, hardware: int) -> int:
         return self.root if self.root is not None else hardware
 
+    def auditor(self) -> MmuAuditor:
+        return ShadowAuditor(self)
+
+    def shadow_disagrees(self, level: int, values: np.ndarray, shadow: np.ndarray) -> bool:
+        """Whether a shadow page is not what ``_shadow_value`` makes of the table's entries."""
+        present = np.flatnonzero(values & U64(P))
+        absent = np.ones(len(values), bool)
+        absent[present] = False
+        if shadow[absent].any():  # a non-present entry shadows as 0
+            return True
+        return any(self._shadow_value(level, int(values[i])) != int(shadow[i]) for i in present)
+
+
+class MmuAuditor:
+    """The auditor of a style without invariants (native): nothing to find."""
+
+    def __init__(self, mmu: Mmu) -> None:
+        self.mmu = mmu
+
+    def audit(self) -> list[str]:
+        return []
+
+
+class TablesAuditor(MmuAuditor):
+    """direct and trap: the page-table invariants (pagetables.Auditor)."""
+
+    def __init__(self, mmu: DirectMmu) -> None:
+        super().__init__(mmu)
+        self.tables = Auditor(mmu.tables)
+
+    def audit(self) -> list[str]:
+        return self.tables.audit()
+
+
+class ShadowAuditor(TablesAuditor):
+    """shadow: also every shadow page against its table. A shadow page is compared again when
+    its bytes, its table's bytes or level, or the table-to-shadow map (which non-leaf shadow
+    entries name) changed since the previous audit."""
+
+    def __init__(self, mmu: ShadowMmu) -> None:
+        super().__init__(mmu)
+        self.shadow_mmu = mmu
+        self._map: dict[int, int] | None = None
+        self._seen: dict[int, tuple[int, int, bytes, bytes, bool]] = {}  # table -> page, level, bytes, verdict
+
     def audit(self) -> list[str]:
         problems = super().audit()
-        for table, page in self.shadow.items():
-            level = self.tables.level[table]
-            want = [self._shadow_value(level, int(v)) for v in self.tables.entries(table)]
-            if want != [int(v) for v in self.tables.entries(page)]:
+        mmu = self.shadow_mmu
+        same_map = self._map == mmu.shadow
+        if not same_map:
+            self._map = dict(mmu.shadow)
+        seen: dict[int, tuple[int, int, bytes, bytes, bool]] = {}
+        for table, page in mmu.shadow.items():
+            level = mmu.tables.level[table]
+            raw, shadow = mmu.memory.read(table, PAGE), mmu.memory.read(page, PAGE)
+            last = self._seen.get(table)
+            if same_map and last is not None and last[:4] == (page, level, raw, shadow):
+                bad = last[4]
+            else:
+                bad = mmu.shadow_disagrees(level, np.frombuffer(raw, dtype="<u8"), np.frombuffer(shadow, dtype="<u8"))
+            seen[table] = (page, level, raw, shadow, bad)
+            if bad:
                 problems.append(f"shadow of table {table:#x} disagrees with it")
+        self._seen = seen
         return problems
 
 

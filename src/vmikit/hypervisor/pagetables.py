@@ -15,12 +15,13 @@ entries leave.
 
 from __future__ import annotations
 
+import ctypes
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from vmikit.memory import GuestMemory
+from vmikit.memory import GuestMemory, Region
 
 PAGE = 0x1000
 ENTRIES = 512
@@ -332,27 +333,151 @@ class PageTables:
 
     def audit(self) -> list[str]:
         """Every invariant, recomputed from the tables themselves; an empty list when all hold."""
-        problems: list[str] = []
-        refs = np.zeros_like(self.refs)
-        writable = {size: np.zeros_like(counts) for size, counts in self.writable.items()}
-        for table, level in sorted(self.level.items()):
-            values = self.entries(table)
-            errors = self.check_many(np.full(ENTRIES, level), values)
-            for index in np.flatnonzero(errors)[:5]:
-                problems.append(f"table {table:#x} (level {level}) entry {index}: {int(values[index]):#x} "
-                                f"breaks {ERRORS[errors[index]]}")
-            for i in np.flatnonzero(values & U64(P)):
-                value = int(values[i])
-                if value & ADDR_MASK >= self.limit:
-                    continue  # reported above as an invalid entry
-                if is_leaf(level, value):
-                    if value & RW:
-                        size = SIZE_OF_LEAF[level]
-                        writable[size][(value & ADDR_MASK) // size] += 1
-                else:
-                    refs[(value & ADDR_MASK) >> 12] += 1
-        if not np.array_equal(refs, self.refs):
+        return Auditor(self).audit()
+
+
+@dataclass
+class _Derived:
+    """What the auditor derived from one table: its findings and its share of the counts."""
+
+    level: int
+    raw: bytes  # the table's bytes when derived
+    problems: list[str]
+    refs: np.ndarray  # frame numbers its present non-leaf entries point at (int64)
+    size: int  # the leaf size of its level (0: a PML4 has no leaves)
+    writable: np.ndarray  # its writable leaves, as indexes into writable[size] (int64)
+
+
+_memcmp = ctypes.CDLL(None).memcmp
+_memcmp.restype = ctypes.c_int
+_memcmp.argtypes = (ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t)
+
+
+class _Same:
+    """Compares two arrays as bytes with memcmp, without copying them: the auditor compares
+    whole count arrays (128 KiB each for 128 MiB of RAM) on every audit, and a copy or an
+    element-wise comparison costs several times more. Pointers are looked up once per array
+    object (a reference is kept, so the memory stays valid)."""
+
+    def __init__(self) -> None:
+        self._pointers: dict[int, tuple[np.ndarray, int]] = {}
+
+    def _pointer(self, a: np.ndarray) -> int:
+        found = self._pointers.get(id(a))
+        if found is None or found[0] is not a:
+            found = self._pointers[id(a)] = (a, a.ctypes.data)
+        return found[1]
+
+    def __call__(self, a: np.ndarray, b: np.ndarray) -> bool:
+        if a.shape != b.shape or a.dtype != b.dtype or not (a.flags.c_contiguous and b.flags.c_contiguous):
+            return bool(np.array_equal(a, b))
+        return _memcmp(self._pointer(a), self._pointer(b), a.nbytes) == 0
+
+
+class Auditor:
+    """The page-table auditor, incremental: ``audit()`` reports exactly what a full audit of
+    the tables as they are now would report, but re-derives only what may have changed.
+
+    It keeps, per registered table, the bytes it last saw, the problems found in them and
+    the table's contributions to the reference and writable-mapping counts. An audit reads
+    every table (one 4 KiB comparison each) and re-derives a table when its bytes differ,
+    whoever wrote them (a validated update, a hypervisor bug, a guest store), or when its
+    level changed; it re-checks every table's entries when the registered set changed (the
+    dict and the arrays ``check_many`` reads: an entry's verdict depends on them). The counts
+    it compares with the validator's are the sums of the kept contributions, compared whole,
+    so a miscount anywhere is found. What the checks read besides (the memory map, the
+    reserved-bit masks) is fixed when PageTables is made. A fresh Auditor is a full audit.
+    """
+
+    def __init__(self, tables: PageTables) -> None:
+        self.tables = tables
+        self._derived: dict[int, _Derived] = {}
+        # The registered set the entry checks last saw: the level dict (and its sorted items)
+        # and the bytes of the arrays check_many reads.
+        self._registered: tuple[dict[int, int], list[tuple[int, int]], np.ndarray, list[bytes]] | None = None
+        self._same = _Same()
+        self._regions: dict[int, tuple[Region, int]] = {}  # table -> its region and offset in it
+        # The counts the kept contributions add up to, and their bytes (redone when they change).
+        self._refs = np.zeros_like(tables.refs)
+        self._writable = {size: np.zeros_like(counts) for size, counts in tables.writable.items()}
+        self.audits = 0
+        self.rederived = 0  # tables derived afresh, over all audits (a full audit: every table)
+
+    def audit(self) -> list[str]:
+        t = self.tables
+        self.audits += 1
+        registered = self._registered
+        tables_in = [t.tables_in[s].tobytes() for s in sorted(t.tables_in)]  # a few hundred bytes
+        same_set = (registered is not None and registered[0] == t.level and self._same(registered[2], t.level_of)
+                    and registered[3] == tables_in)
+        if not same_set:
+            registered = self._registered = (dict(t.level), sorted(t.level.items()), t.level_of.copy(), tables_in)
+            for table in [table for table in self._derived if table not in t.level]:  # released
+                self._count(self._derived.pop(table), -1)
+        assert registered is not None
+        recheck: list[tuple[int, int, bytes]] = []  # tables whose entries must be checked again
+        for table, level in registered[1]:
+            raw = self._read(table)
+            derived = self._derived.get(table)
+            if derived is None or derived.level != level or derived.raw != raw:
+                if derived is not None:
+                    self._count(derived, -1)
+                derived = self._derive(table, level, raw)
+                self._derived[table] = derived
+                self._count(derived, +1)
+                recheck.append((table, level, raw))
+            elif not same_set:
+                recheck.append((table, level, raw))
+        if recheck:
+            self._check(recheck)
+        problems = [p for table, _ in registered[1] for p in self._derived[table].problems]
+        if not self._same(t.refs, self._refs):
             problems.append("reference counts disagree with the tables")
-        if any(not np.array_equal(writable[s], self.writable[s]) for s in writable):
+        if any(not self._same(t.writable[s], self._writable[s]) for s in t.writable):
             problems.append("writable-mapping counts disagree with the tables")
         return problems
+
+    def _read(self, table: int) -> bytes:
+        """The table's 4 KiB, as GuestMemory.read gives them (its region looked up once)."""
+        found = self._regions.get(table)
+        if found is None:
+            region = self.tables.memory.region_for(table, PAGE)
+            found = self._regions[table] = (region, table - region.gpa)
+        region, offset = found
+        return bytes(region.view[offset:offset + PAGE])
+
+    def _check(self, tables: list[tuple[int, int, bytes]]) -> None:
+        """Every entry of these tables against the rules, in one batch; the first five problems
+        of each table become its findings."""
+        levels = np.repeat(np.array([level for _, level, _ in tables], np.int64), ENTRIES)
+        values = np.frombuffer(b"".join(raw for _, _, raw in tables), dtype="<u8")
+        errors = self.tables.check_many(levels, values).reshape(len(tables), ENTRIES)
+        for k, (table, level, _) in enumerate(tables):
+            row = values[k * ENTRIES:(k + 1) * ENTRIES]
+            self._derived[table].problems = [
+                f"table {table:#x} (level {level}) entry {index}: {int(row[index]):#x} breaks {ERRORS[errors[k, index]]}"
+                for index in np.flatnonzero(errors[k])[:5]]
+
+    def _derive(self, table: int, level: int, raw: bytes) -> _Derived:
+        """A table's contributions to the counts (its findings come from _check)."""
+        self.rederived += 1
+        values = np.frombuffer(raw, dtype="<u8")
+        frame = values & U64(ADDR_MASK)
+        # Present entries inside the counted range (one outside is reported as an invalid entry).
+        counted = ((values & U64(P)) != 0) & (frame < U64(self.tables.limit))
+        if level == 1:
+            leaf = np.ones(ENTRIES, bool)
+        elif level in LARGE:
+            leaf = (values & U64(PS)) != 0
+        else:
+            leaf = np.zeros(ENTRIES, bool)
+        size = SIZE_OF_LEAF.get(level, 0)
+        refs = (frame[counted & ~leaf] >> U64(12)).astype(np.int64)
+        rw = counted & leaf & ((values & U64(RW)) != 0)
+        writable = (frame[rw] // U64(size)).astype(np.int64) if size else np.zeros(0, np.int64)
+        return _Derived(level, raw, [], refs, size, writable)
+
+    def _count(self, derived: _Derived, delta: int) -> None:
+        np.add.at(self._refs, derived.refs, delta)
+        if derived.size:
+            np.add.at(self._writable[derived.size], derived.writable, delta)
