@@ -360,7 +360,7 @@ class ShadowAuditor(TablesAuditor):
         seen: dict[int, tuple[int, int, bytes, bytes, bool]] = {}
         for table, page in mmu.shadow.items():
             level = mmu.tables.level[table]
-            raw, shadow = mmu.memory.read(table, PAGE), mmu.memory.read(page, PAGE)
+            raw, shadow = self.tables.seen(table), self.tables.read_page(page)
             last = self._seen.get(table)
             if same_map and last is not None and last[:4] == (page, level, raw, shadow):
                 bad = last[4]

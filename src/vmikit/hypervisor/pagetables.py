@@ -356,22 +356,25 @@ _memcmp.argtypes = (ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t)
 class _Same:
     """Compares two arrays as bytes with memcmp, without copying them: the auditor compares
     whole count arrays (128 KiB each for 128 MiB of RAM) on every audit, and a copy or an
-    element-wise comparison costs several times more. Pointers are looked up once per array
-    object (a reference is kept, so the memory stays valid)."""
+    element-wise comparison costs several times more. An array's pointer is looked up once
+    (a reference to it is kept, so its memory stays valid)."""
 
     def __init__(self) -> None:
-        self._pointers: dict[int, tuple[np.ndarray, int]] = {}
+        self._known: dict[int, tuple[np.ndarray, int, int, object]] = {}  # id -> array, pointer, size, layout
 
-    def _pointer(self, a: np.ndarray) -> int:
-        found = self._pointers.get(id(a))
+    def _info(self, a: np.ndarray) -> tuple[np.ndarray, int, int, object]:
+        found = self._known.get(id(a))
         if found is None or found[0] is not a:
-            found = self._pointers[id(a)] = (a, a.ctypes.data)
-        return found[1]
+            layout = (a.shape, a.dtype.str) if a.flags.c_contiguous else None
+            found = self._known[id(a)] = (a, a.ctypes.data, a.nbytes, layout)
+        return found
 
     def __call__(self, a: np.ndarray, b: np.ndarray) -> bool:
-        if a.shape != b.shape or a.dtype != b.dtype or not (a.flags.c_contiguous and b.flags.c_contiguous):
+        _, pa, size, layout = self._info(a)
+        _, pb, _, layout_b = self._info(b)
+        if layout is None or layout != layout_b or a.shape != layout[0]:  # type: ignore[index]
             return bool(np.array_equal(a, b))
-        return _memcmp(self._pointer(a), self._pointer(b), a.nbytes) == 0
+        return _memcmp(pa, pb, size) == 0
 
 
 class Auditor:
@@ -417,7 +420,7 @@ class Auditor:
         assert registered is not None
         recheck: list[tuple[int, int, bytes]] = []  # tables whose entries must be checked again
         for table, level in registered[1]:
-            raw = self._read(table)
+            raw = self.read_page(table)
             derived = self._derived.get(table)
             if derived is None or derived.level != level or derived.raw != raw:
                 if derived is not None:
@@ -437,14 +440,18 @@ class Auditor:
             problems.append("writable-mapping counts disagree with the tables")
         return problems
 
-    def _read(self, table: int) -> bytes:
-        """The table's 4 KiB, as GuestMemory.read gives them (its region looked up once)."""
-        found = self._regions.get(table)
+    def read_page(self, page: int) -> bytes:
+        """The page's 4 KiB, as GuestMemory.read gives them (its region looked up once)."""
+        found = self._regions.get(page)
         if found is None:
-            region = self.tables.memory.region_for(table, PAGE)
-            found = self._regions[table] = (region, table - region.gpa)
+            region = self.tables.memory.region_for(page, PAGE)
+            found = self._regions[page] = (region, page - region.gpa)
         region, offset = found
         return bytes(region.view[offset:offset + PAGE])
+
+    def seen(self, table: int) -> bytes:
+        """The bytes of a registered table as the last audit read them."""
+        return self._derived[table].raw
 
     def _check(self, tables: list[tuple[int, int, bytes]]) -> None:
         """Every entry of these tables against the rules, in one batch; the first five problems
