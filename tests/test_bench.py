@@ -124,6 +124,7 @@ def test_flush_mechanism_has_its_own_figure(results: dict) -> None:
             f = results["cells"][workload][deprivileged]["flush"]
             assert f["flushes"] > 0, (workload, deprivileged)
             assert f["us_per_flush"] > 0 and f["share_of_time"]["median"] > 0
+            assert sum(f["by_kind"].values()) == f["flushes"] and set(f["by_kind"]) <= {"frames", "all"}
             if deprivileged.endswith("ignore") and workload != "fork":
                 assert f["flushes_per_op"] == pytest.approx(1.0)  # one SetPTE exit, one flush, per page
             if deprivileged.endswith("honour"):

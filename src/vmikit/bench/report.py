@@ -118,8 +118,9 @@ def flush_table(results: dict) -> Table | None:
     shown = [p for p in profiles if PROFILE_BY_NAME[p].privilege == "deprivileged"]
     if not shown:
         return None
-    table = Table(title="the flush mechanism (KVM drops its shadow page tables after the VMM changed a present "
-                        "entry): flushes per operation · µs per flush · share of the workload's time (median)",
+    table = Table(title="the flush mechanism (KVM drops its cached translations after the VMM changed a present "
+                        "entry): flushes per operation · µs per flush · share of the workload's time (median) · "
+                        "how (frames: the stale frames only; all: the whole shadow MMU)",
                   show_lines=True)
     table.add_column("workload", style="bold")
     for p in shown:
@@ -134,13 +135,17 @@ def flush_table(results: dict) -> Table | None:
                 row.append("[dim]-[/dim]")
                 continue
             share = f["share_of_time"]["median"] if f["share_of_time"] else 0.0
-            row.append(f"{f['flushes_per_op']:.3g}/op · {f['us_per_flush']:.0f} µs\n{100 * share:.1f}% of time")
+            kinds = ", ".join(f"{k} {v}" for k, v in sorted(f.get("by_kind", {}).items()))
+            row.append(f"{f['flushes_per_op']:.3g}/op · {f['us_per_flush']:.0f} µs\n{100 * share:.1f}% of time"
+                       + (f"\n[dim]{kinds}[/dim]" if kinds else ""))
         table.add_row(*row)
     row = ["[bold]whole session[/bold]\n[dim](untimed too)[/dim]"]
     for p in shown:
         f = (results.get("sessions", {}).get(p) or {}).get("flush") or {}
         mean = f.get("session_us_mean")
-        row.append(f"{f.get('session_flushes', 0)} flushes" + (f"\n{mean:.0f} µs mean" if mean else ""))
+        kinds = ", ".join(f"{k} {v}" for k, v in sorted((f.get("session_by_kind") or {}).items()))
+        row.append(f"{f.get('session_flushes', 0)} flushes" + (f"\n{mean:.0f} µs mean" if mean else "")
+                   + (f"\n[dim]{kinds}[/dim]" if kinds else ""))
     table.add_row(*row)
     return table
 

@@ -96,6 +96,7 @@ class Snapshot:
     event_s: float  # VMM time reflecting exceptions and syscalls
     flushes: int
     flush_s: float
+    flush_kinds: dict[str, int]  # how the engine flushed: "frames" (targeted) or "all"
 
 
 def _delta(end: dict, begin: dict) -> dict:
@@ -122,7 +123,8 @@ class Recorder:
         return Snapshot(time.perf_counter(), reasons, dict(hv.calls) if hv is not None else {},
                         dict(hv.exits) if hv is not None else {}, dict(self.clock.by_call), self.clock.event_s,
                         execution.stats.flushes if execution is not None else 0,
-                        execution.stats.flush_seconds if execution is not None else 0.0)
+                        execution.stats.flush_seconds if execution is not None else 0.0,
+                        dict(getattr(execution.stats, "by_kind", {})) if execution is not None else {})
 
     def __call__(self, port: int, size: int, value: int) -> None:
         snap = self._snapshot()
@@ -145,7 +147,8 @@ class Recorder:
                               "exits": sum(reasons.values()), "by_reason": reasons,
                               "calls": _delta(snap.calls, begin.calls), "call_exits": _delta(snap.exits, begin.exits),
                               "host_s": _delta(snap.host_s, begin.host_s), "event_s": snap.event_s - begin.event_s,
-                              "flushes": snap.flushes - begin.flushes, "flush_s": snap.flush_s - begin.flush_s})
+                              "flushes": snap.flushes - begin.flushes, "flush_s": snap.flush_s - begin.flush_s,
+                              "flush_kinds": _delta(snap.flush_kinds, begin.flush_kinds)})
         if self.on_rep is not None:
             self.on_rep(name)
 
@@ -209,7 +212,11 @@ def flush_of(secs: list[dict[str, Any]], tsc_khz: int) -> dict[str, object]:
     seconds = sum(float(s["flush_s"]) for s in secs)
     total_ops = sum(int(s["ops"]) for s in secs)
     shares = [float(s["flush_s"]) / (int(s["cycles"]) / (tsc_khz * 1e3)) for s in secs if int(s["cycles"])]
-    return {"flushes": flushes, "flushes_per_op": flushes / total_ops if total_ops else 0.0,
+    kinds: dict[str, int] = {}
+    for s in secs:
+        for kind, count in s["flush_kinds"].items():
+            kinds[kind] = kinds.get(kind, 0) + count
+    return {"flushes": flushes, "by_kind": kinds, "flushes_per_op": flushes / total_ops if total_ops else 0.0,
             "us_per_flush": seconds / flushes * 1e6 if flushes else None,
             "us_per_op": seconds / total_ops * 1e6 if total_ops else 0.0,
             "share_of_time": stats(shares) if shares else None}
@@ -276,6 +283,7 @@ def flush_summary(raw: dict[str, Any]) -> dict[str, object]:
     timed = sum(int(s["flushes"]) for s in secs)
     timed_s = sum(float(s["flush_s"]) for s in secs)
     return {"session_flushes": execution.get("flushes", 0), "session_us_mean": execution.get("flush_us_mean"),
+            "session_by_kind": execution.get("flushes_by_kind", {}),
             "timed_flushes": timed, "timed_us_mean": timed_s / timed * 1e6 if timed else None}
 
 
