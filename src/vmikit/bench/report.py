@@ -165,6 +165,8 @@ def vmm_table(results: dict) -> Table | None:
     for base, _ in groups:
         table.add_column(base, justify="right")
     for w in workloads:
+        if not any((results["cells"][w].get(p) or {}).get("vmm_us_per_op") for _, m in groups for p in m):
+            continue  # no exit at all (rdtsc, cpuid natively): nothing of the VMM's
         row = [w]
         for _, members in groups:
             lines = []
