@@ -59,6 +59,11 @@ def _print(report: FuzzReport, errors: dict[str, int]) -> None:
     click.echo(f"  auditor: {report.audit_seconds:.2f} s = {100 * report.audit_share:.1f}% of the run "
                f"({report.audits} incremental audits re-derived {report.tables_rederived} tables; "
                f"{report.full_audits} full audits agreed: {'yes' if not report.auditor_disagreements else 'NO'})")
+    ex = report.execution or {}
+    if ex:
+        click.echo(f"  user mode: {ex.get('user_entries', 0)} entries, {ex.get('user_refused', 0)} calls refused "
+                   f"(PERMISSION); exceptions reflected: {ex.get('exceptions', 0)}; translation flushes: "
+                   f"{ex.get('flushes', 0)}")
     click.echo(f"  accepted: {g.by_status.get(0, 0)}")
     for name, n in report.rejections(errors).items():
         click.echo(f"  {name}: {n}")

@@ -4,7 +4,14 @@
  * hypervisor, never itself.  Run it with `vmikit fuzz` (docs in vmikit/fuzz/).
  *
  * Command line: calls=N seed=S stores=0|1 (plain stores into the ROM, the
- * page-table pool and the shadow area; default 1).
+ * monitor area, the page-table pool and the shadow area; default 1).
+ *
+ * It runs as the hypervisor put it: deprivileged (vmi_deprivileged(): hardware
+ * ring 3, no privileged instruction allowed, sgdt/sidt showing the monitor's
+ * tables) or at ring 0.  So it reads CR0/CR3/CR4, EFER, the GDT and the IDT
+ * through VMI once at setup (at ring 0 also natively, and both must agree),
+ * and keeps those values: it only ever sets them again or sets values the
+ * hypervisor must refuse, so the final checks expect them unchanged.
  *
  * How an attack is chosen: pick a call (any spec call, a legacy number, an
  * unknown call or family, a registered experimental 0xFF call), then mutate
@@ -13,7 +20,9 @@
  * guest can survive if the hypervisor accepts them, and which it must refuse:
  *
  *   never called        CPU.Shutdown (ends the run) -- except with reserved
- *                       bits set, which must be refused before dispatch;
+ *                       bits set, which must be refused before dispatch, and
+ *                       from user mode (below);
+ *   idempotent          CPU.Deprivilege (answers the privilege the kernel has);
  *   reject-only values  SetCR0/SetCR4 (bits above 31, clearing PG/PE/PAE,
  *                       NW without CD, reserved CR4 bits), SetCR3 (anything
  *                       but a registered PML4: such a root has no identity
@@ -21,15 +30,22 @@
  *                       > 0xFFFF, unmapped, ROM, past RAM, non-canonical
  *                       bases), WriteIDTEntry (malformed gates, or
  *                       not-present gates), SetDR(7) (bits above 31), WRMSR of
- *                       EFER (mode bits) and of MSRs outside the writable set;
+ *                       EFER (mode bits) and of MSRs outside the writable set,
+ *                       ReturnToUser (a non-canonical rip or rsp);
  *   own playground      WriteGDTEntry/SetTR/SetLDT/WriteLDTEntry/
  *                       UpdateKernelStack act on a private copy of the GDT, at
  *                       indices the guest never uses, with descriptor bases in
  *                       scratch RAM, page-table pages, the ROM or nowhere;
  *   anything            the rest (getters, CPUID, RDMSR, SetCR2, SetDR0-6,
  *                       IF calls, the MMU family on the guest's own registered
- *                       tables and random pool pages, Query, FlushQueue with
- *                       corrupted batches, experimental calls).
+ *                       tables and random pool pages, Query, EventChannel,
+ *                       FlushQueue with corrupted batches, experimental calls);
+ *   user mode           the kernel enters its user mode (ReturnToUser) where
+ *                       user code makes any calls with hostile arguments --
+ *                       Shutdown, SetCR3, SetPTE, WRMSR(LSTAR) included -- and
+ *                       each must answer exactly PERMISSION unless the spec
+ *                       marks it user-safe (or the hypervisor lacks it); ud2
+ *                       brings the kernel back through its own IDT.
  *
  * Checks in the guest: every status is a spec error and one the call may
  * give (e.g. exactly PERMISSION for a writable alias of a page table or the
@@ -78,7 +94,7 @@ struct fuzz_record {
 	int64_t status;
 };
 volatile struct fuzz_record fuzz_record = { .magic = 0x4C41535446555A5Aull };
-enum { KIND_CALL = 0, KIND_STORE = 1, KIND_QUEUED = 2 };
+enum { KIND_CALL = 0, KIND_STORE = 1, KIND_QUEUED = 2, KIND_USER = 3 };
 #define PENDING 0x7FFFFFFFll
 
 static struct vmi_batch_entry batch[NBATCH] __attribute__((aligned(64)));
@@ -98,6 +114,7 @@ static int direct, stores = 1;
 static uint64_t tr_base, ldt_base; /* cached at SetTR/SetLDT, as the CPU caches them */
 static int tr_loaded, ldt_loaded;
 static uint32_t experimental[256];
+static uint8_t supported[6][256]; /* Query.QueryCall: does the hypervisor implement (family, call)? */
 static unsigned n_experimental;
 
 /* Statistics. */
@@ -271,7 +288,9 @@ static uint64_t pte_ptr(void)
 	}
 }
 
-static uint64_t non_canonical(uint64_t va) { return va | (1ull << (48 + below(15))); }
+static uint64_t non_canonical(uint64_t va) { return va | (1ull << (48 + below(15))); } /* maybe */
+/* Surely not canonical: exactly one of bits 63..48 set, whatever bit 47 is. */
+static uint64_t never_canonical(uint64_t va) { return (va & 0xFFFFFFFFFFFFull) | 1ull << (48 + below(16)); }
 
 static uint64_t seg_base(void)
 {
@@ -393,9 +412,9 @@ static uint32_t gen_args(uint32_t c, uint64_t *a, int *skip)
 	case VMI_CALL_CPU_RETURNTOUSER: /* reject-only: a non-canonical rip or rsp (an accepted call
 					 * would leave the kernel for user code at a hostile address) */
 		if (chance(50))
-			a[0] = non_canonical(a[0]);
+			a[0] = never_canonical(a[0]);
 		else
-			a[1] = non_canonical(a[1]);
+			a[1] = never_canonical(a[1]);
 		a[2] = rnd();
 		return BIT(VMI_ERR_INVALID_ARGUMENT);
 	case VMI_CALL_EVENTCHANNEL_SEND:
@@ -748,6 +767,222 @@ static const uint32_t legacy_only[] = {
 	VMI_LEGACY_SETINITIALAPSTATE, VMI_LEGACY_APICWRITE, VMI_LEGACY_APICREAD, VMI_LEGACY_SETLAZYMODE,
 };
 
+/* --- user mode: every call but the spec's user-safe ones is refused ------------------------- */
+
+/*
+ * The kernel enters its user mode (CPU.ReturnToUser; deprivileged, the hypervisor's virtual
+ * privilege level says "user" although kernel and user share hardware ring 3), user code makes
+ * a few calls with hostile arguments -- CPU.Shutdown, SetCR3, SetPTE, WRMSR, ReturnToUser,
+ * legacy numbers, experimental calls -- each of which must answer exactly PERMISSION unless
+ * the spec marks it user-safe, and comes back with ud2 (#UD to the kernel's IDT gate).
+ * Before each trip the kernel re-establishes what the fuzzing disturbs: its TSS (SetTR,
+ * UpdateKernelStack: the stack the #UD lands on) and STAR (whose user selectors a ring-0
+ * kernel's ReturnToUser loads, from GDT entries 4 and 5 of its private GDT).
+ */
+#define NUSER 8
+#define SEL_TSS 0x30
+#define STAR_USER 0x18 /* sysret/iretq user selectors: SS = 0x20 | 3, CS = 0x28 | 3 */
+static struct user_call {
+	uint32_t id, allowed;
+	uint64_t a0, a1, a2;
+	long status;
+} ucall[NUSER];
+static volatile unsigned n_ucall;
+static uint8_t user_stack[8192] __attribute__((aligned(16)));
+static uint8_t kernel_stack[8192] __attribute__((aligned(16)));
+static struct {
+	uint8_t tss[0x68];
+	uint8_t iomap[8192]; /* all zero: user code reaches the hypercall port (a ring-0 kernel's TSS) */
+	uint8_t end;
+} __attribute__((packed, aligned(16))) tss;
+static volatile int in_user;
+static volatile uint64_t user_trap_cs, user_trap_rip;
+static uint64_t user_trips;
+
+/* fuzz_enter_user(rip, rsp, rflags): save the kernel's callee-saved registers and stack, enter
+ * user mode; "returns" when the #UD hook calls fuzz_kernel_return(value), or ReturnToUser's
+ * error if it refused. */
+long fuzz_enter_user(uint64_t rip, uint64_t rsp, uint64_t rflags);
+void fuzz_kernel_return(long value) __attribute__((noreturn));
+uint64_t fuzz_kernel_context;
+__asm__(".text\n"
+	".globl fuzz_enter_user\nfuzz_enter_user:\n"
+	"\tpushq %rbx\n\tpushq %rbp\n\tpushq %r12\n\tpushq %r13\n\tpushq %r14\n\tpushq %r15\n"
+	"\tmovq %rsp, fuzz_kernel_context(%rip)\n"
+	"\tcall vmi_return_to_user\n" /* returns only if it failed: the error in rax */
+	"\tjmp 1f\n"
+	".globl fuzz_kernel_return\nfuzz_kernel_return:\n"
+	"\tmovq %rdi, %rax\n"
+	"1:\tmovq fuzz_kernel_context(%rip), %rsp\n"
+	"\tpopq %r15\n\tpopq %r14\n\tpopq %r13\n\tpopq %r12\n\tpopq %rbp\n\tpopq %rbx\n\tret\n");
+
+static void user_main(void)
+{
+	for (unsigned k = 0; k < n_ucall; k++) {
+		uint64_t r[4];
+		struct user_call *u = &ucall[k];
+		fuzz_record.n = calls + k;
+		fuzz_record.kind = KIND_USER, fuzz_record.id = u->id;
+		fuzz_record.a0 = u->a0, fuzz_record.a1 = u->a1, fuzz_record.a2 = u->a2;
+		fuzz_record.status = PENDING;
+		u->status = vmi_raw_call(u->id, u->a0, u->a1, u->a2, r);
+		fuzz_record.status = u->status;
+	}
+	__asm__ __volatile__("ud2");
+	for (;;)
+		;
+}
+
+static int on_user_trap(struct trap_regs *r)
+{
+	if (!in_user)
+		return 0; /* the kernel's own fault: the fatal report */
+	in_user = 0;
+	user_trap_cs = r->cs, user_trap_rip = r->rip;
+	fuzz_kernel_return(1000 + (long)r->vector);
+}
+
+static int user_safe(uint32_t canonical)
+{
+	switch (canonical) {
+#ifdef VMI_CALL_CPU_CPUID_USER
+	case VMI_CALL_CPU_CPUID:
+#endif
+#ifdef VMI_CALL_CPU_RDTSC_USER
+	case VMI_CALL_CPU_RDTSC:
+#endif
+#ifdef VMI_CALL_CPU_IODELAY_USER
+	case VMI_CALL_CPU_IODELAY:
+#endif
+#ifdef VMI_CALL_QUERY_GETVERSION_USER
+	case VMI_CALL_QUERY_GETVERSION:
+#endif
+#ifdef VMI_CALL_QUERY_HASFAMILY_USER
+	case VMI_CALL_QUERY_HASFAMILY:
+#endif
+#ifdef VMI_CALL_QUERY_QUERYCALL_USER
+	case VMI_CALL_QUERY_QUERYCALL:
+#endif
+		return 1;
+	default:
+		return 0;
+	}
+}
+
+/* One call for user mode, and the statuses it may give there. */
+static void user_call_pick(struct user_call *u)
+{
+	uint32_t canonical = 0;
+	u->a0 = chance(50) ? hostile_addr() : rnd(), u->a1 = rnd(), u->a2 = chance(50) ? 0 : rnd();
+	switch (below(10)) {
+	case 0: /* a legacy number that reaches a family call */
+		canonical = legacy_map[below(ARRAY_SIZE(legacy_map))][1];
+		u->id = VMI_CALLID(VMI_FAMILY_LEGACY, 0, 0);
+		for (unsigned k = 0; k < ARRAY_SIZE(legacy_map); k++)
+			if (legacy_map[k][1] == canonical)
+				u->id = VMI_CALLID(VMI_FAMILY_LEGACY, legacy_map[k][0], 0);
+		break;
+	case 1: /* reserved bits: refused before anything else */
+		u->id = VMI_CALLID(VMI_FAMILY_CPU, VMI_CALLID_CALL(VMI_CALL_CPU_SHUTDOWN), 0) | (uint32_t)(1 + below(255)) << 8;
+		u->allowed = BIT(VMI_ERR_RESERVED_BITS);
+		return;
+	case 2: /* a registered experimental call, else an unknown one */
+		if (n_experimental) {
+			u->id = experimental[below(n_experimental)] | (uint32_t)below(256);
+			u->allowed = BIT(VMI_ERR_PERMISSION);
+		} else {
+			u->id = VMI_CALLID(VMI_FAMILY_EXPERIMENTAL, below(256), 0);
+			u->allowed = BIT(VMI_ERR_NOT_SUPPORTED);
+		}
+		return;
+	case 3: /* the calls that would hurt most */
+		switch (below(6)) {
+		case 0: canonical = VMI_CALL_CPU_SHUTDOWN; break;
+		case 1: canonical = VMI_CALL_CPU_SETCR3; u->a0 = pool[0]; break;
+		case 2: canonical = VMI_CALL_MMU_SETPTE; u->a0 = pool[3] + 8 * below(512); u->a1 = pool[0] | LEAF_RW; break;
+		case 3: canonical = VMI_CALL_CPU_WRMSR; u->a0 = 0xC0000082u; break; /* LSTAR */
+		case 4: canonical = VMI_CALL_CPU_RETURNTOUSER; break;
+		default: canonical = VMI_CALL_CPU_DEPRIVILEGE; break;
+		}
+		u->id = canonical;
+		break;
+	default: { /* any spec call */
+		unsigned f = (unsigned)below(ARRAY_SIZE(families));
+		canonical = u->id = VMI_CALLID(families[f].family, below(families[f].ncalls), 0);
+		break;
+	}
+	}
+	if (chance(25))
+		u->id |= (uint32_t)below(256); /* annotations change nothing here either */
+	if (!supported[VMI_CALLID_FAMILY(canonical)][VMI_CALLID_CALL(canonical)]) {
+		u->allowed = BIT(VMI_ERR_NOT_SUPPORTED); /* a call this hypervisor lacks is unknown to it */
+		return;
+	}
+	if (!user_safe(canonical)) {
+		u->allowed = BIT(VMI_ERR_PERMISSION);
+		return;
+	}
+	u->allowed = ALL_ERRORS & ~BIT(VMI_ERR_PERMISSION); /* a user-safe call answers as in the kernel */
+	if (canonical == VMI_CALL_CPU_CPUID)
+		u->a0 &= 0x8000001Full;
+}
+
+static void attack_user(void)
+{
+	/* What the trip needs, re-established: the TSS (available: SetTR refuses a busy one),
+	 * its kernel stack, the user segments a ring-0 kernel's ReturnToUser loads. */
+	uint64_t base = (uintptr_t)&tss, limit = sizeof(tss) - 1;
+	volatile uint64_t *g = (volatile uint64_t *)(uintptr_t)gdt;
+	g[4] = 0x00CFF2000000FFFFull; /* user data, DPL 3 */
+	g[5] = 0x00AFFA000000FFFFull; /* user code, DPL 3 */
+	g[6] = (limit & 0xFFFF) | (base & 0xFFFFFF) << 16 | 0x89ull << 40 | ((limit >> 16) & 0xF) << 48 |
+	       ((base >> 24) & 0xFF) << 56;
+	g[7] = base >> 32;
+	tss.tss[0x66] = 0x68, tss.end = 0xFF;
+	long s = vmi_set_tr(SEL_TSS);
+	s |= vmi_update_kernel_stack((uintptr_t)kernel_stack + sizeof(kernel_stack));
+	s |= vmi_wrmsr(MSR_STAR, (uint64_t)STAR_USER << 48 | 0x08ull << 32);
+	if (s) {
+		surprise("user mode: the kernel could not set up its TSS and STAR");
+		return;
+	}
+	tr_loaded = 1, tr_base = base;
+	n_ucall = 1 + (unsigned)below(NUSER);
+	for (unsigned k = 0; k < n_ucall; k++)
+		user_call_pick(&ucall[k]);
+
+	user_trips++;
+	set_trap_hook(6, on_user_trap);
+	set_trap_hook(13, on_user_trap);
+	set_trap_hook(14, on_user_trap);
+	in_user = 1;
+	long back = fuzz_enter_user((uintptr_t)user_main, (uintptr_t)user_stack + sizeof(user_stack), 0x2);
+	in_user = 0;
+	set_trap_hook(6, NULL);
+	set_trap_hook(13, NULL);
+	set_trap_hook(14, NULL);
+
+	uint64_t user_cs = depriv ? ((volatile struct vmi_shared *)vmi_shared_page())->user_cs : (STAR_USER + 16) | 3;
+	for (unsigned k = 0; k < n_ucall; k++) {
+		struct user_call *u = &ucall[k];
+		calls++;
+		count_status(u->status);
+		if (u->status > 0 || u->status <= -NSTATUS) {
+			record(KIND_USER, u->id, u->a0, u->a1, u->a2), fuzz_record.status = u->status;
+			surprise("user mode: status is not a spec error code");
+		} else if (!(u->allowed & BIT(u->status))) {
+			record(KIND_USER, u->id, u->a0, u->a1, u->a2), fuzz_record.status = u->status;
+			surprise(u->allowed == BIT(VMI_ERR_PERMISSION) ? "user mode: a kernel-only call was not refused with PERMISSION"
+								       : "user mode: status not one this call may give");
+		}
+	}
+	if (back != 1000 + 6)
+		surprise(back < 1000 ? "user mode: ReturnToUser refused" : "user mode: a fault other than the ud2 came back");
+	else if (user_trap_cs != user_cs)
+		surprise("user mode: the #UD did not come from the user code segment");
+	canary(); /* the kernel's calls work again */
+}
+
 static void one_attack(void)
 {
 	uint64_t a[3] = { 0, 0, 0 }, r[4];
@@ -785,7 +1020,11 @@ static void one_attack(void)
 		     BIT(VMI_ERR_RESERVED_BITS), r);
 		return;
 	}
-	if (pick < 20 && n_experimental) {
+	if (pick < 19) { /* user mode: kernel-only calls refused */
+		attack_user();
+		return;
+	}
+	if (pick < 22 && n_experimental) {
 		id = experimental[below(n_experimental)];
 		call(id | (uint32_t)below(256), chance(50) ? hostile_addr() : rnd(), rnd(), rnd(), ALL_ERRORS, r);
 		return;
@@ -874,6 +1113,13 @@ static int setup(void)
 	idt_base = i_base, idt_limit = i_limit;
 	if (vmi_set_gdt(gdt, (uint32_t)gdt_limit))
 		return 0;
+
+	for (unsigned f = 0; f < ARRAY_SIZE(families); f++)
+		for (uint32_t n = 0; n < families[f].ncalls; n++) {
+			uint64_t info = 0;
+			uint32_t id = VMI_CALLID(families[f].family, n, 0);
+			supported[families[f].family][n] = vmi_query_call(id, &info) == 0 && (info & VMI_QUERY_SUPPORTED);
+		}
 
 	/* Experimental calls the user registered. */
 	for (uint32_t n = 0; n < 256; n++) {
