@@ -21,15 +21,17 @@ from vmikit.fuzz.runner import FUZZ_PAGING, FuzzConfig, FuzzReport
 @click.option("--privilege", type=click.Choice(["deprivileged", "ring0"]), default="deprivileged", show_default=True,
               help="Where the guest kernel runs: deprivileged at ring 3, the hypervisor owning ring 0, or at ring 0.")
 @click.option("--stores/--no-stores", default=True, show_default=True,
-              help="Also make plain guest stores into the ROM, the page-table pool and the shadow area.")
+              help="Also make plain guest stores into the ROM, the monitor area, the page-table pool and the shadow area.")
 @click.option("--audit-every", type=click.IntRange(1), default=1, show_default=True,
               help="Run the page-table auditor after every K-th call that may change memory.")
 @click.option("--extension", "extensions", multiple=True, type=click.Path(dir_okay=False, path_type=Path),
               help="A Python file registering experimental 0xFF calls; they are fuzzed too (repeatable).")
+@click.option("--stall", type=click.FloatRange(min=0.5), default=30.0, show_default=True,
+              help="Seconds without a hypercall that count as a hang.")
 @click.option("--timeout", type=float, default=None, help="Watchdog limit in seconds (default: scaled with --calls).")
 @click.option("--json", "json_file", type=click.Path(dir_okay=False, path_type=Path), help="Write the report here.")
 def fuzz(calls: int, seed: int, paging: str, annotations: str, privilege: str, stores: bool, audit_every: int,
-         extensions: tuple[Path, ...], timeout: float | None, json_file: Path | None) -> None:
+         extensions: tuple[Path, ...], stall: float, timeout: float | None, json_file: Path | None) -> None:
     """Fuzz the hypercall surface; exit 0 only if the hypervisor held."""
     from vmikit.abi import load_spec
     from vmikit.fuzz.runner import run_fuzz
@@ -39,7 +41,7 @@ def fuzz(calls: int, seed: int, paging: str, annotations: str, privilege: str, s
     for extension in extensions:
         load_extension(extension, experimental)
     config = FuzzConfig(calls=calls, seed=seed, paging=paging, annotations=annotations, privilege=privilege, stores=stores,
-                        audit_every=audit_every, timeout=timeout, experimental=experimental)
+                        audit_every=audit_every, timeout=timeout, experimental=experimental, stall=stall)
     report = run_fuzz(config)
     errors = load_spec().errors
     _print(report, errors)
