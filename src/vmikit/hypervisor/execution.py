@@ -22,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from vmikit.abi.model import Spec
-from vmikit.engine import DescriptorTable, Segment, Vcpu
+from vmikit.engine import ControlState, DescriptorTable, Segment, Vcpu
 from vmikit.engine.base import CrashRun
 from vmikit.hypervisor.context import HypercallError
 from vmikit.hypervisor.walk import is_canonical, translate
@@ -115,6 +115,9 @@ class ExecutionModel:
         self.vcpu = vcpu
         self._flush = flush_translations
         self.shared = spec.shared
+        # Shared-page fields by name: (gpa, size), looked up once (exceptions write them).
+        self._fields = {f.name: (layout.SHARED_PAGE + f.offset, 8 if f.type == "u64" else 4)
+                        for f in (spec.shared.fields if spec.shared is not None else ())}
         self.deprivileged = False  # True from a successful Deprivilege on
         self.vpl = KERNEL
         self.stats = ExecutionStats()
@@ -132,17 +135,15 @@ class ExecutionModel:
     # --- the shared page ------------------------------------------------------
 
     def _put(self, name: str, value: int) -> None:
-        if self.shared is None:
+        where = self._fields.get(name)
+        if where is None:
             return
-        field_ = next(f for f in self.shared.fields if f.name == name)
-        size = 8 if field_.type == "u64" else 4
-        self.memory.write(layout.SHARED_PAGE + field_.offset, (value & ((1 << (8 * size)) - 1)).to_bytes(size, "little"))
+        gpa, size = where
+        self.memory.write(gpa, (value & ((1 << (8 * size)) - 1)).to_bytes(size, "little"))
 
     def _get(self, name: str) -> int:
-        assert self.shared is not None
-        field_ = next(f for f in self.shared.fields if f.name == name)
-        size = 8 if field_.type == "u64" else 4
-        return int.from_bytes(self.memory.read(layout.SHARED_PAGE + field_.offset, size), "little")
+        gpa, size = self._fields[name]
+        return int.from_bytes(self.memory.read(gpa, size), "little")
 
     @property
     def vif(self) -> bool:
@@ -248,8 +249,8 @@ class ExecutionModel:
         self.vpl = level
         self._put("vpl", level)
 
-    def _translate(self, va: int, length: int) -> int:
-        control = self.vcpu.get_control()
+    def _translate(self, va: int, length: int, control: ControlState | None = None) -> int:
+        control = control or self.vcpu.get_control()
         if (va & 0xFFF) + length > 0x1000:
             raise HypercallError("BAD_ADDRESS")
         gpa = translate(self.memory, control.cr0, control.cr3, va)
@@ -323,12 +324,12 @@ class ExecutionModel:
         # Any other `out` to this port is a guest writing to a port nothing decodes: dropped.
         self.vcpu.mark_regs_dirty()
 
-    def _gate(self, vector: int) -> int:
+    def _gate(self, vector: int, control: ControlState | None = None) -> int:
         """The handler of the guest's own IDT gate for ``vector`` (its virtual IDTR)."""
         if vector * 16 + 15 > self.idt.limit:
             raise CrashRun(f"the guest's IDT has no gate for vector {vector} (limit {self.idt.limit:#x})")
         try:
-            gpa = self._translate(self.idt.base + vector * 16, 16)
+            gpa = self._translate(self.idt.base + vector * 16, 16, control)
         except HypercallError:
             raise CrashRun(f"the guest's IDT gate for vector {vector} is not mapped") from None
         low, high = self.memory.read_u64(gpa), self.memory.read_u64(gpa + 8)
@@ -349,10 +350,11 @@ class ExecutionModel:
                 self._deliver_built(VECTOR_GP, rip=regs.rip, cs=USER_CS, rsp=regs.rsp, ss=USER_SS)
                 return
             self._enter(KERNEL)
+        control = self.vcpu.get_control()  # one ioctl: CR2 and the tables to find the gate
         if vector == VECTOR_PF:
-            self._put("cr2", self.vcpu.get_control().cr2)
+            self._put("cr2", control.cr2)
         self._count(vector)
-        regs.rip = self._gate(vector)
+        regs.rip = self._gate(vector, control)
 
     def _count(self, vector: int) -> None:
         self.stats.exceptions += 1
