@@ -87,24 +87,6 @@ static void test_queue_annotation(void)
 	       "a queued SetPTE is batched exactly when both sides know `queue` and the hypervisor honours it");
 }
 
-/* Whether the 4-level tables at `root` map `va` to physical `pa` (read through the identity map). */
-static int translates(uint64_t root, uint64_t va, uint64_t pa)
-{
-	uint64_t table = root & PTE_ADDR;
-	for (unsigned level = 4; level >= 1 && table < MEM_4G; level--) {
-		unsigned shift = 12 + 9 * (level - 1);
-		uint64_t e = ((const volatile uint64_t *)(uintptr_t)table)[(va >> shift) & 0x1FF];
-		if (!(e & PTE_P))
-			return 0;
-		if (level == 1 || ((level == 2 || level == 3) && (e & PTE_PS))) {
-			uint64_t mask = (1ull << shift) - 1;
-			return ((e & PTE_ADDR & ~mask) | (va & mask)) == pa;
-		}
-		table = e & PTE_ADDR;
-	}
-	return 0;
-}
-
 static void test_cpu(void)
 {
 	int depriv = vmi_deprivileged();
@@ -113,7 +95,7 @@ static void test_cpu(void)
 		/* Paged long mode, on tables that map this very function where it runs. */
 		uint64_t cr0 = vmi_get_cr0(), cr3 = vmi_get_cr3();
 		report((cr0 & (CR0_PE | CR0_PG)) == (CR0_PE | CR0_PG) &&
-			       translates(cr3, (uintptr_t)test_cpu, (uintptr_t)test_cpu),
+			       pt_translates(cr3, (uintptr_t)test_cpu, (uintptr_t)test_cpu),
 		       "GetCR0/GetCR3 agree with mov");
 		report(vmi_rdmsr(MSR_EFER, &efer) == 0 && (efer & (EFER_LME | EFER_LMA)) == (EFER_LME | EFER_LMA),
 		       "RDMSR of EFER agrees with rdmsr");

@@ -67,27 +67,6 @@ static int if_set(void)
 static uint64_t cr0_now(void) { return depriv ? vmi_get_cr0() : read_cr0(); }
 static uint64_t cr3_now(void) { return depriv ? vmi_get_cr3() : read_cr3(); }
 
-/* Whether the 4-level tables at `root` map `va` to physical `pa` (1 GiB, 2 MiB or 4 KiB leaves).
- * Tables are read through the identity map of the first 4 GiB. */
-static int translates(uint64_t root, uint64_t va, uint64_t pa)
-{
-	uint64_t table = root & PTE_ADDR;
-	for (unsigned level = 4; level >= 1; level--) {
-		unsigned shift = 12 + 9 * (level - 1);
-		uint64_t e = ((const volatile uint64_t *)(uintptr_t)table)[(va >> shift) & 0x1FF];
-		if (!(e & PTE_P))
-			return 0;
-		if (level == 1 || ((level == 2 || level == 3) && (e & PTE_PS))) {
-			uint64_t mask = (1ull << shift) - 1;
-			return ((e & PTE_ADDR & ~mask) | (va & mask)) == pa;
-		}
-		table = e & PTE_ADDR;
-		if (table >= MEM_4G)
-			return 0;
-	}
-	return 0;
-}
-
 /* A #PF taken on purpose: pf_probe(va) loads from va; the hook records CR2 and resumes after it. */
 uint64_t pf_probe(uint64_t va);
 extern char pf_probe_resume[];
@@ -217,8 +196,8 @@ static void test_control_registers(void)
 		uint64_t cr0 = vmi_get_cr0(), cr3 = vmi_get_cr3(), cr4 = vmi_get_cr4();
 		report((cr0 & (CR0_PE | CR0_PG)) == (CR0_PE | CR0_PG) && vmi_get_cr0() == cr0,
 		       "CPU.GetCR0 agrees with mov from CR0");
-		report(translates(cr3, (uintptr_t)&marker, (uintptr_t)&marker) &&
-			       translates(cr3, (uintptr_t)test_control_registers, (uintptr_t)test_control_registers) &&
+		report(pt_translates(cr3, (uintptr_t)&marker, (uintptr_t)&marker) &&
+			       pt_translates(cr3, (uintptr_t)test_control_registers, (uintptr_t)test_control_registers) &&
 			       vmi_get_cr3() == cr3,
 		       "CPU.GetCR3 agrees with mov from CR3");
 		report((cr4 & CR4_PAE) && vmi_get_cr4() == cr4, "CPU.GetCR4 agrees with mov from CR4");
@@ -241,7 +220,7 @@ static void test_control_registers(void)
 		vmi_set_cr2(old2);
 
 		s = vmi_set_cr3(cr3);
-		report(s == 0 && vmi_get_cr3() == cr3 && translates(vmi_get_cr3(), (uintptr_t)&marker, (uintptr_t)&marker),
+		report(s == 0 && vmi_get_cr3() == cr3 && pt_translates(vmi_get_cr3(), (uintptr_t)&marker, (uintptr_t)&marker),
 		       "CPU.SetCR3 with the current root keeps running");
 		return;
 	}

@@ -21,4 +21,27 @@
 #define SZ_1G     0x40000000ull
 #define MEM_4G    0x100000000ull
 
+#ifndef __ASSEMBLER__
+#include <stdint.h>
+
+/* Whether the 4-level tables at `root` map `va` to physical `pa` (1 GiB, 2 MiB or 4 KiB leaves).
+ * Tables are read through the identity map of the first 4 GiB; a table above it fails the walk. */
+static inline int pt_translates(uint64_t root, uint64_t va, uint64_t pa)
+{
+	uint64_t table = root & PTE_ADDR;
+	for (unsigned level = 4; level >= 1 && table < MEM_4G; level--) {
+		unsigned shift = 12 + 9 * (level - 1);
+		uint64_t e = ((const volatile uint64_t *)(uintptr_t)table)[(va >> shift) & 0x1FF];
+		if (!(e & PTE_P))
+			return 0;
+		if (level == 1 || ((level == 2 || level == 3) && (e & PTE_PS))) {
+			uint64_t mask = (1ull << shift) - 1;
+			return ((e & PTE_ADDR & ~mask) | (va & mask)) == pa;
+		}
+		table = e & PTE_ADDR;
+	}
+	return 0;
+}
+#endif
+
 #endif
