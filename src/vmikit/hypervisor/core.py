@@ -78,7 +78,7 @@ class Hypervisor:
                 except (KeyError, ValueError):
                     continue  # an older interface version without this call: the hypervisor does not offer it
                 self.routes[call.call_id()] = Route(call.qualified_name, handler, self._honoured(call),
-                                                    bool(getattr(call, "user", False)))
+                                                    call.user)
         for number, legacy_call in self.spec.legacy.items():
             route = self.routes.get(legacy_call.call_id())
             if route is not None:
@@ -116,6 +116,13 @@ class Hypervisor:
         self._ctx = CallContext(self.spec, memory, vcpu, self)
         if self._mmu is None:
             self._mmu = Mmu(memory)
+
+    @property
+    def deprivileged(self) -> ExecutionModel | None:
+        """The execution model while the kernel is deprivileged (its descriptor tables, syscall
+        MSRs and interrupt flag are then virtual state the families read and write), else None."""
+        execution = self.execution
+        return execution if execution is not None and execution.deprivileged else None
 
     @property
     def mmu(self) -> Mmu:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from vmikit.engine import StopRun
 from vmikit.hypervisor.context import CallContext, HypercallError
-from vmikit.hypervisor.execution import ExecutionModel
 from vmikit.hypervisor.registry import FamilyHandlers
 
 HANDLERS = FamilyHandlers("CPU")
@@ -44,16 +43,9 @@ def rdtsc(ctx: CallContext, *_: int) -> tuple[int, ...]:
     return (value,)
 
 
-def _execution(ctx: CallContext) -> ExecutionModel | None:
-    """The execution model when the kernel is deprivileged (its syscall MSRs, IF, descriptor
-    tables are then virtual state), else None."""
-    execution = ctx.hypervisor.execution
-    return execution if execution is not None and execution.deprivileged else None
-
-
 @HANDLERS.call("RDMSR")
 def rdmsr(ctx: CallContext, msr: int, *_: int) -> tuple[int, ...]:
-    execution = _execution(ctx)
+    execution = ctx.hypervisor.deprivileged
     virtual = execution.read_msr(msr) if execution is not None and msr <= 0xFFFFFFFF else None
     if virtual is not None:
         return (virtual,)
@@ -71,7 +63,7 @@ def wrmsr(ctx: CallContext, msr: int, value: int, _: int) -> tuple[int, ...]:
             raise HypercallError("PERMISSION")
     elif msr not in WRITABLE_MSRS:
         raise HypercallError("PERMISSION")
-    execution = _execution(ctx)
+    execution = ctx.hypervisor.deprivileged
     if execution is not None and execution.write_msr(msr, value):
         return ()
     if not ctx.vcpu.set_msr(msr, value):
@@ -117,7 +109,7 @@ def set_cr0(ctx: CallContext, value: int, *_: int) -> tuple[int, ...]:
 @HANDLERS.call("SetCR2")
 def set_cr2(ctx: CallContext, value: int, *_: int) -> tuple[int, ...]:
     _set_control(ctx, cr2=value)
-    execution = _execution(ctx)
+    execution = ctx.hypervisor.deprivileged
     if execution is not None:
         execution.put_cr2(value)  # what the guest reads without an exit
     return ()
@@ -180,7 +172,7 @@ def set_dr(ctx: CallContext, reg: int, value: int, _: int) -> tuple[int, ...]:
 
 
 def _set_if(ctx: CallContext, enabled: bool) -> tuple[int, ...]:
-    execution = _execution(ctx)
+    execution = ctx.hypervisor.deprivileged
     if execution is not None:  # the interrupt flag is virtual: the shared page's
         execution.set_vif(enabled)
         return ()
@@ -201,7 +193,7 @@ def disable_interrupts(ctx: CallContext, *_: int) -> tuple[int, ...]:
 
 @HANDLERS.call("GetInterruptMask")
 def get_interrupt_mask(ctx: CallContext, *_: int) -> tuple[int, ...]:
-    execution = _execution(ctx)
+    execution = ctx.hypervisor.deprivileged
     if execution is not None:
         return (RFLAGS_IF if execution.vif else 0,)
     return (ctx.vcpu.regs.rflags & RFLAGS_IF,)

@@ -31,13 +31,10 @@ def query_call(ctx: CallContext, call_id: int, *_: int) -> tuple[int, ...]:
     if call_id > 0xFFFFFFFF or call_id & 0xFF00:
         raise HypercallError("RESERVED_BITS")
     route = ctx.hypervisor.route_for(call_id)
-    execution = ctx.hypervisor.execution
-    not_native = QUERY_NOT_NATIVE if execution is not None and execution.deprivileged and route is not None \
-        and route.name in PRIVILEGED_NATIVE else 0
-    if route is None:
-        # Not implemented (RDPMC): a deprivileged kernel still must not fall back to the instruction.
+    info = QUERY_SUPPORTED | route.annotations_honoured if route is not None else 0
+    if ctx.hypervisor.deprivileged is not None:
+        # Implemented or not (RDPMC), a deprivileged kernel must not fall back to the instruction.
         call = ctx.spec.lookup(call_id & 0xFFFF0000)
-        name = call.qualified_name if call is not None else ""
-        deprivileged = execution is not None and execution.deprivileged
-        return (QUERY_NOT_NATIVE if deprivileged and name in PRIVILEGED_NATIVE else 0,)
-    return (QUERY_SUPPORTED | route.annotations_honoured | not_native,)
+        if call is not None and call.qualified_name in PRIVILEGED_NATIVE:
+            info |= QUERY_NOT_NATIVE
+    return (info,)

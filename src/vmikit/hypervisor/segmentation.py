@@ -49,15 +49,12 @@ def _check_table(ctx: CallContext, base: int, limit: int) -> DescriptorTable:
 def _state(ctx: CallContext) -> ControlState | ExecutionModel:
     """Where the guest's GDTR, IDTR, LDTR and TR live: the CPU's, or (a deprivileged kernel,
     which runs on the hypervisor's tables) the execution model's virtual copies."""
-    execution = ctx.hypervisor.execution
-    if execution is not None and execution.deprivileged:
-        return execution
-    return ctx.vcpu.get_control()
+    return ctx.hypervisor.deprivileged or ctx.vcpu.get_control()
 
 
 def _set_tables(ctx: CallContext, **tables: DescriptorTable | Segment) -> tuple[int, ...]:
-    execution = ctx.hypervisor.execution
-    if execution is not None and execution.deprivileged:
+    execution = ctx.hypervisor.deprivileged
+    if execution is not None:
         for name, value in tables.items():
             setattr(execution, name, value)
         if "ldt" in tables:
@@ -198,8 +195,8 @@ def write_ldt_entry(ctx: CallContext, index: int, low: int, high: int) -> tuple[
     if not ldt.present:
         raise HypercallError("INVALID_ARGUMENT")
     result = _write_entry(ctx, DescriptorTable(ldt.base, ldt.limit), index, low, high, gate=False)
-    execution = ctx.hypervisor.execution
-    if execution is not None and execution.deprivileged:
+    execution = ctx.hypervisor.deprivileged
+    if execution is not None:
         execution.mirror_ldt()  # the hardware's copy follows the guest's table
     return result
 
