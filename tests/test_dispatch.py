@@ -33,9 +33,6 @@ class StandInVcpu:
     msrs: dict[int, int] = field(default_factory=lambda: {0x10: 12345, 0xC0000080: 0x500})
     dirty: int = 0
 
-    def track_privilege(self) -> None:
-        pass
-
     def cpl(self) -> int:
         return 0  # the kernel: these tests call as the guest kernel
 

@@ -48,6 +48,13 @@ def reference_audit(m: DirectMmu) -> list[str]:
                     writable[size][(value & ADDR_MASK) // size] += 1
             else:
                 refs[(value & ADDR_MASK) >> 12] += 1
+    level = [0] * (len(t.level_of) + 1)
+    for tbl, lv in t.level.items():
+        level[tbl >> 12] = lv
+    kinds = t._kind4.tolist() + [0]
+    if (t.level_of.tolist() != level[:-1] or t.fast_level.tolist() != [lv << 12 for lv in level]
+            or t.fast_facts.tolist() != [(k * 5 + lv) << 8 for k, lv in zip(kinds, level)]):
+        problems.append("per-frame level tables disagree with the registered tables")
     if not np.array_equal(refs, t.refs):
         problems.append("reference counts disagree with the tables")
     if any(not np.array_equal(writable[s], t.writable[s]) for s in writable):

@@ -169,12 +169,9 @@ class Vcpu(Protocol):
         keeping their bases); raises ValueError if the CPU refuses."""
         ...
 
-    def track_privilege(self) -> None:
-        """Make cpl() cheap from now on (at a small cost per exit)."""
-        ...
-
     def cpl(self) -> int:
-        """The hardware privilege level (0-3) the guest ran at when it last exited."""
+        """The hardware privilege level (0-3) the guest ran at when it last exited (an ioctl:
+        the hypervisor asks only for calls guest user mode may not make)."""
         ...
 
     def get_msr(self, index: int) -> int | None:

@@ -13,7 +13,7 @@ from vmikit.kvm import structs as ks
 from vmikit.kvm.api import (
     KVM_RUN, OPTIONAL_CAPS, REQUIRED_CAPS, Kvm, KvmVcpu, KvmVm, _ioctl,
 )
-from vmikit.kvm.structs import KVM_SYNC_X86_REGS, KVM_SYNC_X86_SREGS, KvmSegment
+from vmikit.kvm.structs import KVM_SYNC_X86_REGS, KvmSegment
 from vmikit.memory import Region
 
 KICK_SIGNAL = signal.SIGUSR1
@@ -99,7 +99,6 @@ class KvmVcpuEngine:
         self._run_base = vcpu.run_addr
         self._fd = vcpu.fd
         self._counts: dict[int, int] = {}
-        self._tracking = False
         self._kicked = False
         self._thread_id: int | None = None
 
@@ -107,15 +106,11 @@ class KvmVcpuEngine:
     def regs(self) -> ks.KvmRegs:
         return self._vcpu.regs
 
-    def track_privilege(self) -> None:
-        """Have KVM copy the segment registers out on every exit too, so cpl() costs no ioctl."""
-        self._run.kvm_valid_regs = KVM_SYNC_X86_REGS | KVM_SYNC_X86_SREGS
-        self._tracking = True
-
     def cpl(self) -> int:
-        """The hardware privilege level the guest ran at when it exited (SS.DPL, as the CPU keeps it)."""
-        sregs = self._vcpu.sregs_view if self._tracking else self._vcpu.get_sregs()
-        return int(sregs.ss.dpl)
+        """The hardware privilege level the guest ran at when it exited (SS.DPL, as the CPU keeps it).
+        One KVM_GET_SREGS: having KVM copy the segment registers out on every exit instead (sync_regs)
+        cost about as much per exit here, and most exits do not ask."""
+        return int(self._vcpu.get_sregs().ss.dpl)
 
     def mark_regs_dirty(self) -> None:
         self._run.kvm_dirty_regs |= KVM_SYNC_X86_REGS

@@ -129,8 +129,6 @@ class ExecutionModel:
         self.msrs: dict[int, int] = {}
         self.sce = False
         self._ist1 = 0
-        if privilege == "ring0":
-            vcpu.track_privilege()
 
     # --- the shared page ------------------------------------------------------
 

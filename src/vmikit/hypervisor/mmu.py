@@ -82,6 +82,12 @@ class Mmu:
         for ptep, value in zip(pteps.tolist(), values.tolist()):
             self.apply_pte(ptep, value)
 
+    def apply_queued(self, pteps: np.ndarray, values: np.ndarray) -> bool:
+        """The fast path of a FlushQueue batch (int64 arrays of entry addresses and values): True
+        when the whole batch was valid and is applied; False (nothing changed) when the general
+        check must decide, which names the first failing entry."""
+        return False
+
     def close(self) -> None:
         pass
 
@@ -172,6 +178,14 @@ class DirectMmu(Mmu):
         else:
             self.tables.apply_many(pteps, values)
 
+    def apply_queued(self, pteps: np.ndarray, values: np.ndarray) -> bool:
+        checked = self.tables.check_fast(pteps, values)
+        if checked is None:
+            return False
+        if self.tables.apply_fast(pteps, values, checked[1]) is None:  # duplicates: in order
+            Mmu.apply_batch(self, pteps.view(U64), values.view(U64))
+        return True
+
     def close(self) -> None:
         self.tables.close()
 
@@ -224,6 +238,11 @@ class ShadowMmu(DirectMmu):
         self.guest_of = np.zeros(shadow_size >> 12, U64)  # by shadow page: the guest table it shadows
         self.tables.validated = self._validated
         self.tables.validated_one = self._validated_one
+        # The fast path's view of the shadow area and, per guest frame, its shadow page's first
+        # slot in that view (only registered tables have one; 0 otherwise, never read for them).
+        region = memory.region_for(shadow_base, shadow_size)
+        self._shadow_view = np.frombuffer(region.mem, np.int64)[(shadow_base - region.gpa) >> 3:]
+        self._shadow_slot = np.zeros(len(self.tables.level_of) + 1, np.int64)
         self._free = list(range(shadow_base + shadow_size - PAGE, shadow_base - 1, -PAGE))
 
     def _shadow_value(self, level: int, value: int) -> int:
@@ -241,6 +260,7 @@ class ShadowMmu(DirectMmu):
             page = self._free.pop()
             self.shadow[table] = page
             self.shadow_of[table >> 12] = page
+            self._shadow_slot[table >> 12] = (page - self.shadow_base) >> 3
             self.guest_of[(page - self.shadow_base) >> 12] = table
             values = self.tables.entries(table)
             self.memory.write(page, b"".join(
@@ -252,6 +272,7 @@ class ShadowMmu(DirectMmu):
         if error is None:
             page = self.shadow.pop(table)
             self.shadow_of[table >> 12] = 0
+            self._shadow_slot[table >> 12] = 0
             self.guest_of[(page - self.shadow_base) >> 12] = 0
             self.memory.zero(page, PAGE)
             self._free.append(page)
@@ -289,6 +310,11 @@ class ShadowMmu(DirectMmu):
             Mmu.apply_batch(self, pteps, values)
             return
         self.tables.apply_many(pteps, values)
+        where = self.shadow_of[(pteps >> U64(12)).astype(np.int64)] + (pteps & U64(PAGE - 1))
+        self.tables._scatter(where, self._shadow_values(pteps, values))
+
+    def _shadow_values(self, pteps: np.ndarray, values: np.ndarray) -> np.ndarray:
+        """``_shadow_value`` for arrays of checked entries (uint64)."""
         levels = self.tables.levels_of(pteps).astype(np.int64)
         v = values.astype(U64)
         present = (v & U64(P)) != 0
@@ -296,8 +322,31 @@ class ShadowMmu(DirectMmu):
         child = self.shadow_of[np.minimum((v & U64(ADDR_MASK)) >> U64(12), U64(len(self.shadow_of) - 1)).astype(np.int64)]
         shadow = np.where(leaf, v | U64(A | D), (v & ~U64(ADDR_MASK)) | child | U64(A))
         shadow[~present] = 0
-        where = self.shadow_of[(pteps >> U64(12)).astype(np.int64)] + (pteps & U64(PAGE - 1))
-        self.tables._scatter(where, shadow)
+        return shadow
+
+    def apply_queued(self, pteps: np.ndarray, values: np.ndarray) -> bool:
+        checked = self.tables.check_fast(pteps, values)
+        if checked is None:
+            return False
+        frames, index = checked
+        # The shadow entries: a guest table's shadow page holds its entry at the same offset.
+        where = self._shadow_slot.take(frames) + ((pteps >> 3) & (PAGE // 8 - 1))
+        shadows = self._shadow_view
+        before = shadows.take(where)
+        old = (self._validated(pteps.view(U64)).view(np.int64) if np.count_nonzero(before & P)
+               else np.zeros(len(pteps), np.int64))  # every entry was empty (mapping fresh pages)
+        stored = self.tables.apply_fast(pteps, values, index, old)
+        if stored is None:  # duplicates: in order
+            Mmu.apply_batch(self, pteps.view(U64), values.view(U64))
+        elif np.count_nonzero(index >= 2 << 12):  # entries pointing at tables: their shadows
+            shadows[where] = self._shadow_values(pteps.view(U64), values.view(U64)).view(np.int64)
+        else:  # 4 KiB leaves: stored with A and D, as a shadow is; an empty entry shadows as 0
+            shadows[where] = stored * (values & P)
+        return True
+
+    def close(self) -> None:
+        super().close()
+        self._shadow_view = np.zeros(0, np.int64)  # it pins the shadow area's mapping open
 
     def load_cr3(self, root: int) -> int:
         super().load_cr3(root)
@@ -478,6 +527,8 @@ def flush_queue(ctx: CallContext, batch: int, count: int, _: int) -> tuple[int, 
         return (0,)
     check_range(ctx, batch, count * BATCH_ENTRY.size, align=8)
     raw = ctx.memory.read(batch, count * BATCH_ENTRY.size)
+    if count >= VECTOR_MIN and _apply_uniform(ctx, raw, count):
+        return (count,)
     # Check every entry before applying any; the first failing index is reported.
     if count < VECTOR_MIN:
         ids, pteps, values = _check_entries(ctx, raw)
@@ -489,6 +540,21 @@ def flush_queue(ctx: CallContext, batch: int, count: int, _: int) -> tuple[int, 
     if hv.audit:
         hv.run_audit()
     return (count,)
+
+
+def _apply_uniform(ctx: CallContext, raw: bytes, count: int) -> bool:
+    """The fast path: a batch whose entries all carry the same queueable call ID, applied when
+    the MMU's fast check finds every entry valid. False (nothing changed): the general path."""
+    hv = ctx.hypervisor
+    entries = np.frombuffer(raw, np.int64).reshape(count, 4)  # call_id | reserved << 32, a0, a1, a2
+    first = int(entries[0, 0])
+    if (_entry_id_error(ctx, first & 0xFFFF_FFFF, first >> 32) or np.count_nonzero(entries[:, 0] != first)
+            or not _mmu(ctx).apply_queued(entries[:, 1], entries[:, 2])):
+        return False
+    hv.calls[first] += count
+    if hv.audit:
+        hv.run_audit()
+    return True
 
 
 def _entry_id_error(ctx: CallContext, call_id: int, reserved: int) -> str | None:

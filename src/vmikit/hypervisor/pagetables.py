@@ -11,6 +11,16 @@ Within a batch no entry can change what another entry's check depends on (the
 set of registered tables and the memory map), so checking every entry against
 the state before the batch equals checking each against the state the earlier
 entries leave.
+
+FlushQueue batches take a third path first (``check_fast``/``apply_fast``): a few
+array operations that classify each entry into an index of a precomputed table
+of verdicts. On this machine kind every distinct piece of code the VMM runs after
+an exit costs microseconds (the host's caches and TLB are cold after the guest
+ran), so that path is built for few, repeated numpy calls: it decides only that
+a whole batch is valid, and anything else (an invalid entry, a large leaf,
+reserved bits) goes to ``check_many``, which names the error and the index. The
+reference and writable-mapping counts it changes are folded in lazily, before
+anything reads them (``refs``, ``writable``).
 """
 
 from __future__ import annotations
@@ -37,6 +47,13 @@ ERRORS: tuple[str | None, ...] = (None, "RESERVED_PTE_BITS", "BAD_ADDRESS", "PER
 _RPB, _BAD, _PERM, _NPT, _WL = 1, 2, 3, 4, 5
 _KIND_CODES = {"ram": 1, "rom": 2}
 U64 = np.uint64
+I64 = np.int64
+# The fast path's verdict table is indexed by level << 12 | frame facts << 8 | (value & _CLASS_BITS),
+# the frame facts being kind * 5 + the level of the table registered at the frame (kind: 0 neither,
+# 1 RAM, 2 ROM; both of the entry's 4 KiB frame).
+_CLASS_BITS = P | RW | PS
+_FACTS = 15
+PENDING_MAX = 1 << 16  # queued count changes folded in at the latest after this many entries
 
 
 EVERYTHING = (0, 1 << 52)  # a stale range that covers all of guest-physical memory
@@ -55,6 +72,22 @@ def is_leaf(level: int, value: int) -> bool:
     return level == 1 or (level in LARGE and bool(value & PS))
 
 
+def small_entry_rule(level: int, rw: bool, kind: int, table_level: int) -> int:
+    """The error code of a present entry without reserved bits that is a 4 KiB leaf (level 1)
+    or points at a table (level 2-4, no PS), from the kind of memory at its frame (0 neither,
+    1 RAM, 2 ROM) and the level of the table registered there (0 none). ``check`` and the fast
+    path's verdict table both come from here."""
+    if level == 1:
+        if kind == 2:
+            return _PERM if rw else 0
+        if kind != 1:
+            return _BAD
+        return _PERM if rw and table_level else 0
+    if not table_level:
+        return _NPT
+    return _WL if table_level != level - 1 else 0
+
+
 @dataclass
 class PageTables:
     memory: GuestMemory
@@ -68,13 +101,17 @@ class PageTables:
         self.limit = max(end for _, end, _ in spans)
         frames = self.limit >> 12
         self.level_of = np.zeros(frames, np.int8)
-        self.refs = np.zeros(frames, np.int32)  # non-leaf entries pointing at each table
+        self._refs = np.zeros(frames, np.int32)  # non-leaf entries pointing at each table
         # Writable leaves by their (aligned) frame, per leaf size; registered tables per 2 MiB / 1 GiB.
-        self.writable = {PAGE: np.zeros(frames, np.int32), MiB2: np.zeros((frames >> 9) + 1, np.int32),
-                         GiB1: np.zeros((frames >> 18) + 1, np.int32)}
+        self._writable = {PAGE: np.zeros(frames, np.int32), MiB2: np.zeros((frames >> 9) + 1, np.int32),
+                          GiB1: np.zeros((frames >> 18) + 1, np.int32)}
+        # Count changes of fast-path batches not yet added: (verdict-table indexes, old, stored) each.
+        self._pending: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        self._pending_entries = 0
         self.tables_in = {MiB2: np.zeros((frames >> 9) + 1, np.int32), GiB1: np.zeros((frames >> 18) + 1, np.int32)}
         self.reserved_mask = ((1 << 52) - 1) & ~((1 << self.phys_bits) - 1)
         self._views = [(r.gpa, r.end, np.frombuffer(r.mem, dtype="<u8")) for r in self.memory.regions]
+        self._views64 = [(start, end, view.view(I64)) for start, end, view in self._views]
         # Where the last validated value of an entry is read from: guest memory by default; shadow
         # paging answers from its own copy, so a value the guest forged is never believed.
         self.validated: Callable[[np.ndarray], np.ndarray] = self._gather
@@ -93,6 +130,35 @@ class PageTables:
                 table[-(-start // size):end // size] = code
         # Frame bits a large leaf must leave clear, by level (bit 12 is PAT there).
         self._align = np.array([0, 0, (MiB2 - 1) & ~PAGE & ~0xFFF, (GiB1 - 1) & ~PAGE & ~0xFFF, 0], U64)
+        # The fast path (check_fast): per 4 KiB frame, level << 12 of the table there and its frame
+        # facts << 8, both with a last element of 0 that out-of-range indexes clip to (registered
+        # and released with level_of; the auditor checks they agree).
+        self.fast_level = np.zeros(frames + 1, I64)
+        self.fast_facts = np.zeros(frames + 1, I64)
+        self.fast_facts[:frames] = self._kind4.astype(I64) * 5 << 8
+        self._verdicts, self._ad_bits = self._fast_tables()
+        self._ptep_bad = I64(7 | -(1 << 52))  # misaligned, or beyond any physical address (sign bit too)
+        self._value_bad = I64(self.reserved_mask)
+        self._addr = I64(ADDR_MASK)
+
+    def _fast_tables(self) -> tuple[np.ndarray, np.ndarray]:
+        """The fast path's tables: per index, 1 where the general check must decide (an invalid
+        entry, a large leaf, PS in a PML4 entry, an unregistered table), and the A/D bits a valid
+        entry is stored with."""
+        verdicts = np.ones(5 << 12, np.int8)
+        ad_bits = np.zeros(5 << 12, I64)
+        for level in (1, 2, 3, 4):
+            for facts in range(_FACTS):
+                kind, table_level = divmod(facts, 5)
+                for bits in (0, P, RW, P | RW, PS, PS | P, PS | RW, PS | P | RW):
+                    index = level << 12 | facts << 8 | bits
+                    if not bits & P:
+                        verdicts[index] = 0
+                    elif not (bits & PS and level > 1) and not small_entry_rule(level, bool(bits & RW), kind,
+                                                                                 table_level):
+                        verdicts[index] = 0
+                        ad_bits[index] = self.stored(level, P) & ~P
+        return verdicts, ad_bits
 
     # --- the rules, one entry --------------------------------------------------------
 
@@ -109,9 +175,9 @@ class PageTables:
         if value & self.reserved_mask or (level == 4 and value & PS):
             return "RESERVED_PTE_BITS"
         frame = value & ADDR_MASK
-        if is_leaf(level, value):
+        if level in LARGE and value & PS:
             size = SIZE_OF_LEAF[level]
-            if level in LARGE and frame & (size - 1) & ~PAGE:  # bit 12 is PAT, the rest must be 0
+            if frame & (size - 1) & ~PAGE:  # bit 12 is PAT, the rest must be 0
                 return "RESERVED_PTE_BITS"
             frame &= ~(size - 1)
             kind = self._kind(frame, size)
@@ -119,20 +185,8 @@ class PageTables:
                 return "PERMISSION" if value & RW else None
             if kind != 1:
                 return "BAD_ADDRESS"
-            if value & RW and self._maps_a_table(frame, size):
-                return "PERMISSION"
-            return None
-        child = self.level.get(frame)
-        if child is None:
-            return "NOT_PAGE_TABLE"
-        if child != level - 1:
-            return "WRONG_LEVEL"
-        return None
-
-    def _maps_a_table(self, frame: int, size: int) -> bool:
-        if size == PAGE:
-            return frame in self.level
-        return bool(self.tables_in[size][frame // size])
+            return "PERMISSION" if value & RW and self.tables_in[size][frame // size] else None
+        return ERRORS[small_entry_rule(level, bool(value & RW), self._kind(frame, PAGE), self.level.get(frame, 0))]
 
     # --- the rules, a batch ------------------------------------------------------------
 
@@ -170,6 +224,77 @@ class PageTables:
         err[nonleaf & (child != 0) & (child != lv - 1)] = _WL
         return err
 
+    # --- the fast path of a batch -------------------------------------------------------------
+
+    def check_fast(self, pteps: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+        """(frame of each entry's table, verdict-table index of each entry) when every entry of a
+        batch (int64 arrays) is valid and none is a large leaf; None when ``check_many`` must decide."""
+        if np.count_nonzero((pteps & self._ptep_bad) | (values & self._value_bad)):
+            return None
+        frames = pteps >> 12
+        index = (self.fast_level.take(frames, mode="clip") | (values & _CLASS_BITS)
+                 | self.fast_facts.take((values & self._addr) >> 12, mode="clip"))
+        if np.count_nonzero(self._verdicts.take(index)):
+            return None
+        return frames, index
+
+    def slots(self, pteps: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+        """(a uint64 view of the region holding every entry, each entry's index in it) for distinct
+        entry addresses inside one region; None otherwise (duplicates must be applied in order)."""
+        ordered = np.sort(pteps)
+        if np.count_nonzero(ordered[1:] == ordered[:-1]):
+            return None
+        low, high = int(ordered[0]), int(ordered[-1])
+        for start, end, view in self._views64:
+            if start <= low and high < end:
+                return view, (pteps - start) >> 3
+        return None
+
+    def apply_fast(self, pteps: np.ndarray, values: np.ndarray, index: np.ndarray,
+                   old: np.ndarray | None = None) -> np.ndarray | None:
+        """Write a batch ``check_fast`` passed (``index`` is its answer) into the tables; the stored
+        values, or None (nothing written) when the entries must be applied one by one. ``old``: the
+        last validated values when they do not come from the tables themselves (shadow paging)."""
+        found = self.slots(pteps)
+        if found is None:
+            return None
+        view, slot = found
+        if old is None:
+            old = view.take(slot)
+        stored = values | self._ad_bits.take(index)
+        view[slot] = stored
+        if np.count_nonzero(old & P):  # a present entry changed: its translations may be cached
+            self._note_stale(self.levels_of(pteps.view(U64)), old.view(U64), stored.view(U64))
+        self._pending.append((index, old, stored))
+        self._pending_entries += len(index)
+        if self._pending_entries > PENDING_MAX:
+            self._fold()
+        return stored
+
+    def _fold(self) -> None:
+        """Add the fast path's queued count changes (the old entries leave, the new ones arrive)."""
+        pending, self._pending, self._pending_entries = self._pending, [], 0
+        if not pending:
+            return
+        levels = np.concatenate([index >> 12 for index, _, _ in pending])
+        old = np.concatenate([o for _, o, _ in pending]).view(U64)
+        stored = np.concatenate([s for _, _, s in pending]).view(U64)
+        n = len(levels)
+        self._count_many(np.concatenate((levels, levels)), np.concatenate((old, stored)),
+                         np.concatenate((np.full(n, -1, np.int32), np.ones(n, np.int32))))
+
+    @property
+    def refs(self) -> np.ndarray:
+        """Per frame: the present non-leaf entries pointing at it (the table there is in use)."""
+        self._fold()
+        return self._refs
+
+    @property
+    def writable(self) -> dict[int, np.ndarray]:
+        """Per leaf size, per aligned frame: the writable leaves mapping it."""
+        self._fold()
+        return self._writable
+
     def levels_of(self, pteps: np.ndarray) -> np.ndarray:
         """The level of the table holding each entry address (0 = not in a registered table)."""
         index = pteps >> U64(12)
@@ -206,6 +331,8 @@ class PageTables:
         self.level[table] = level
         frame = table >> 12
         self.level_of[frame] = level
+        self.fast_level[frame] = level << 12
+        self.fast_facts[frame] += level << 8
         self.tables_in[MiB2][frame >> 9] += 1
         self.tables_in[GiB1][frame >> 18] += 1
         self._count_many(np.full(ENTRIES, level), self.entries(table), +1)
@@ -215,6 +342,8 @@ class PageTables:
         level = self.level.pop(table)
         frame = table >> 12
         self.level_of[frame] = 0
+        self.fast_level[frame] = 0
+        self.fast_facts[frame] -= level << 8
         self.tables_in[MiB2][frame >> 9] -= 1
         self.tables_in[GiB1][frame >> 18] -= 1
         self._count_many(np.full(ENTRIES, level), old, -1)
@@ -254,6 +383,11 @@ class PageTables:
         self._count_many(np.concatenate((levels, levels)), np.concatenate((old, stored)),
                          np.concatenate((np.full(n, -1, np.int32), np.ones(n, np.int32))))
         self._scatter(pteps, stored)
+        self._note_stale(levels, old, stored)
+        return stored
+
+    def _note_stale(self, levels: np.ndarray, old: np.ndarray, stored: np.ndarray) -> None:
+        """What ``apply`` adds to ``stale``, for arrays of entries (uint64) replacing ``old``."""
         changed = ((old & U64(P)) != 0) & (old != stored)
         if changed.any():
             was_leaf = (levels == 1) | (((levels == 2) | (levels == 3)) & ((old & U64(PS)) != 0))
@@ -263,7 +397,6 @@ class PageTables:
                 sizes = np.where(levels == 1, U64(PAGE), np.where(levels == 2, U64(1 << 21), U64(1 << 30)))
                 frames = old[changed] & U64(ADDR_MASK) & ~(sizes[changed] - U64(1))
                 self.stale += list(zip(frames.tolist(), sizes[changed].tolist()))
-        return stored
 
     def _region_views(self, addrs: np.ndarray):  # type: ignore[no-untyped-def]
         if not len(addrs):
@@ -297,9 +430,9 @@ class PageTables:
         if is_leaf(level, value):
             if value & RW:
                 size = SIZE_OF_LEAF[level]
-                self.writable[size][frame // size] += delta
+                self._writable[size][frame // size] += delta
         else:
-            self.refs[frame >> 12] += delta
+            self._refs[frame >> 12] += delta
 
     def _count_many(self, levels: np.ndarray, values: np.ndarray, delta: int | np.ndarray) -> None:
         """Add ``delta`` (one for all, or one per entry) to the counts the entries contribute."""
@@ -315,12 +448,12 @@ class PageTables:
         deltas = np.broadcast_to(np.asarray(delta, np.int32), v.shape)
         nonleaf = present & ~leaf
         if nonleaf.any():
-            np.add.at(self.refs, (frame[nonleaf] >> U64(12)).astype(np.int64), deltas[nonleaf])
+            np.add.at(self._refs, (frame[nonleaf] >> U64(12)).astype(np.int64), deltas[nonleaf])
         writable = present & leaf & ((v & U64(RW)) != 0)
         for level, size in SIZE_OF_LEAF.items():
             sel = writable & (lv == level)
             if sel.any():
-                np.add.at(self.writable[size], (frame[sel] // U64(size)).astype(np.int64), deltas[sel])
+                np.add.at(self._writable[size], (frame[sel] // U64(size)).astype(np.int64), deltas[sel])
 
     def entries(self, table: int) -> np.ndarray:
         return np.frombuffer(self.memory.read(table, PAGE), dtype="<u8")
@@ -328,6 +461,7 @@ class PageTables:
     def close(self) -> None:
         """Drop the array views of guest memory (they pin its mappings open)."""
         self._views = []
+        self._views64 = []
 
     # --- the auditor ------------------------------------------------------------------------------
 
@@ -397,7 +531,9 @@ class Auditor:
         self._derived: dict[int, _Derived] = {}
         # The registered set the entry checks last saw: the level dict (and its sorted items)
         # and the bytes of the arrays check_many reads.
-        self._registered: tuple[dict[int, int], list[tuple[int, int]], np.ndarray, list[bytes]] | None = None
+        self._registered: tuple[dict[int, int], list[tuple[int, int]], list[bytes]] | None = None
+        self._arrays_seen = [a.copy() for a in self._arrays(tables)]  # as the last audit saw them
+        self._levels_agree = True
         self._same = _Same()
         self._regions: dict[int, tuple[Region, int]] = {}  # table -> its region and offset in it
         # The counts the kept contributions add up to, and their bytes (redone when they change).
@@ -411,10 +547,14 @@ class Auditor:
         self.audits += 1
         registered = self._registered
         tables_in = [t.tables_in[s].tobytes() for s in sorted(t.tables_in)]  # a few hundred bytes
-        same_set = (registered is not None and registered[0] == t.level and self._same(registered[2], t.level_of)
-                    and registered[3] == tables_in)
+        seen = self._arrays_seen
+        same_set = (registered is not None and registered[0] == t.level and registered[2] == tables_in
+                    and all(self._same(copy, now) for copy, now in zip(seen, self._arrays(t))))
         if not same_set:
-            registered = self._registered = (dict(t.level), sorted(t.level.items()), t.level_of.copy(), tables_in)
+            registered = self._registered = (dict(t.level), sorted(t.level.items()), tables_in)
+            for copy, now in zip(seen, self._arrays(t)):  # into the same buffers: _Same knows their pointers
+                np.copyto(copy, now)
+            self._levels_agree = self._per_frame_levels_agree()
             for table in [table for table in self._derived if table not in t.level]:  # released
                 self._count(self._derived.pop(table), -1)
         assert registered is not None
@@ -434,11 +574,27 @@ class Auditor:
         if recheck:
             self._check(recheck)
         problems = [p for table, _ in registered[1] for p in self._derived[table].problems]
+        if not self._levels_agree:
+            problems.append("per-frame level tables disagree with the registered tables")
         if not self._same(t.refs, self._refs):
             problems.append("reference counts disagree with the tables")
         if any(not self._same(t.writable[s], self._writable[s]) for s in t.writable):
             problems.append("writable-mapping counts disagree with the tables")
         return problems
+
+    def _per_frame_levels_agree(self) -> bool:
+        """Whether level_of and the fast path's arrays say what the level dict says."""
+        t = self.tables
+        level = np.zeros(len(t.level_of) + 1, I64)
+        level[[table >> 12 for table in t.level]] = list(t.level.values())
+        facts = np.append(t._kind4.astype(I64) * 5, 0) + level
+        return (bool(np.array_equal(t.level_of, level[:-1])) and bool(np.array_equal(t.fast_level, level << 12))
+                and bool(np.array_equal(t.fast_facts, facts << 8)))
+
+    @staticmethod
+    def _arrays(t: PageTables) -> tuple[np.ndarray, ...]:
+        """The per-frame arrays the entry checks read besides the level dict."""
+        return t.level_of, t.fast_level, t.fast_facts
 
     def read_page(self, page: int) -> bytes:
         """The page's 4 KiB, as GuestMemory.read gives them (its region looked up once)."""

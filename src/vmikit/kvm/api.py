@@ -218,7 +218,6 @@ class KvmVcpu:
         # Ask KVM to copy registers out on every exit, so a port exit needs no KVM_GET_REGS.
         self.run_struct.kvm_valid_regs = SYNC_MASK
         self.regs: KvmRegs = self.run_struct.s.regs.regs
-        self.sregs_view: KvmSregs = self.run_struct.s.regs.sregs
 
     def set_cpuid(self, buf: ctypes.Array[ctypes.c_char]) -> None:
         kvm_ioctl(self.fd, KVM_SET_CPUID2, buf)
@@ -268,7 +267,7 @@ class KvmVcpu:
 
     def close(self) -> None:
         if self.fd >= 0:
-            del self.regs, self.sregs_view, self.run_struct
+            del self.regs, self.run_struct
             self._map.close()
             os.close(self.fd)
             self.fd = -1
