@@ -12,12 +12,12 @@ from hypothesis import given, settings, strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from vmikit.hypervisor.context import HypercallError
-from test_dispatch import SPEC, StandInVcpu, call
+from test_dispatch import ERR, SPEC, StandInVcpu, call
 from vmikit.hypervisor import Hypervisor
 from vmikit.hypervisor import mmu as mmu_module
 from vmikit.hypervisor.mmu import BATCH_ENTRY
 from vmikit.hypervisor.mmu import DirectMmu, ShadowMmu, TrapMmu
-from vmikit.hypervisor.pagetables import ERRORS, A, D, P, PS, RW
+from vmikit.hypervisor.pagetables import ERRORS, EVERYTHING, A, D, P, PS, RW
 from vmikit.memory import GuestMemory, Region
 
 POOL = 0x200000
@@ -254,3 +254,130 @@ def test_small_and_large_batch_paths_agree(entries: list[tuple[int, int, int, in
             mmu_module.VECTOR_MIN = saved
         outcomes.append((result, snapshot(m), m.tables.refs.tolist()))
     assert outcomes[0] == outcomes[1]
+
+
+# --- the FlushQueue fast path (PageTables.check_fast/apply_fast) ---------------------------
+
+SET_PTE_QUEUED = SPEC.by_name("MMU.SetPTE").call_id() | 0x01  # the queue annotation
+FLUSH_QUEUE = SPEC.by_name("MMU.FlushQueue").call_id()
+BATCH_AT = 0x100000
+
+
+def _flush(m: DirectMmu, entries: list[tuple[int, int, int]]) -> tuple[Hypervisor, int, tuple[int, ...]]:
+    """FlushQueue of (call ID, entry address, value) entries; (hypervisor, status, results)."""
+    hv = Hypervisor(SPEC, mmu=m)
+    vcpu = StandInVcpu()
+    hv.attach(m.memory, vcpu)  # type: ignore[arg-type]
+    m.memory.write(BATCH_AT, b"".join(BATCH_ENTRY.pack(cid & 0xFFFFFFFF, cid >> 32, p, v, 0) for cid, p, v in entries))
+    status, results = call((hv, vcpu), FLUSH_QUEUE, BATCH_AT, len(entries))
+    return hv, status, results
+
+
+def _fresh(style: str) -> DirectMmu:
+    mem = memory()
+    m = ShadowMmu(mem, SHADOW, 0x100000) if style == "shadow" else DirectMmu(mem)
+    for n, level in enumerate((4, 3, 2, 1, 1, 2)):
+        assert m.allocate(table(n), level) is None
+    return m
+
+
+def _state(m: DirectMmu) -> tuple[bytes, list[int], dict[int, list[int]], object]:
+    stale = set(m.take_stale())  # what must be flushed: everything, or these frames
+    return (snapshot(m), m.tables.refs.tolist(), {s: c.tolist() for s, c in m.tables.writable.items()},
+            "everything" if EVERYTHING in stale else stale)
+
+
+@given(style=st.sampled_from(["direct", "shadow"]),
+       entries=st.lists(st.tuples(st.sampled_from([0, 1, 2, 3, 4, 5]), st.integers(0, 3) | st.integers(0, 511),
+                                  VALUES), min_size=mmu_module.VECTOR_MIN, max_size=80),
+       data=st.data())
+@settings(max_examples=150, deadline=None)
+def test_fast_path_equals_applying_one_by_one(style: str, entries: list[tuple[int, int, int]],
+                                             data: st.DataObject) -> None:
+    """Random batches, valid and invalid, duplicates included, flushed twice (the second round
+    gives the same entries new values, replacing present ones): the fast path's outcome is the
+    one-by-one outcome, and it takes a batch exactly when every entry is valid and none is a
+    large leaf."""
+    fast, slow = _fresh(style), _fresh(style)
+    rounds = [[v for _, _, v in entries], data.draw(st.lists(VALUES, min_size=len(entries), max_size=len(entries)))]
+    for values in rounds:
+        batch = [(SET_PTE_QUEUED, table(n) + 8 * i, v) for (n, i, _), v in zip(entries, values)]
+        levels = [slow.tables.level[table(n)] for n, _, _ in entries]
+        errors = [slow.check_pte(p, v) for _, p, v in batch]
+        eligible = not any(errors) and not any(lv in (2, 3) and v & P and v & PS
+                                               for lv, (_, _, v) in zip(levels, batch))
+        import numpy as np
+
+        words = np.array([[c, p, v, 0] for c, p, v in batch], dtype=np.uint64).view(np.int64)
+        assert (fast.tables.check_fast(words[:, 1], words[:, 2], words[:, 0], SET_PTE_QUEUED) is not None) == eligible
+        _, status, results = _flush(fast, batch)
+        if any(errors):
+            index = next(k for k, e in enumerate(errors) if e)
+            assert (status, results[:2]) == (ERR["BATCH_INVALID"], (index, ERR[errors[index]]))
+        else:
+            assert status == 0
+            for _, p, v in batch:
+                slow.apply_pte(p, v)
+        assert _state(fast) == _state(slow)
+        assert fast.audit() == []
+
+
+@pytest.mark.parametrize("style", ["direct", "shadow"])
+@pytest.mark.parametrize("what,index,value,error", BROKEN + [
+    ("misaligned entry address", -1, 0x300000 | P, "BAD_ADDRESS"),
+    ("entry address outside any table", -2, 0x300000 | P, "NOT_PAGE_TABLE"),
+    ("non-present entry in a released table", -3, 0, "NOT_PAGE_TABLE"),
+], ids=[b[0] for b in BROKEN] + ["misaligned", "not a table", "released table"])
+def test_a_full_batch_with_one_broken_entry_applies_nothing_and_names_it(style: str, what: str, index: int,
+                                                                          value: int, error: str) -> None:
+    """Every rule, as the one bad entry at a random place of a 256-entry batch that is otherwise
+    the fast path's favourite (fresh 4 KiB leaves in order): BATCH_INVALID, its index, its error,
+    nothing written; the same batch without it is applied whole."""
+    import random
+
+    m = _fresh(style)
+    assert m.release(table(5)) is None
+    good = [(SET_PTE_QUEUED, table(3) + 8 * k, (0x300000 + 0x1000 * k) | P | RW) for k in range(256)]
+    at = random.Random(what).randrange(256)
+    ptep = {-1: table(3) + 8 * at + 4, -2: 0x300000, -3: table(5)}.get(index, table(max(index, 0)) + 8)
+    if index >= 0 and index != 3:  # a rule of a higher level: the bad entry goes to that table
+        good[at] = (SET_PTE_QUEUED, ptep, value)
+    else:
+        good[at] = (SET_PTE_QUEUED, ptep if index < 0 else table(3) + 8 * at, value)
+    before = _state(m)
+    _, status, results = _flush(m, good)
+    assert (status, results[:2]) == (ERR["BATCH_INVALID"], (at, ERR[error])), what
+    assert _state(m) == before
+    del good[at]
+    _, status, results = _flush(m, good)
+    assert (status, results[0]) == (0, 255)
+    assert m.audit() == []
+
+
+def test_a_batch_mixing_call_ids_is_checked_by_the_general_path() -> None:
+    """Entries with another queueable ID (SetLongPTE) or another annotation are still applied;
+    an ID that cannot be queued is refused at its index."""
+    m = _fresh("direct")
+    batch = [(SET_PTE_QUEUED, table(3) + 8 * k, (0x300000 + 0x1000 * k) | P) for k in range(64)]
+    batch[10] = (SPEC.by_name("MMU.SetLongPTE").call_id(), batch[10][1], batch[10][2])
+    batch[11] = (SET_PTE_QUEUED & ~0xFF, batch[11][1], batch[11][2])
+    hv, status, results = _flush(m, batch)
+    assert (status, results[0]) == (0, 64)
+    assert hv.calls[SET_PTE_QUEUED] == 62
+    batch[20] = (SPEC.by_name("Query.GetVersion").call_id(), batch[20][1], batch[20][2])
+    _, status, results = _flush(m, batch)
+    assert (status, results[:2]) == (ERR["BATCH_INVALID"], (20, ERR["NOT_SUPPORTED"]))
+
+
+@pytest.mark.parametrize("style", ["direct", "shadow"])
+def test_a_batch_writing_one_entry_twice_is_applied_in_order(style: str) -> None:
+    """The second of two writes to one entry wins, and the counts see the first come and go."""
+    fast, slow = _fresh(style), _fresh(style)
+    batch = [(SET_PTE_QUEUED, table(3) + 8 * k, (0x300000 + 0x1000 * k) | P | RW) for k in range(64)]
+    batch[40] = (SET_PTE_QUEUED, batch[7][1], 0x500000 | P)  # entry 7 again, read-only elsewhere
+    _, status, _ = _flush(fast, batch)
+    assert status == 0
+    for _, p, v in batch:
+        slow.apply_pte(p, v)
+    assert _state(fast) == _state(slow)
+    assert fast.memory.read_u64(batch[7][1]) & ~(A | D) == 0x500000 | P

@@ -12,6 +12,8 @@ import mmap
 from dataclasses import dataclass, field
 from typing import TypeVar
 
+import numpy as np
+
 T = TypeVar("T", bound=ctypes.Structure)
 
 HUGE_PAGE = 2 << 20
@@ -37,6 +39,7 @@ class Region:
     kind: str = "ram"  # "ram": guest RAM (even if read-only to it); "rom"; "private": the hypervisor's own
     mem: mmap.mmap = field(init=False, repr=False)
     view: memoryview = field(init=False, repr=False)
+    words: np.ndarray = field(init=False, repr=False)  # the region as little-endian 64-bit words
     host_addr: int = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -49,6 +52,7 @@ class Region:
             # two-level fault, so backing guest RAM with 2 MiB pages cuts those faults 512-fold.
             self.mem.madvise(mmap.MADV_HUGEPAGE)
         self.view = memoryview(self.mem)
+        self.words = np.frombuffer(self.mem, "<i8")
         self.host_addr = ctypes.addressof(ctypes.c_char.from_buffer(self.mem))
 
     @property
@@ -59,6 +63,7 @@ class Region:
         return self.gpa <= gpa and length >= 0 and gpa + length <= self.end
 
     def close(self) -> None:
+        self.words = np.zeros(0, "<i8")  # the array view pins the mapping
         self.view.release()
         self.mem.close()
 
@@ -98,6 +103,17 @@ class GuestMemory:
         region = self.region_for(gpa, length)
         off = gpa - region.gpa
         return bytes(region.view[off:off + length])
+
+    def ram_words(self, gpa: int, count: int) -> np.ndarray | None:
+        """A copy of ``count`` 64-bit words (int64) at ``gpa``, which must be 8-aligned and lie wholly
+        inside one region of guest RAM; None if not (a batch of hypercalls is read this way)."""
+        for region in self.regions:
+            if region.gpa <= gpa and gpa + 8 * count <= region.gpa + region.size:
+                if region.kind != "ram" or gpa & 7 or count < 0:
+                    return None
+                first = (gpa - region.gpa) >> 3
+                return region.words[first:first + count].copy()
+        return None
 
     def write(self, gpa: int, data: bytes | bytearray | memoryview) -> None:
         region = self.region_for(gpa, len(data))

@@ -34,8 +34,3 @@ class CallContext:
     def annotation(self) -> int:
         return self.call_id & 0xFF
 
-
-def check_range(ctx: CallContext, gpa: int, length: int, *, align: int = 1) -> None:
-    """BAD_ADDRESS unless [gpa, gpa+length) is aligned guest RAM (never the ROM)."""
-    if gpa % align or not ctx.memory.is_ram(gpa, length):
-        raise HypercallError("BAD_ADDRESS")

@@ -19,7 +19,7 @@ from collections import Counter
 
 import numpy as np
 
-from vmikit.hypervisor.context import CallContext, HypercallError, check_range
+from vmikit.hypervisor.context import CallContext, HypercallError
 from vmikit.hypervisor.pagetables import ADDR_MASK, ERRORS, EVERYTHING, Auditor, PAGE, PCD, PS, PWT, U64, A, D, P, PageTables, is_leaf
 from vmikit.hypervisor.registry import FamilyHandlers
 from vmikit.memory import GuestMemory
@@ -82,10 +82,11 @@ class Mmu:
         for ptep, value in zip(pteps.tolist(), values.tolist()):
             self.apply_pte(ptep, value)
 
-    def apply_queued(self, pteps: np.ndarray, values: np.ndarray) -> bool:
-        """The fast path of a FlushQueue batch (int64 arrays of entry addresses and values): True
-        when the whole batch was valid and is applied; False (nothing changed) when the general
-        check must decide, which names the first failing entry."""
+    def apply_queued(self, entries: np.ndarray, call_id: int) -> bool:
+        """The fast path of a FlushQueue batch (``entries``: its int64 words, one row per entry:
+        call ID and reserved word, entry address, value, unused): True when every entry has the
+        queueable ``call_id`` (as that word) and is valid, and the batch is applied; False (nothing
+        changed) when the general check must decide, which names the first failing entry."""
         return False
 
     def close(self) -> None:
@@ -178,8 +179,9 @@ class DirectMmu(Mmu):
         else:
             self.tables.apply_many(pteps, values)
 
-    def apply_queued(self, pteps: np.ndarray, values: np.ndarray) -> bool:
-        checked = self.tables.check_fast(pteps, values)
+    def apply_queued(self, entries: np.ndarray, call_id: int) -> bool:
+        pteps, values = entries[:, 1], entries[:, 2]
+        checked = self.tables.check_fast(pteps, values, entries[:, 0], call_id)
         if checked is None:
             return False
         if self.tables.apply_fast(pteps, values, checked[1]) is None:  # duplicates: in order
@@ -324,8 +326,9 @@ class ShadowMmu(DirectMmu):
         shadow[~present] = 0
         return shadow
 
-    def apply_queued(self, pteps: np.ndarray, values: np.ndarray) -> bool:
-        checked = self.tables.check_fast(pteps, values)
+    def apply_queued(self, entries: np.ndarray, call_id: int) -> bool:
+        pteps, values = entries[:, 1], entries[:, 2]
+        checked = self.tables.check_fast(pteps, values, entries[:, 0], call_id)
         if checked is None:
             return False
         frames, index = checked
@@ -525,10 +528,13 @@ def flush_queue(ctx: CallContext, batch: int, count: int, _: int) -> tuple[int, 
         raise HypercallError("INVALID_ARGUMENT")
     if count == 0:
         return (0,)
-    check_range(ctx, batch, count * BATCH_ENTRY.size, align=8)
-    raw = ctx.memory.read(batch, count * BATCH_ENTRY.size)
-    if count >= VECTOR_MIN and _apply_uniform(ctx, raw, count):
+    words = ctx.memory.ram_words(batch, count * 4)  # a copy: what is checked is what is applied
+    if words is None:
+        raise HypercallError("BAD_ADDRESS")
+    entries = words.reshape(count, 4)  # call_id | reserved << 32, a0, a1, a2
+    if count >= VECTOR_MIN and _apply_uniform(ctx, entries):
         return (count,)
+    raw = words.tobytes()
     # Check every entry before applying any; the first failing index is reported.
     if count < VECTOR_MIN:
         ids, pteps, values = _check_entries(ctx, raw)
@@ -542,14 +548,13 @@ def flush_queue(ctx: CallContext, batch: int, count: int, _: int) -> tuple[int, 
     return (count,)
 
 
-def _apply_uniform(ctx: CallContext, raw: bytes, count: int) -> bool:
+def _apply_uniform(ctx: CallContext, entries: np.ndarray) -> bool:
     """The fast path: a batch whose entries all carry the same queueable call ID, applied when
     the MMU's fast check finds every entry valid. False (nothing changed): the general path."""
     hv = ctx.hypervisor
-    entries = np.frombuffer(raw, np.int64).reshape(count, 4)  # call_id | reserved << 32, a0, a1, a2
+    count = len(entries)
     first = int(entries[0, 0])
-    if (_entry_id_error(ctx, first & 0xFFFF_FFFF, first >> 32) or np.count_nonzero(entries[:, 0] != first)
-            or not _mmu(ctx).apply_queued(entries[:, 1], entries[:, 2])):
+    if _entry_id_error(ctx, first & 0xFFFF_FFFF, first >> 32) or not _mmu(ctx).apply_queued(entries, first):
         return False
     hv.calls[first] += count
     if hv.audit:

@@ -110,8 +110,9 @@ class PageTables:
         self._pending_entries = 0
         self.tables_in = {MiB2: np.zeros((frames >> 9) + 1, np.int32), GiB1: np.zeros((frames >> 18) + 1, np.int32)}
         self.reserved_mask = ((1 << 52) - 1) & ~((1 << self.phys_bits) - 1)
+        if self.limit > 1 << self.phys_bits:  # check_fast finds reserved bits as frames beyond the map
+            raise ValueError(f"guest memory ends at {self.limit:#x}, beyond {self.phys_bits} physical address bits")
         self._views = [(r.gpa, r.end, np.frombuffer(r.mem, dtype="<u8")) for r in self.memory.regions]
-        self._views64 = [(start, end, view.view(I64)) for start, end, view in self._views]
         # Where the last validated value of an entry is read from: guest memory by default; shadow
         # paging answers from its own copy, so a value the guest forged is never believed.
         self.validated: Callable[[np.ndarray], np.ndarray] = self._gather
@@ -138,7 +139,10 @@ class PageTables:
         self.fast_facts[:frames] = self._kind4.astype(I64) * 5 << 8
         self._verdicts, self._ad_bits = self._fast_tables()
         self._ptep_bad = I64(7 | -(1 << 52))  # misaligned, or beyond any physical address (sign bit too)
-        self._value_bad = I64(self.reserved_mask)
+        # The one region holding every registered table (None: none yet; False: tables in several,
+        # and the fast path is off): its words, how an entry address becomes an index into them,
+        # and a stamp per word for finding duplicate entries (zero pages until a table is used).
+        self._table_region: _TableRegion | None | bool = None
         self._addr = I64(ADDR_MASK)
 
     def _fast_tables(self) -> tuple[np.ndarray, np.ndarray]:
@@ -226,10 +230,23 @@ class PageTables:
 
     # --- the fast path of a batch -------------------------------------------------------------
 
-    def check_fast(self, pteps: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    def _note_table_region(self, table: int) -> None:
+        region = self.memory.region_for(table, PAGE)
+        known = self._table_region
+        if known is None:
+            self._table_region = _TableRegion(region.gpa, region.size, region.words)
+        elif known is not False and not (known.start <= table < known.end):
+            self._table_region = False
+
+    def check_fast(self, pteps: np.ndarray, values: np.ndarray, tags: np.ndarray,
+                   tag: int) -> tuple[np.ndarray, np.ndarray] | None:
         """(frame of each entry's table, verdict-table index of each entry) when every entry of a
-        batch (int64 arrays) is valid and none is a large leaf; None when ``check_many`` must decide."""
-        if np.count_nonzero((pteps & self._ptep_bad) | (values & self._value_bad)):
+        batch (int64 arrays) is valid, none is a large leaf and every one of ``tags`` (the entries'
+        call IDs) equals ``tag``; None when ``check_many`` must decide.
+
+        Reserved bits need no test of their own: they lie inside the frame bits, so such a frame
+        is beyond the memory map, whose facts say "neither RAM nor ROM" (invalid when present)."""
+        if not self._table_region or np.count_nonzero((pteps & self._ptep_bad) | (tags ^ tag)):
             return None
         frames = pteps >> 12
         index = (self.fast_level.take(frames, mode="clip") | (values & _CLASS_BITS)
@@ -238,27 +255,17 @@ class PageTables:
             return None
         return frames, index
 
-    def slots(self, pteps: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
-        """(a uint64 view of the region holding every entry, each entry's index in it) for distinct
-        entry addresses inside one region; None otherwise (duplicates must be applied in order)."""
-        ordered = np.sort(pteps)
-        if np.count_nonzero(ordered[1:] == ordered[:-1]):
-            return None
-        low, high = int(ordered[0]), int(ordered[-1])
-        for start, end, view in self._views64:
-            if start <= low and high < end:
-                return view, (pteps - start) >> 3
-        return None
-
     def apply_fast(self, pteps: np.ndarray, values: np.ndarray, index: np.ndarray,
                    old: np.ndarray | None = None) -> np.ndarray | None:
         """Write a batch ``check_fast`` passed (``index`` is its answer) into the tables; the stored
         values, or None (nothing written) when the entries must be applied one by one. ``old``: the
         last validated values when they do not come from the tables themselves (shadow paging)."""
-        found = self.slots(pteps)
-        if found is None:
+        region = self._table_region
+        assert isinstance(region, _TableRegion), "check_fast first"
+        slot = region.slots(pteps)
+        if region.has_duplicates(slot):
             return None
-        view, slot = found
+        view = region.words
         if old is None:
             old = view.take(slot)
         stored = values | self._ad_bits.take(index)
@@ -329,6 +336,7 @@ class PageTables:
         if table in self.level:
             return
         self.level[table] = level
+        self._note_table_region(table)
         frame = table >> 12
         self.level_of[frame] = level
         self.fast_level[frame] = level << 12
@@ -461,13 +469,40 @@ class PageTables:
     def close(self) -> None:
         """Drop the array views of guest memory (they pin its mappings open)."""
         self._views = []
-        self._views64 = []
+        self._table_region = False
 
     # --- the auditor ------------------------------------------------------------------------------
 
     def audit(self) -> list[str]:
         """Every invariant, recomputed from the tables themselves; an empty list when all hold."""
         return Auditor(self).audit()
+
+
+class _TableRegion:
+    """The region holding every registered table, as the fast path indexes it."""
+
+    def __init__(self, start: int, size: int, words: np.ndarray) -> None:
+        self.start, self.end, self.words = start, start + size, words
+        # A region aligned to a power of two at least its size indexes with a mask (the page-table
+        # pool is), which keeps the fast path to the few array operations it already uses.
+        span = 1 << max(size - 1, 1).bit_length()
+        self._mask = I64(span // 8 - 1) if start % span == 0 else None
+        self._start = I64(start)
+        self._stamps = np.zeros(size // 8, I64)
+        self._order = np.arange(4096, dtype=I64)  # positions for batches up to this size
+
+    def slots(self, pteps: np.ndarray) -> np.ndarray:
+        """Each entry address (inside the region) as an index into ``words``."""
+        if self._mask is not None:
+            return (pteps >> 3) & self._mask
+        return (pteps - self._start) >> 3
+
+    def has_duplicates(self, slots: np.ndarray) -> bool:
+        """Whether an index repeats: each entry stamps its slot with its position, and a slot
+        stamped by a later entry reads back another position."""
+        order = self._order[:len(slots)] if len(slots) <= len(self._order) else np.arange(len(slots), dtype=I64)
+        self._stamps[slots] = order
+        return bool(np.count_nonzero(self._stamps.take(slots) ^ order))
 
 
 @dataclass
