@@ -46,6 +46,12 @@ def test_every_cell_present_and_positive(results: dict) -> None:
             assert cell["exits_per_op"]["min"] >= 0
             assert cell["ratio_to_native"] > 0
     assert results["cells"]["map"]["native"]["ratio_to_native"] == 1.0
+    for profile in PROFILE_NAMES:  # the VMM's time per queued entry, per repetition, where entries are queued
+        spread = results["cells"]["map"][profile]["vmm_ns_per_entry"]
+        if "honour" in profile and profile != "native":
+            assert 0 < spread["min"] <= spread["median"] <= spread["max"], profile
+        else:
+            assert spread is None, profile
 
 
 def test_run_is_described(results: dict) -> None:
@@ -54,9 +60,10 @@ def test_run_is_described(results: dict) -> None:
     assert results["date"] and results["config"]["repetitions"] == TINY.reps
     assert results["tsc_khz"] > 0
     names = [t["name"] for t in results["targets"]]
-    assert len(names) == 7 and len(set(names)) == 7
+    assert len(names) == 9 and len(set(names)) == 9
     for wanted in ("map / setpte per page, direct-honour", "map under direct-honour / native map",
-                   "rdtsc-vmi under direct-honour"):
+                   "rdtsc-vmi under direct-honour", "VMM time per queued entry, map under direct-honour",
+                   "VMM time per queued entry, map under shadow-honour"):
         assert any(n.startswith(wanted) for n in names), wanted
     for t in results["targets"]:
         assert "issue" not in t["name"] and t["kind"] in ("ratio", "fraction", "ns", "MiB")
@@ -182,6 +189,7 @@ def test_c_reference_and_memory(results: dict) -> None:
     assert c["python"]["exits_per_call"] == pytest.approx(1.0)
     assert c["python"]["privilege"] == "ring0"  # refvmm has no execution model: both sides at ring 0
     assert c["ratio"] > 0
+    assert 0 < c["c"]["vmm_ns_per_exit"] < c["python"]["vmm_ns_per_exit"]  # C's exit loop does far less
     mem = results["memory"]
     assert "error" not in mem, mem
     assert mem["exit_status"] == 0 and mem["privilege"] == "deprivileged"

@@ -26,7 +26,7 @@ from vmikit.machine.loader import load_multiboot
 
 SOURCE = Path(__file__).resolve().parent / "src" / "refvmm.c"
 CFLAGS = ("-O2", "-Wall", "-Wextra")
-RESULT = re.compile(r"REFVMM status=(-?\d+) exits=(\d+) hypercalls=(\d+) wall_ns=(\d+) tsc_khz=(-?\d+)")
+RESULT = re.compile(r"REFVMM status=(-?\d+) exits=(\d+) hypercalls=(\d+) wall_ns=(\d+) tsc_khz=(-?\d+) user_ns=(\d+)")
 WORKLOADS = ("null", "spin")
 
 
@@ -97,9 +97,9 @@ def run_refvmm(image: Path, rom: bytes, line: str, memory_mib: int) -> dict[str,
     if proc.returncode != 0 or match is None:
         raise VmikitError(f"the C reference VMM failed (status {proc.returncode}): {proc.stderr.strip()[-300:]}",
                           "run `vmikit doctor`")
-    status, exits, hypercalls, wall_ns, tsc_khz = (int(g) for g in match.groups())
+    status, exits, hypercalls, wall_ns, tsc_khz, user_ns = (int(g) for g in match.groups())
     return {"lines": parse_console(proc.stdout), "exits": exits, "hypercalls": hypercalls, "wall_ns": wall_ns,
-            "tsc_khz": tsc_khz}
+            "tsc_khz": tsc_khz, "vmm_ns_per_exit": user_ns / exits if exits else None}
 
 
 def _ns(lines: list[tuple[str, int, int]], workload: str, tsc_khz: int) -> list[float]:
@@ -122,24 +122,25 @@ def compare(image: Path, sizes: Sizes, *, memory_mib: int = 128,
     line = cmdline(WORKLOADS, sizes)
     rom = build_rom(RomProfile("full"), honour_annotations=profile.annotations == "honour").data
     c = run_refvmm(image, rom, line, memory_mib)
-    py = run_profile(image, profile, WORKLOADS, sizes, memory_mib=memory_mib, paging="native")
+    py = run_profile(image, profile, WORKLOADS, sizes, memory_mib=memory_mib, paging="native", time_exits=True)
     c_khz = int(c["tsc_khz"]) if int(c["tsc_khz"]) > 0 else int(py["tsc_khz"])  # type: ignore[call-overload]
     c_null = _ns(c["lines"], "null", c_khz)  # type: ignore[arg-type]
     c_spin = _ns(c["lines"], "spin", c_khz)  # type: ignore[arg-type]
-    py_lines = [(s["workload"], s["ops"], s["cycles"]) for s in py["sections"]]  # type: ignore[union-attr]
-    py_null = _ns(py_lines, "null", int(py["tsc_khz"]))  # type: ignore[arg-type, call-overload]
-    py_spin = _ns(py_lines, "spin", int(py["tsc_khz"]))  # type: ignore[arg-type, call-overload]
-    py_exits = [s["exits"] / s["ops"] for s in py["sections"] if s["workload"] == "null"]  # type: ignore[union-attr, operator]
+    py_lines = [(s["workload"], s["ops"], s["cycles"]) for s in py["sections"]]
+    py_null = _ns(py_lines, "null", int(py["tsc_khz"]))
+    py_spin = _ns(py_lines, "spin", int(py["tsc_khz"]))
+    py_exits = [s["exits"] / s["ops"] for s in py["sections"] if s["workload"] == "null"]
     c_ns, p_ns = statistics.median(c_null), statistics.median(py_null)
     spin = statistics.median(c_spin)
     return {
         "cmdline": line,
         "c": {"null_ns_per_call": _summary(c_null), "spin_ns_per_iteration": _summary(c_spin),
               "exits_total": c["exits"], "hypercalls": c["hypercalls"], "wall_seconds": c["wall_ns"] / 1e9,  # type: ignore[operator]
-              "tsc_khz": c_khz},
+              "tsc_khz": c_khz, "vmm_ns_per_exit": c["vmm_ns_per_exit"]},
         "python": {"null_ns_per_call": _summary(py_null), "spin_ns_per_iteration": _summary(py_spin),
                    "exits_per_call": statistics.median(py_exits), "paging": "native", "rom": "full",
-                   "annotations": profile.annotations, "privilege": py["privilege"]},
+                   "annotations": profile.annotations, "privilege": py["privilege"],
+                   "vmm_ns_per_exit": py["vmm_ns_per_exit"]},
         "ratio": p_ns / c_ns,
         # What the VMM adds per exit, beyond the floor: (python - C) per call, each call one exit.
         "python_extra_ns_per_exit": p_ns - c_ns,

@@ -210,6 +210,10 @@ def targets_table(results: dict) -> Table:
     return table
 
 
+def _maybe_ns(value: float | None) -> str:
+    return fmt_ns(value) if value is not None else "n/a"
+
+
 def print_report(results: dict, console: Console | None = None) -> None:
     console = console or Console()
     console.print(cell_table(results))
@@ -224,6 +228,9 @@ def print_report(results: dict, console: Console | None = None) -> None:
                       f"{fmt_ns(c['c']['null_ns_per_call']['median'])} in C vs "
                       f"{fmt_ns(c['python']['null_ns_per_call']['median'])} in the Python VMM = "
                       f"[bold]{c['ratio']:.2f}x[/bold] (+{fmt_ns(c['python_extra_ns_per_exit'])} per exit); "
+                      f"the VMM's own time per exit (KVM_RUN return to the next call): "
+                      f"{_maybe_ns(c['c'].get('vmm_ns_per_exit'))} in C, "
+                      f"{_maybe_ns(c['python'].get('vmm_ns_per_exit'))} in Python; "
                       f"an empty guest loop iteration costs {fmt_ns(c['guest_loop_iteration_ns'])} on this host")
     elif c:
         console.print(f"[red]C reference failed:[/red] {c['error']}")

@@ -159,8 +159,10 @@ def parse_console(console: str) -> list[tuple[str, int, int]]:
 
 def run_profile(image: Path, profile: Profile, workloads: tuple[str, ...] | list[str], sizes: Sizes, *,
                 memory_mib: int = 128, timeout: float = 300.0, on_rep: Callable[[str], None] | None = None,
-                rom: str | None = None, paging: str | None = None) -> dict[str, object]:
-    """One session of the bench guest; returns its raw sections and session facts."""
+                rom: str | None = None, paging: str | None = None, time_exits: bool = False) -> dict[str, Any]:
+    """One session of the bench guest; returns its raw sections and session facts. ``time_exits``:
+    also the VMM's own time per exit, from each KVM_RUN return to the next call (what the C
+    reference measures of itself)."""
     from vmikit.session import Session
 
     line = cmdline(list(workloads), sizes)
@@ -169,7 +171,11 @@ def run_profile(image: Path, profile: Profile, workloads: tuple[str, ...] | list
         recorder = Recorder(session, on_rep)
         session.machine.on_out(PORT_BENCH, recorder)
         tsc_khz = session.machine.vcpu.tsc_khz()
+        vcpu = session.machine.vcpu
+        vcpu.time_outside = time_exits  # type: ignore[attr-defined]
         result = session.run()
+        outside_ns = vcpu.outside_ns  # type: ignore[attr-defined]
+        exits_total = sum(n for reason, n in vcpu.exit_counts().items() if reason != "intr")  # runs cut short: untimed
         hv = session.hypervisor
         names = {cid: hv.call_name(cid) for cid in set(hv.calls) | set(hv.exits)} if hv is not None else {}
     console = result.console
@@ -179,7 +185,7 @@ def run_profile(image: Path, profile: Profile, workloads: tuple[str, ...] | list
         raise VmikitError(f"bench guest under {profile.name} exited {result.exit_status}: "
                           f"{'; '.join(problems) or console[-300:]}", "run it alone with `vmikit run bench` to see why")
     lines = parse_console(console)
-    sections: list[dict[str, Any]] = recorder.sections  # type: ignore[assignment]
+    sections: list[dict[str, Any]] = recorder.sections
     if len(lines) != len(sections):
         raise VmikitError(f"bench guest under {profile.name}: {len(lines)} result lines but {len(sections)} "
                           "marked sections", "is something else writing to the bench port?")
@@ -199,6 +205,7 @@ def run_profile(image: Path, profile: Profile, workloads: tuple[str, ...] | list
     summary = result.summary()
     return {"profile": profile.name, "privilege": result.privilege, "cmdline": line, "tsc_khz": tsc_khz,
             "tsc_source": tsc_source, "sections": sections,
+            "vmm_ns_per_exit": outside_ns / exits_total if time_exits and exits_total else None,
             "session": {"wall_seconds": summary["wall_seconds"],
                         "exits_total": summary["exits"]["total"],  # type: ignore[index]
                         "paging": summary["paging"], "privilege": result.privilege,
@@ -308,12 +315,19 @@ def machine_facts() -> dict[str, object]:
         pass
     engine = open_engine()
     try:
-        facts["kvm"] = engine.describe()  # type: ignore[attr-defined]
+        facts["kvm"] = engine.describe()
     finally:
         close = getattr(engine, "close", None)
         if close:
             close()
     return facts
+
+
+def _reporter(progress: Progress | None, profile: str) -> Callable[[str], None] | None:
+    """What the recorder calls after each repetition of a workload under ``profile``."""
+    if progress is None:
+        return None
+    return lambda workload: progress(profile, workload)
 
 
 def run_bench(config: BenchConfig, progress: Progress | None = None,
@@ -342,8 +356,7 @@ def run_bench(config: BenchConfig, progress: Progress | None = None,
         say(f"profile {name}")
         try:
             raw = run_profile(image, profile, config.workloads, config.sizes, memory_mib=config.memory_mib,
-                              timeout=config.timeout,
-                              on_rep=(lambda w, p=name: progress(p, w)) if progress else None)
+                              timeout=config.timeout, on_rep=_reporter(progress, name))
         except VmikitError as err:
             errors[name] = str(err)
             continue

@@ -71,7 +71,7 @@ def wrmsr(ctx: CallContext, msr: int, value: int, _: int) -> tuple[int, ...]:
     return ()
 
 
-def _get(name: str):  # type: ignore[no-untyped-def]
+def _get(name: str):
     def handler(ctx: CallContext, *_: int) -> tuple[int, ...]:
         return (getattr(ctx.vcpu.get_control(), name),)
 

@@ -142,7 +142,7 @@ class PageTables:
         # The one region holding every registered table (None: none yet; False: tables in several,
         # and the fast path is off): its words, how an entry address becomes an index into them,
         # and a stamp per word for finding duplicate entries (zero pages until a table is used).
-        self._table_region: _TableRegion | None | bool = None
+        self._table_region: _TableRegion | bool | None = None
         self._addr = I64(ADDR_MASK)
 
     def _fast_tables(self) -> tuple[np.ndarray, np.ndarray]:
@@ -235,7 +235,7 @@ class PageTables:
         known = self._table_region
         if known is None:
             self._table_region = _TableRegion(region.gpa, region.size, region.words)
-        elif known is not False and not (known.start <= table < known.end):
+        elif isinstance(known, _TableRegion) and not known.start <= table < known.end:
             self._table_region = False
 
     def check_fast(self, pteps: np.ndarray, values: np.ndarray, tags: np.ndarray,
@@ -406,7 +406,7 @@ class PageTables:
                 frames = old[changed] & U64(ADDR_MASK) & ~(sizes[changed] - U64(1))
                 self.stale += list(zip(frames.tolist(), sizes[changed].tolist()))
 
-    def _region_views(self, addrs: np.ndarray):  # type: ignore[no-untyped-def]
+    def _region_views(self, addrs: np.ndarray):
         if not len(addrs):
             return
         low, high = int(addrs.min()), int(addrs.max())

@@ -127,12 +127,16 @@ int main(int argc, char **argv)
 	uint64_t exits = 0, hypercalls = 0;
 	int status = -1;
 	uint64_t start = now_ns();
+	uint64_t user_ns = 0, returned = 0; /* the VMM's own time: from each KVM_RUN return to the next call */
 	while (status < 0) {
+		if (returned)
+			user_ns += now_ns() - returned;
 		if (ioctl(vcpu, KVM_RUN, 0) < 0) {
 			if (errno == EINTR || errno == EAGAIN)
 				continue;
 			die("KVM_RUN");
 		}
+		returned = now_ns();
 		exits++;
 		switch (run->exit_reason) {
 		case KVM_EXIT_IO: {
@@ -171,7 +175,8 @@ int main(int argc, char **argv)
 	uint64_t wall = now_ns() - start;
 	fwrite(out, 1, nout, stdout);
 	fflush(stdout);
-	fprintf(stderr, "REFVMM status=%d exits=%llu hypercalls=%llu wall_ns=%llu tsc_khz=%d\n", status,
-		(unsigned long long)exits, (unsigned long long)hypercalls, (unsigned long long)wall, tsc_khz);
+	fprintf(stderr, "REFVMM status=%d exits=%llu hypercalls=%llu wall_ns=%llu tsc_khz=%d user_ns=%llu\n", status,
+		(unsigned long long)exits, (unsigned long long)hypercalls, (unsigned long long)wall, tsc_khz,
+		(unsigned long long)user_ns);
 	return status;
 }
