@@ -72,10 +72,11 @@ def _mapped(level: int, old: int) -> tuple[int, int]:
 def _add_at(counts: np.ndarray, index: np.ndarray, deltas: np.ndarray) -> None:
     """``np.add.at(counts, index, deltas)``; for many entries as one bincount over the whole
     array, which costs a fraction of add.at's per-element price (a fold of queued changes)."""
-    if len(index) < 1024:
+    if len(index) < 256:
         np.add.at(counts, index, deltas)
-    else:
-        counts += np.bincount(index, weights=deltas, minlength=len(counts)).astype(counts.dtype)
+        return
+    low, high = int(index.min()), int(index.max()) + 1  # only the span the entries touch
+    counts[low:high] += np.bincount(index - low, weights=deltas, minlength=high - low).astype(counts.dtype)
 
 
 def is_leaf(level: int, value: int) -> bool:
@@ -148,6 +149,7 @@ class PageTables:
         self.fast_facts = np.zeros(frames + 1, I64)
         self.fast_facts[:frames] = self._kind4.astype(I64) * 5 << 8
         self._verdicts, self._ad_bits = self._fast_tables()
+        self._contributes = self._contribution_table()
         self._ptep_bad = I64(7 | -(1 << 52))  # misaligned, or beyond any physical address (sign bit too)
         # The one region holding every registered table (None: none yet; False: tables in several,
         # and the fast path is off): its words, how an entry address becomes an index into them,
@@ -173,6 +175,19 @@ class PageTables:
                         verdicts[index] = 0
                         ad_bits[index] = self.stored(level, P) & ~P
         return verdicts, ad_bits
+
+    @staticmethod
+    def _contribution_table() -> np.ndarray:
+        """By level << 12 | (value & (P|RW|PS)): what an entry counts towards (as ``_count``):
+        0 nothing, 1 a reference to a table, 2-4 a writable 4 KiB, 2 MiB or 1 GiB leaf."""
+        table = np.zeros(5 << 12, np.int8)
+        for level in (1, 2, 3, 4):
+            for bits in (P, P | RW, P | PS, P | RW | PS):
+                if not is_leaf(level, bits):
+                    table[level << 12 | bits] = 1
+                elif bits & RW:
+                    table[level << 12 | bits] = 1 + level
+        return table
 
     # --- the rules, one entry --------------------------------------------------------
 
@@ -289,16 +304,24 @@ class PageTables:
         return stored
 
     def _fold(self) -> None:
-        """Add the fast path's queued count changes (the old entries leave, the new ones arrive)."""
+        """Add the fast path's queued count changes (the old entries leave, the new ones arrive).
+        What an entry counts towards follows from its level and its P, RW and PS bits alone."""
         pending, self._pending, self._pending_entries = self._pending, [], 0
         if not pending:
             return
-        levels = np.concatenate([index >> 12 for index, _, _ in pending])
-        old = np.concatenate([o for _, o, _ in pending]).view(U64)
-        stored = np.concatenate([s for _, _, s in pending]).view(U64)
-        n = len(levels)
-        self._count_many(np.concatenate((levels, levels)), np.concatenate((old, stored)),
-                         np.concatenate((np.full(n, -1, np.int32), np.ones(n, np.int32))))
+        levels = np.concatenate([index for index, _, _ in pending]) & I64(7 << 12)
+        targets = ((self._refs, 0), (self._writable[PAGE], 0), (self._writable[MiB2], 9), (self._writable[GiB1], 18))
+        for part, delta in ((1, -1), (2, 1)):
+            values = np.concatenate([entry[part] for entry in pending])
+            codes = self._contributes.take(levels | (values & _CLASS_BITS))
+            frames = (values & self._addr) >> 12
+            codes[frames >= len(self._refs)] = 0  # beyond the counted range: never a validated entry
+            for code, (counts, shift) in enumerate(targets, start=1):
+                chosen = frames[codes == code] >> shift
+                if len(chosen):
+                    low = int(chosen.min())
+                    span = np.bincount(chosen - low)
+                    counts[low:low + len(span)] += (delta * span).astype(counts.dtype)
 
     @property
     def refs(self) -> np.ndarray:
