@@ -108,8 +108,8 @@ class GuestMemory:
         """A copy of ``count`` 64-bit words (int64) at ``gpa``, which must be 8-aligned and lie wholly
         inside one region of guest RAM; None if not (a batch of hypercalls is read this way)."""
         for region in self.regions:
-            if region.gpa <= gpa and gpa + 8 * count <= region.gpa + region.size:
-                if region.kind != "ram" or gpa & 7 or count < 0:
+            if region.contains(gpa, 8 * count):
+                if region.kind != "ram" or gpa & 7:
                     return None
                 first = (gpa - region.gpa) >> 3
                 return region.words[first:first + count].copy()

@@ -243,7 +243,7 @@ class ShadowMmu(DirectMmu):
         # The fast path's view of the shadow area and, per guest frame, its shadow page's first
         # slot in that view (only registered tables have one; 0 otherwise, never read for them).
         region = memory.region_for(shadow_base, shadow_size)
-        self._shadow_view = np.frombuffer(region.mem, np.int64)[(shadow_base - region.gpa) >> 3:]
+        self._shadow_view = region.words[(shadow_base - region.gpa) >> 3:]
         self._shadow_slot = np.zeros(len(self.tables.level_of) + 1, np.int64)
         self._free = list(range(shadow_base + shadow_size - PAGE, shadow_base - 1, -PAGE))
 

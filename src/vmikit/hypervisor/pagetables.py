@@ -54,7 +54,7 @@ I64 = np.int64
 _CLASS_BITS = P | RW | PS
 _FACTS = 15
 PENDING_MAX = 1 << 10  # queued count changes are folded in at the latest after this many entries
-STAMPS = 1 << 13  # the duplicate test's stamps (64 KiB)  # queued count changes folded in at the latest after this many entries
+STAMPS = 1 << 13  # the duplicate test's stamps (64 KiB)
 
 
 EVERYTHING = (0, 1 << 52)  # a stale range that covers all of guest-physical memory
@@ -69,14 +69,18 @@ def _mapped(level: int, old: int) -> tuple[int, int]:
     return old & ADDR_MASK & ~(size - 1), size
 
 
-def _add_at(counts: np.ndarray, index: np.ndarray, deltas: np.ndarray) -> None:
-    """``np.add.at(counts, index, deltas)``; for many entries as one bincount over the whole
-    array, which costs a fraction of add.at's per-element price (a fold of queued changes)."""
+def _add_at(counts: np.ndarray, index: np.ndarray, delta: int | np.ndarray) -> None:
+    """``np.add.at(counts, index, delta)`` (one delta for all, or one per entry); for many entries
+    as one bincount over the span they touch, a fraction of add.at's per-element price."""
     if len(index) < 256:
-        np.add.at(counts, index, deltas)
+        np.add.at(counts, index, delta)
         return
-    low, high = int(index.min()), int(index.max()) + 1  # only the span the entries touch
-    counts[low:high] += np.bincount(index - low, weights=deltas, minlength=high - low).astype(counts.dtype)
+    low = int(index.min())
+    if isinstance(delta, np.ndarray):
+        span = np.bincount(index - low, weights=delta)
+    else:
+        span = np.bincount(index - low) * delta
+    counts[low:low + len(span)] += span.astype(counts.dtype)
 
 
 def is_leaf(level: int, value: int) -> bool:
@@ -123,7 +127,7 @@ class PageTables:
         self.reserved_mask = ((1 << 52) - 1) & ~((1 << self.phys_bits) - 1)
         if self.limit > 1 << self.phys_bits:  # check_fast finds reserved bits as frames beyond the map
             raise ValueError(f"guest memory ends at {self.limit:#x}, beyond {self.phys_bits} physical address bits")
-        self._views = [(r.gpa, r.end, np.frombuffer(r.mem, dtype="<u8")) for r in self.memory.regions]
+        self._views = [(r.gpa, r.end, r.words.view(U64)) for r in self.memory.regions]
         # Where the last validated value of an entry is read from: guest memory by default; shadow
         # paging answers from its own copy, so a value the guest forged is never believed.
         self.validated: Callable[[np.ndarray], np.ndarray] = self._gather
@@ -151,11 +155,10 @@ class PageTables:
         self._verdicts, self._ad_bits = self._fast_tables()
         self._contributes = self._contribution_table()
         self._ptep_bad = I64(7 | -(1 << 52))  # misaligned, or beyond any physical address (sign bit too)
-        # The one region holding every registered table (None: none yet; False: tables in several,
-        # and the fast path is off): its words, how an entry address becomes an index into them,
-        # and a stamp per word for finding duplicate entries (zero pages until a table is used).
-        self._table_region: _TableRegion | bool | None = None
         self._addr = I64(ADDR_MASK)
+        # The one region holding every registered table (None: none yet; False: tables in several,
+        # and the fast path is off), as the fast path indexes it.
+        self._table_region: _TableRegion | bool | None = None
 
     def _fast_tables(self) -> tuple[np.ndarray, np.ndarray]:
         """The fast path's tables: per index, 1 where the general check must decide (an invalid
@@ -259,7 +262,7 @@ class PageTables:
         region = self.memory.region_for(table, PAGE)
         known = self._table_region
         if known is None:
-            self._table_region = _TableRegion(region.gpa, region.size, region.words)
+            self._table_region = _TableRegion(region)
         elif isinstance(known, _TableRegion) and not known.start <= table < known.end:
             self._table_region = False
 
@@ -319,9 +322,7 @@ class PageTables:
             for code, (counts, shift) in enumerate(targets, start=1):
                 chosen = frames[codes == code] >> shift
                 if len(chosen):
-                    low = int(chosen.min())
-                    span = np.bincount(chosen - low)
-                    counts[low:low + len(span)] += (delta * span).astype(counts.dtype)
+                    _add_at(counts, chosen, delta)
 
     @property
     def refs(self) -> np.ndarray:
@@ -514,8 +515,9 @@ class PageTables:
 class _TableRegion:
     """The region holding every registered table, as the fast path indexes it."""
 
-    def __init__(self, start: int, size: int, words: np.ndarray) -> None:
-        self.start, self.end, self.words = start, start + size, words
+    def __init__(self, region: Region) -> None:
+        start, size = region.gpa, region.size
+        self.start, self.end, self.words = start, region.end, region.words
         # A region aligned to a power of two at least its size indexes with a mask (the page-table
         # pool is), which keeps the fast path to the few array operations it already uses.
         span = 1 << max(size - 1, 1).bit_length()
