@@ -25,7 +25,7 @@ ANNOTATION_CHOICES = ("honour", "ignore")
 @dataclass
 class SessionResult:
     run: RunResult
-    by_call: dict[str, dict[str, int]]
+    by_call: dict[str, dict[str, int | None]]
     rom: str
     annotations: str
     paging: dict[str, object]

@@ -29,6 +29,16 @@ ANNOTATION_MASK = 0xFF
 RESERVED_MASK = 0xFF00
 KEY_MASK = 0xFFFF_FF00  # family, call and reserved byte: a non-zero reserved byte never matches
 
+# A guest can send any of 2^32 IDs: refused IDs without a route are counted per bucket, never per ID,
+# so the counters stay bounded (known routes times 256 annotation bytes at most). Negative keys are
+# not call IDs.
+BUCKET_BAD_SIZE = -1
+BUCKET_UNKNOWN = -2
+BUCKET_RESERVED = -3
+BUCKET_NAMES = {BUCKET_BAD_SIZE: "refused: access not 32 bits wide (INVALID_ARGUMENT)",
+                BUCKET_UNKNOWN: "refused: unknown call IDs (NOT_SUPPORTED)",
+                BUCKET_RESERVED: "refused: reserved bits set (RESERVED_BITS)"}
+
 
 @dataclass(frozen=True)
 class Route:
@@ -54,8 +64,8 @@ class Hypervisor:
         self.routes: dict[int, Route] = {}
         self.state: dict[str, object] = {}  # per-guest state of families that keep some (EventChannel)
         self._queueable: np.ndarray | None = None
-        self.calls: Counter[int] = Counter()  # by full call ID: every call, queued ones included
-        self.exits: Counter[int] = Counter()  # by full call ID: calls that cost an exit
+        self.calls: Counter[int] = Counter()  # by full call ID (or bucket): every call, queued ones included
+        self.exits: Counter[int] = Counter()  # by full call ID (or bucket): calls that cost an exit
         self.handler_failures: list[str] = []
         self._errors = {name: value & U64_MASK for name, value in self.spec.errors.items()}
         self._mmu = mmu
@@ -139,13 +149,16 @@ class Hypervisor:
         ctx = self._ctx
         assert ctx is not None and self._vcpu is not None, "attach() first"
         regs = self._vcpu.regs
-        self.calls[value] += 1
-        self.exits[value] += 1
         results: tuple[int, ...] = ()
         if size != 4:
             status = self._errors["INVALID_ARGUMENT"]
+            self.calls[BUCKET_BAD_SIZE] += 1
+            self.exits[BUCKET_BAD_SIZE] += 1
         else:
             route = self.routes.get(value & KEY_MASK)
+            key = value if route is not None else BUCKET_RESERVED if value & RESERVED_MASK else BUCKET_UNKNOWN
+            self.calls[key] += 1
+            self.exits[key] += 1
             execution = self.execution
             if route is None:
                 status = self._errors["RESERVED_BITS" if value & RESERVED_MASK else "NOT_SUPPORTED"]
@@ -188,6 +201,8 @@ class Hypervisor:
     # --- reporting -------------------------------------------------------------
 
     def call_name(self, call_id: int) -> str:
+        if call_id in BUCKET_NAMES:
+            return BUCKET_NAMES[call_id]
         route = self.route_for(call_id)
         if route is None:
             legacy = self.spec.legacy_name(call_id >> 16 & 0xFF) if call_id >> 24 == 0 and not call_id & 0xFF00 else None
@@ -199,8 +214,10 @@ class Hypervisor:
         suffix = "".join(f"|{n}" for n in names) + (f"|{unknown:#x}" if unknown else "")
         return name + suffix
 
-    def stats(self) -> dict[str, dict[str, int]]:
+    def stats(self) -> dict[str, dict[str, int | None]]:
+        """Counts by call name; a bucket of refused IDs has the id None."""
         return {
-            self.call_name(cid): {"id": cid, "calls": self.calls[cid], "exits": self.exits.get(cid, 0)}
+            self.call_name(cid): {"id": cid if cid >= 0 else None, "calls": self.calls[cid],
+                                  "exits": self.exits.get(cid, 0)}
             for cid in sorted(self.calls)
         }
