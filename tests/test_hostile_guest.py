@@ -42,3 +42,43 @@ def test_distinct_refused_ids_do_not_grow_the_vmm(tmp_path: Path) -> None:
     assert len(by_call) < 10, sorted(by_call)
     assert by_call["refused: unknown call IDs (NOT_SUPPORTED)"] == {"id": None, "calls": 125000, "exits": 125000}
     assert by_call["refused: reserved bits set (RESERVED_BITS)"]["calls"] == 125000
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def _vm_size_kib() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmSize:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmSize in /proc/self/status")
+
+
+class _Boom(Exception):
+    pass
+
+
+@pytest.mark.parametrize("failure", [BrokenPipeError, KeyboardInterrupt, _Boom])
+def test_a_failing_run_releases_the_vm(failure: type[BaseException]) -> None:
+    """Finding 6: an exception out of the run loop (a closed pipe, Ctrl-C, a raising handler)
+    reaches the caller as itself, not as BufferError from closing the run mmap, and the VM's fds
+    and guest memory are released: five such sessions leave no fd and no address space behind."""
+    from vmikit.guest.build import build_guest
+    from vmikit.session import Session
+
+    image = build_guest("hello")
+
+    def sink(data: bytes) -> None:
+        raise failure("the console sink failed")
+
+    def once() -> None:
+        with pytest.raises(failure), Session(image, console=sink, memory_mib=256, paging="direct") as session:
+            session.run()
+
+    once()  # warm up: imports, caches, the first session's one-off allocations
+    fds, size = _open_fds(), _vm_size_kib()
+    for _ in range(5):
+        once()
+    assert _open_fds() == fds
+    assert _vm_size_kib() - size < 64 * 1024, "guest memory (256 MiB a session) was not unmapped"

@@ -64,8 +64,12 @@ class Region:
 
     def close(self) -> None:
         self.words = np.zeros(0, "<i8")  # the array view pins the mapping
-        self.view.release()
-        self.mem.close()
+        try:
+            self.view.release()
+            self.mem.close()
+        except BufferError:
+            # Another view still lives: the address range goes with it, but the memory goes now.
+            self.mem.madvise(mmap.MADV_DONTNEED)
 
 
 class GuestMemory:

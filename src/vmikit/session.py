@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from types import TracebackType
 
 from vmikit.abi.model import Spec
 from vmikit.errors import UsageError
@@ -16,7 +17,7 @@ from vmikit.hypervisor import ExperimentalCalls, Hypervisor
 from vmikit.hypervisor.execution import PRIVILEGES
 from vmikit.hypervisor.mmu import PAGING_STYLES, DirectMmu, Mmu, ShadowMmu, TrapMmu
 from vmikit.machine import layout
-from vmikit.machine.board import ConsoleSink, Machine, RunResult
+from vmikit.machine.board import ConsoleSink, Machine, RunResult, release_frames
 
 ROM_CHOICES = ("full", "minimal", "none")
 ANNOTATION_CHOICES = ("honour", "ignore")
@@ -143,11 +144,14 @@ class Session:
         return SessionResult(result, by_call, self.rom, self.annotations, paging, self.privilege, execution)
 
     def close(self) -> None:
-        self.mmu.close()  # its array views pin guest memory
-        self.machine.close()
+        try:
+            self.mmu.close()  # its array views pin guest memory
+        finally:
+            self.machine.close()
 
     def __enter__(self) -> Session:
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, exc_type: object, exc: BaseException | None, tb: TracebackType | None) -> None:
+        release_frames(exc)
         self.close()

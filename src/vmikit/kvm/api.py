@@ -268,7 +268,10 @@ class KvmVcpu:
     def close(self) -> None:
         if self.fd >= 0:
             del self.regs, self.run_struct
-            self._map.close()
+            try:
+                self._map.close()
+            except BufferError:
+                pass  # a view still lives (say, in a traceback): the page goes with its last view
             os.close(self.fd)
             self.fd = -1
 

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import threading
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import TracebackType
 
 from vmikit.engine import BootState, Engine, ExitKind, StopRun, open_engine
 from vmikit.errors import GuestCrash, GuestHang, UsageError
@@ -69,12 +71,13 @@ class Console:
     def flush(self) -> None:
         if not self._line:
             return
+        line = bytes(self._line)
+        self._line.clear()  # first: a sink that raises must not get the same line again
         room = CONSOLE_CAPTURE_LIMIT - len(self.captured)
-        self.captured += self._line[:room]
-        self.dropped += max(0, len(self._line) - room)
+        self.captured += line[:room]
+        self.dropped += max(0, len(line) - room)
         if self._sink is not None:
-            self._sink(bytes(self._line))
-        self._line.clear()
+            self._sink(line)
 
     def text(self) -> str:
         return self.captured.decode("utf-8", errors="replace")
@@ -251,18 +254,37 @@ class Machine:
         )
 
     def close(self) -> None:
+        """Release the VM: vCPU and VM fds first (KVM then drops its hold on guest memory), then
+        the engine, then guest memory. Every step runs even if one before it failed."""
         if self.vm is None:
             return
-        self.vm.close()
-        self.vm = None  # type: ignore[assignment]
-        if self._own_engine:
-            close = getattr(self.engine, "close", None)
-            if close:
-                close()
-        self.memory.close()
+        vm, self.vm = self.vm, None  # type: ignore[assignment]
+        try:
+            vm.close()
+        finally:
+            try:
+                if self._own_engine:
+                    close = getattr(self.engine, "close", None)
+                    if close:
+                        close()
+            finally:
+                self.memory.close()
 
     def __enter__(self) -> Machine:
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, exc_type: object, exc: BaseException | None, tb: TracebackType | None) -> None:
+        release_frames(exc)
         self.close()
+
+
+def release_frames(exc: BaseException | None) -> None:
+    """Drop the locals of the finished frames an exception (and those it was raised during)
+    passed through: they hold views of the kvm_run page and of guest memory (register structs,
+    arrays), which would keep the mappings alive (and make closing them fail) as long as the
+    exception is."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        traceback.clear_frames(exc.__traceback__)
+        exc = exc.__cause__ or exc.__context__
