@@ -82,3 +82,22 @@ def test_a_failing_run_releases_the_vm(failure: type[BaseException]) -> None:
         once()
     assert _open_fds() == fds
     assert _vm_size_kib() - size < 64 * 1024, "guest memory (256 MiB a session) was not unmapped"
+
+
+def test_a_raising_extension_is_bounded(tmp_path: Path) -> None:
+    """Finding 5: a handler that raises on each of 3,000 calls gives a bounded stderr (one line
+    per failure grew it without bound) and a bounded failure list, while every failure is
+    counted and every call still answered."""
+    extension = tmp_path / "broken.py"
+    extension.write_text("@vmi.register(0x07, 'Broken')\n"
+                         "def broken(ctx, a, b, c):\n"
+                         "    raise RuntimeError('x' * 100000)\n")
+    summary = tmp_path / "run.json"
+    status, _, out, err = _run_measured("run", "experiment", "--extension", str(extension), "--cmdline",
+                                        "repeat=3000", "--json", str(summary))
+    assert status == 0 and "RESULT status=-3 r0=0x0 r1=0x0" in out, err[-2000:]
+    assert len(err.splitlines()) <= 12 and len(err) < 8000, err[-2000:]
+    assert "further hypercall handler failures are counted" in err
+    data = json.loads(summary.read_text())
+    assert data["handler_failures"] == 3000
+    assert data["exits"]["by_call"]["Experimental.Broken"]["calls"] == 3000

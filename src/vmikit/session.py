@@ -32,6 +32,7 @@ class SessionResult:
     paging: dict[str, object]
     privilege: str = "ring0"
     execution: dict[str, object] | None = None
+    handler_failures: int = 0  # exceptions in hypercall handlers (each answered INVALID_ARGUMENT)
 
     @property
     def exit_status(self) -> int:
@@ -47,7 +48,7 @@ class SessionResult:
         assert isinstance(exits, dict)
         exits["by_call"] = self.by_call
         return {"rom": self.rom, "annotations": self.annotations, "privilege": self.privilege,
-                "execution": self.execution, "paging": self.paging, **data}
+                "execution": self.execution, "paging": self.paging, "handler_failures": self.handler_failures, **data}
 
 
 class Session:
@@ -141,7 +142,8 @@ class Session:
             problems = (hv.audit_problems if hv else []) + self.audit_problems + self.mmu.audit()
             paging["audit"] = {"runs": (hv.audits if hv else 0) + self.audits + 1, "problems": problems}
         execution = self.hypervisor.execution.summary() if self.hypervisor and self.hypervisor.execution else None
-        return SessionResult(result, by_call, self.rom, self.annotations, paging, self.privilege, execution)
+        failures = self.hypervisor.handler_failure_count if self.hypervisor else 0
+        return SessionResult(result, by_call, self.rom, self.annotations, paging, self.privilege, execution, failures)
 
     def close(self) -> None:
         try:

@@ -35,6 +35,9 @@ KEY_MASK = 0xFFFF_FF00  # family, call and reserved byte: a non-zero reserved by
 BUCKET_BAD_SIZE = -1
 BUCKET_UNKNOWN = -2
 BUCKET_RESERVED = -3
+FAILURES_KEPT = 100  # handler failures kept for the report
+FAILURES_PRINTED = 10  # ... and printed to stderr
+FAILURE_TEXT_MAX = 500  # characters of one failure's note (an exception's text can be huge)
 BUCKET_NAMES = {BUCKET_BAD_SIZE: "refused: access not 32 bits wide (INVALID_ARGUMENT)",
                 BUCKET_UNKNOWN: "refused: unknown call IDs (NOT_SUPPORTED)",
                 BUCKET_RESERVED: "refused: reserved bits set (RESERVED_BITS)"}
@@ -66,7 +69,8 @@ class Hypervisor:
         self._queueable: np.ndarray | None = None
         self.calls: Counter[int] = Counter()  # by full call ID (or bucket): every call, queued ones included
         self.exits: Counter[int] = Counter()  # by full call ID (or bucket): calls that cost an exit
-        self.handler_failures: list[str] = []
+        self.handler_failures: list[str] = []  # the first FAILURES_KEPT of them
+        self.handler_failure_count = 0  # all of them
         self._errors = {name: value & U64_MASK for name, value in self.spec.errors.items()}
         self._mmu = mmu
         self.audit = audit  # walk every registered table after each update batch (a debug mode)
@@ -193,10 +197,19 @@ class Hypervisor:
         except GuestMemoryError:
             return self._errors["BAD_ADDRESS"], ()
         except Exception as exc:  # a bug in a handler (often a user's experimental one) must not kill the VMM
-            note = f"{route.name} raised {type(exc).__name__}: {exc}"
-            self.handler_failures.append(note)
-            print(f"vmikit: warning: hypercall handler {note}; the guest got INVALID_ARGUMENT", file=sys.stderr)
+            self._handler_failed(f"{route.name} raised {type(exc).__name__}: {exc}"[:FAILURE_TEXT_MAX])
             return self._errors["INVALID_ARGUMENT"], ()
+
+    def _handler_failed(self, note: str) -> None:
+        # A guest can make a broken handler fail on every call: keep and print a bounded few.
+        self.handler_failure_count += 1
+        if len(self.handler_failures) < FAILURES_KEPT:
+            self.handler_failures.append(note)
+        if self.handler_failure_count <= FAILURES_PRINTED:
+            print(f"vmikit: warning: hypercall handler {note}; the guest got INVALID_ARGUMENT", file=sys.stderr)
+        elif self.handler_failure_count == FAILURES_PRINTED + 1:
+            print("vmikit: warning: further hypercall handler failures are counted (--stats, --json), not printed",
+                  file=sys.stderr)
 
     # --- reporting -------------------------------------------------------------
 

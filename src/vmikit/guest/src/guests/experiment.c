@@ -1,6 +1,7 @@
 /*
  * experiment: call experimental call 0xFF07 (registered from Python) if the
- * hypervisor has it.  Prints one RESULT line and exits 0.
+ * hypervisor has it (`repeat=N` times, default once).  Prints one RESULT line (of the last call)
+ * and exits 0.
  */
 #include "lib.h"
 #include "vmi.h"
@@ -13,7 +14,9 @@ void kmain(uint32_t magic, uint32_t mbinfo)
 	uint64_t info = 0, res[4] = { 0 };
 
 	if (vmi_query_call(EXPERIMENT_CALL, &info) == VMI_ERR_OK && (info & VMI_QUERY_SUPPORTED)) {
-		long status = vmi_raw_call(EXPERIMENT_CALL, 6, 7, 1, res);
+		long status = 0;
+		for (uint64_t n = cmdline_u64("repeat", 1), i = 0; i < n; i++)
+			status = vmi_raw_call(EXPERIMENT_CALL, 6, 7, 1, res);
 		printf("RESULT status=%ld r0=0x%lx r1=0x%lx\n", status, (unsigned long)res[0], (unsigned long)res[1]);
 	} else {
 		printf("RESULT unsupported\n");
