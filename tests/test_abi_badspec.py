@@ -31,6 +31,13 @@ doc = "ok"
 value = -1
 doc = "no"
 
+[constants.FLUSH_TLB]
+value = 0x01
+doc = "flush"
+[constants.FLUSH_GLOBAL]
+value = 0x02
+doc = "flush global"
+
 [batch]
 max_entries = 32
 max_args = 3
@@ -115,7 +122,9 @@ def test_unknown_type(tmp_path: Path) -> None:
         ("legacy = 38", "legacy = 300", "legacy = 0x12c is out of range"),
         ("bit = 0x01", "bit = 0x03", "not a single bit"),
         ("value = -1", "value = 5", "out of range"),
-        ("max_args = 3", "max_args = 1", "queueable call has 2 args"),
+        ("max_args = 3", "max_args = 1", "max_args = 1 but the hypervisor reads entries of 3 args"),
+        ('type = "u64" }]\nannotations', 'type = "u64" }, { name = "a", type = "u64" }, { name = "b", type = "u64" }]\nannotations',
+         "queueable call has 4 args"),
     ],
 )
 def test_out_of_range(tmp_path: Path, old: str, new: str, needle: str) -> None:
@@ -182,12 +191,20 @@ def test_user_must_be_a_bool(tmp_path: Path, bad: str) -> None:
 
 @pytest.mark.parametrize("char", ["\\t", "\\u001b", "\\u007f"])
 def test_control_characters_in_docs(tmp_path: Path, char: str) -> None:
-    _fails(tmp_path, MINIMAL.replace('doc = "set long"', f'doc = "set{char}long"'), "call MMU.SetLongPTE", "control character")
+    _fails(tmp_path, MINIMAL.replace('doc = "set long"', f'doc = "set{char}long"'), "family MMU call SetLongPTE", "doc contains the control character")
 
 
 # --- [shared] (since 1.3) -----------------------------------------------------------------------
 
+# The calls a ROM for a shared-page interface reads by name (loader.REQUIRES).
+SHARED_CALLS = "".join(f'\n[[family.call]]\nnumber = {n}\nname = "{name}"\ndoc = "{name}"\n' for n, name in enumerate(
+    ("EnableInterrupts", "DisableInterrupts", "GetInterruptMask", "SetInterruptMask", "GetCR2")))
 SHARED = """
+[[family]]
+id = 0x01
+name = "CPU"
+doc = "cpu"
+""" + SHARED_CALLS + """
 [shared]
 size = 4096
 doc = "the shared page"
@@ -203,20 +220,33 @@ name = "vif"
 offset = 8
 type = "u32"
 doc = "vif"
+
+[[shared.fields]]
+name = "pending"
+offset = 24
+type = "u32"
+doc = "pending"
+
+[[shared.fields]]
+name = "privilege"
+offset = 28
+type = "u32"
+doc = "privilege"
 """
+REQUIRED_FIELDS = [("pending", 24), ("privilege", 28)]
 
 
 def test_shared_page_is_valid(tmp_path: Path) -> None:
     assert _load(_dir(tmp_path, "without"), MINIMAL).shared is None
     page = _load(_dir(tmp_path, "with"), MINIMAL + SHARED).shared
     assert page is not None and page.size == 4096 and page.offset("vif") == 8
-    assert [(f.name, f.offset, f.type, f.doc) for f in page.fields] == [("cr2", 0, "u64", "cr2"), ("vif", 8, "u32", "vif")]
+    assert [(f.name, f.offset, f.type, f.doc) for f in page.fields][:2] == [("cr2", 0, "u64", "cr2"), ("vif", 8, "u32", "vif")]
 
 
 def test_shared_fields_in_any_order(tmp_path: Path) -> None:
     text = MINIMAL + SHARED.replace('name = "cr2"\noffset = 0', 'name = "cr2"\noffset = 16')
     page = _load(tmp_path, text).shared
-    assert page is not None and [(f.name, f.offset) for f in page.fields] == [("cr2", 16), ("vif", 8)]
+    assert page is not None and [(f.name, f.offset) for f in page.fields] == [("cr2", 16), ("vif", 8), *REQUIRED_FIELDS]
 
 
 def _field(name: str, offset: int, typ: str = "u32", doc: str = "x") -> str:
@@ -239,16 +269,18 @@ def _field(name: str, offset: int, typ: str = "u32", doc: str = "x") -> str:
         (lambda t: t + _field("far", 1 << 20), ("field far", "out of range")),
         # names, types, size, docs, keys
         (lambda t: t + _field("vif", 12), ("field vif", "the name is used twice")),
-        (lambda t: t + _field("Big", 12), ("[shared] fields[2]", "'Big' is not a valid name")),
+        (lambda t: t + _field("Big", 12), ("[shared] fields[4]", "'Big' is not a valid name")),
         (lambda t: t + _field("int", 12), ("field int", "taken by a C keyword")),
         (lambda t: t + _field("size", 12), ("field size", "taken by VMI_SHARED_SIZE")),
         (lambda t: t + _field("wide", 16, "gpa"), ("field wide", "type 'gpa' is not a shared-page type", "u32, u64")),
-        (lambda t: t + _field("ctl", 12, doc="a\\u0007b"), ("field ctl", "control character")),
+        (lambda t: t + _field("ctl", 12, doc="a\\u0007b"), ("shared fields ctl", "doc contains the control character")),
         (lambda t: t.replace("size = 4096", "size = 4092"), ("[shared]", "size = 4092 is not a multiple of 8")),
         (lambda t: t.replace("size = 4096", "size = true"), ("[shared]", "size must be an integer")),
         (lambda t: t.replace('doc = "the shared page"', 'doc = "the shared page"\nalign = 8'),
          ("[shared]", "unknown field 'align'")),
         (lambda t: t.replace('name = "vif"\n', ""), ("[shared] fields[1]", "missing field 'name'")),
+        (lambda t: t.replace('name = "pending"', 'name = "pendin"'), ("[shared]", "needs field pending")),
+        (lambda t: t.replace('name = "GetCR2"', 'name = "GetCR3"'), ("[shared] needs call CPU.GetCR2",)),
         (lambda t: t.split("[[shared.fields]]")[0], ("[shared]", "missing field 'fields'")),
         (lambda t: t.split("[[shared.fields]]")[0] + "fields = []\n", ("[shared]", "fields is empty")),
         (lambda t: "shared = 4\n" + t.split("\n[shared]")[0], ("[shared]", "expected a table")),

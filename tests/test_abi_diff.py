@@ -153,8 +153,9 @@ CASES: dict[str, Case] = {
     "error-removed": Case(_k("error-removed"), lambda d: d["errors"].pop("BATCH_INVALID")),
     "error-value-changed": Case(_k("error-value-changed"), lambda d: d["errors"]["BATCH_INVALID"].update(value=-12)),
     "constant-removed": Case(_k("constant-removed"), lambda d: d["constants"].pop("QUERY_SUPPORTED")),
-    "constant-value-changed": Case(_k("constant-value-changed"),
-                                   lambda d: d["constants"]["QUERY_SUPPORTED"].update(value=0x200)),
+    "constant-value-changed": Case(_k("constant-value-changed"),  # not one the hypervisor hard-codes
+                                   lambda d: d["constants"].update(MAX_CPUS={"value": 2, "doc": "CPUs."}),
+                                   old=lambda d: d["constants"].update(MAX_CPUS={"value": 1, "doc": "CPUs."})),
     "type-removed": Case(_k("type-removed"), new=lambda d: None,
                          old=lambda d: d["types"].update(u16={"bits": 16, "doc": "16 bits"})),
     "type-bits-changed": Case(_k("type-bits-changed"), lambda d: d["types"]["level"].update(bits=64)),
@@ -164,7 +165,7 @@ CASES: dict[str, Case] = {
     "call-disallows-user": Case(_k("call-disallows-user"), new=lambda d: None,
                                 old=lambda d: call(d, "CPU.CPUID").update(user=True)),
     "shared-removed": Case(_k("shared-removed"), new=lambda d: None, old=shared),
-    "shared-size-changed": Case(_k("shared-size-changed"), lambda d: shared(d).update(size=8192), old=shared),
+    "shared-size-changed": Case(_k("shared-size-changed"), lambda d: shared(d).update(size=2048), old=shared),
     "shared-field-removed": Case(_k("shared-field-removed"), lambda d: shared(d).update(
         fields=[f for f in SHARED["fields"] if f["name"] != "vpl"]), old=shared),
     "shared-field-moved": Case(_k("shared-field-changed"), lambda d: field(d, "vpl").update(offset=48), old=shared),

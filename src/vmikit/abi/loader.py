@@ -9,6 +9,11 @@ from typing import Any, NoReturn
 
 from vmikit.abi.callid import FIELD_MASK
 from vmikit.abi.model import (
+    BATCH_ENTRY_ARGS,
+    BATCH_MAX_ENTRIES,
+    CONSTANT_BOUNDS,
+    IMPLEMENTED_CONSTANTS,
+    SHARED_MAX_SIZE,
     Annotation,
     Arg,
     Batch,
@@ -23,6 +28,7 @@ from vmikit.abi.model import (
     Spec,
     TypeDef,
     Version,
+    unsafe_char,
 )
 from vmikit.errors import UsageError
 
@@ -30,12 +36,27 @@ MAX_ARGS = 4  # argument slots a hypercall can carry in registers
 MAX_RESULTS = 4  # result slots after the status
 ERROR_MIN = -4095  # errors live in the top page of the u64 range, as Linux errnos do
 LEGACY_FAMILY = 0x00
+MAX_SPEC_BYTES = 1 << 20  # the packaged spec is ~40 KiB; a bigger file is not a spec
 
-_IDENT = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
-_UPPER = re.compile(r"^[A-Z][A-Z0-9_]*$")
-_LOWER = re.compile(r"^[a-z][a-z0-9_]*$")
-_SINCE = re.compile(r"^(\d+)\.(\d+)$")
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+# What vmikit reads from a spec by name, by the feature that reads it. A spec with the feature
+# but not the name would raise KeyError at run time (every EventChannel call, every ROM build),
+# so the loader refuses it. Kinds: "constants", "fields" (of [shared]), "calls".
+REQUIRES: dict[str, dict[str, tuple[str, ...]]] = {
+    # rom/generate.py layout_header -> hcall.S's FlushTLB tail; built for every spec.
+    "the ROM": {"constants": ("FLUSH_TLB", "FLUSH_GLOBAL")},
+    # hypervisor/eventchannel.py sizes its ports from these.
+    "family EventChannel": {"constants": ("EVTCHN_PORTS", "EVTCHN_DEPTH")},
+    # rom/generate.py (the deprivileged ROM's shared-page code) and hypervisor/execution.py.
+    "[shared]": {"fields": ("vif", "pending", "cr2", "privilege"),
+                 "calls": ("CPU.EnableInterrupts", "CPU.DisableInterrupts", "CPU.GetInterruptMask",
+                           "CPU.SetInterruptMask", "CPU.GetCR2")},
+}
+
+# Always used with fullmatch: `$` alone would let a trailing newline through.
+_IDENT = re.compile(r"[A-Za-z][A-Za-z0-9_]*")
+_UPPER = re.compile(r"[A-Z][A-Z0-9_]*")
+_LOWER = re.compile(r"[a-z][a-z0-9_]*")
+_SINCE = re.compile(r"([0-9]{1,5})\.([0-9]{1,5})")  # not \d: that takes any script's digits
 # Names the C header cannot use as struct members or VMI_SHARED_<NAME> macros.
 _C_KEYWORDS = frozenset(
     "auto break case char const continue default do double else enum extern float for goto if inline "
@@ -85,10 +106,10 @@ class _Checker:
             self.fail(where, f"{key} must be a non-empty string, got {value!r}", f'write {key} = "..."')
         if "\n" in value:
             self.fail(where, f"{key} spans several lines", "keep it to one line")
-        control = _CONTROL.search(value)
-        if control is not None:
-            self.fail(where, f"{key} contains the control character {control.group()!r}", "remove it (docs end up in C comments and Markdown)")
-        if pattern is not None and not pattern.match(value):
+        bad = unsafe_char(value)
+        if bad is not None:  # parse_spec refused these already; kept for parse_spec's callers' sake
+            self.fail(where, f"{key} contains the control character U+{ord(bad):04X}", "remove it (spec text ends up in C comments and Markdown)")
+        if pattern is not None and not pattern.fullmatch(value):
             self.fail(where, f"{key} {value!r} is not a valid name", f"match {pattern.pattern}")
         return value
 
@@ -108,7 +129,7 @@ class _Checker:
         if "since" not in table:
             return Version(1, 0)
         text = table["since"]
-        m = _SINCE.match(text) if isinstance(text, str) else None
+        m = _SINCE.fullmatch(text) if isinstance(text, str) else None
         if m is None:
             self.fail(where, f"since = {text!r} is not a version", 'write since = "1.1"')
         since = Version(int(m.group(1)), int(m.group(2)))
@@ -119,10 +140,17 @@ class _Checker:
 
 def parse_spec(text: str, path: Path) -> Spec:
     ck = _Checker(path)
+    if len(text) > MAX_SPEC_BYTES:
+        ck.fail("size", f"more than {MAX_SPEC_BYTES} characters", f"a spec is well under {MAX_SPEC_BYTES >> 20} MiB: pass the right file")
     try:
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         ck.fail("invalid TOML", str(exc).replace("\n", " "), "fix the syntax at that line")
+    except RecursionError:
+        ck.fail("invalid TOML", "arrays or tables nested too deeply", "a spec nests a few levels: flatten it")
+    except (ValueError, MemoryError) as exc:  # e.g. an integer past int()'s digit limit
+        ck.fail("invalid TOML", f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}", "fix the value")
+    _refuse_unsafe_text(ck, doc)
     ck.keys(doc, "top level", {"interface", "types", "annotations", "errors", "batch", "family"}, {"constants", "legacy_only", "shared"})
 
     iface = ck.table(doc["interface"], "[interface]")
@@ -139,6 +167,7 @@ def parse_spec(text: str, path: Path) -> Spec:
     families = _families(ck, doc["family"], version, types, annotations, batch)
     legacy, legacy_only = _legacy(ck, families, doc.get("legacy_only", []))
     shared = _shared(ck, ck.table(doc["shared"], "[shared]")) if "shared" in doc else None
+    _requires(ck, constants, families, shared)
     return Spec(
         path=path,
         name=ck.str_(iface, "name", "[interface]"),
@@ -157,11 +186,59 @@ def parse_spec(text: str, path: Path) -> Spec:
     )
 
 
+def _refuse_unsafe_text(ck: _Checker, doc: _Table) -> None:
+    """Every key and string anywhere in the file, before anything reads them: spec text reaches
+    C comments, assembly and Markdown, and error messages, so no control character gets in."""
+    # (where, key, value); where reads like "family MMU call SetPTE" (items by their name).
+    stack: list[tuple[str, str, Any]] = [("top level", "", doc)]
+    while stack:  # iterative: tomllib already bounded the depth, this must not recurse either
+        where, key, value = stack.pop()
+        if isinstance(value, dict):
+            inner = f"{where} {key}".strip() if where != "top level" else key or where
+            for sub, item in value.items():
+                bad = unsafe_char(sub)
+                if bad is not None:
+                    ck.fail(inner, f"the key {sub!r} contains the control character U+{ord(bad):04X}", "remove it")
+                stack.append((inner, sub, item))
+        elif isinstance(value, list):
+            for i, item in enumerate(value):
+                name = item.get("name") if isinstance(item, dict) else None
+                label = name if isinstance(name, str) and unsafe_char(name) is None else f"#{i + 1}"
+                stack.append((where, f"{key} {label}", item))
+        elif isinstance(value, str):
+            bad = unsafe_char(value)
+            if bad is not None:
+                ck.fail(where, f"{key} contains the control character U+{ord(bad):04X}",
+                        "remove it (spec text ends up in C comments, assembly and Markdown)")
+
+
+def _requires(ck: _Checker, constants: dict[str, Constant], families: dict[int, Family], shared: SharedPage | None) -> None:
+    """Refuse a spec with a feature (REQUIRES) but without a name vmikit reads for it."""
+    present = {"the ROM"}
+    present |= {f"family {f.name}" for f in families.values() if f.name.lower() == "eventchannel"}
+    if shared is not None:
+        present.add("[shared]")
+    calls = {f"{f.name}.{c.name}".lower() for f in families.values() for c in f.calls.values()}
+    for feature, needs in REQUIRES.items():
+        if feature.lower() not in {p.lower() for p in present}:
+            continue
+        for name in needs.get("constants", ()):
+            if name not in constants:
+                ck.fail("[constants]", f"{feature} needs constant {name}, which is missing",
+                        f"add [constants.{name}] with value = {IMPLEMENTED_CONSTANTS.get(name, CONSTANT_BOUNDS.get(name, (1,))[0])}")
+        for name in needs.get("fields", ()):
+            if shared is not None and all(f.name != name for f in shared.fields):
+                ck.fail("[shared]", f"the shared page needs field {name}, which is missing", f"add {{ name = \"{name}\", ... }} to [shared] fields")
+        for name in needs.get("calls", ()):
+            if name.lower() not in calls:
+                ck.fail(f"family {name.split('.')[0]}", f"{feature} needs call {name}, which is missing", f"add it, or remove {feature}")
+
+
 def _types(ck: _Checker, raw: _Table) -> dict[str, TypeDef]:
     out: dict[str, TypeDef] = {}
     for name, body in raw.items():
         where = f"[types.{name}]"
-        if not _LOWER.match(name):
+        if not _LOWER.fullmatch(name):
             ck.fail(where, f"type name {name!r} is not a lower-case identifier", "rename it, e.g. u64")
         body = ck.table(body, where)
         ck.keys(body, where, {"bits", "doc"})
@@ -177,7 +254,7 @@ def _annotations(ck: _Checker, raw: _Table) -> dict[str, Annotation]:
     used: dict[int, str] = {}
     for name, body in raw.items():
         where = f"[annotations.{name}]"
-        if not _LOWER.match(name):
+        if not _LOWER.fullmatch(name):
             ck.fail(where, f"annotation name {name!r} is not a lower-case identifier", "rename it, e.g. queue")
         body = ck.table(body, where)
         ck.keys(body, where, {"bit", "title", "doc"})
@@ -196,7 +273,7 @@ def _errors(ck: _Checker, raw: _Table) -> list[ErrorCode]:
     seen: dict[int, str] = {}
     for name, body in raw.items():
         where = f"[errors.{name}]"
-        if not _UPPER.match(name):
+        if not _UPPER.fullmatch(name):
             ck.fail(where, f"error name {name!r} is not an upper-case identifier", "rename it, e.g. BAD_ADDRESS")
         body = ck.table(body, where)
         ck.keys(body, where, {"value", "doc"})
@@ -214,27 +291,42 @@ def _constants(ck: _Checker, raw: _Table) -> dict[str, Constant]:
     out: dict[str, Constant] = {}
     for name, body in raw.items():
         where = f"[constants.{name}]"
-        if not _UPPER.match(name):
+        if not _UPPER.fullmatch(name):
             ck.fail(where, f"constant name {name!r} is not an upper-case identifier", "rename it, e.g. LEVEL_PT")
         body = ck.table(body, where)
         ck.keys(body, where, {"value", "doc"})
-        out[name] = Constant(name, ck.int_(body, "value", where, 0, (1 << 64) - 1), ck.str_(body, "doc", where))
+        value = ck.int_(body, "value", where, 0, (1 << 64) - 1)
+        if name in CONSTANT_BOUNDS:  # it sizes something the hypervisor allocates
+            lo, hi, why = CONSTANT_BOUNDS[name]
+            if not lo <= value <= hi:
+                ck.fail(where, f"{name} = {value} is outside {lo}..{hi} ({why})", f"use a value in {lo}..{hi}")
+        if name in IMPLEMENTED_CONSTANTS and value != IMPLEMENTED_CONSTANTS[name]:
+            ck.fail(where, f"{name} = {value:#x} but the hypervisor and ROM implement {IMPLEMENTED_CONSTANTS[name]:#x}",
+                    f"write value = {IMPLEMENTED_CONSTANTS[name]:#x}")
+        out[name] = Constant(name, value, ck.str_(body, "doc", where))
     return out
 
 
 def _batch(ck: _Checker, raw: _Table) -> Batch:
     ck.keys(raw, "[batch]", {"max_entries", "max_args", "doc"})
-    return Batch(
-        max_entries=ck.int_(raw, "max_entries", "[batch]", 1, 4096),
-        max_args=ck.int_(raw, "max_args", "[batch]", 1, MAX_ARGS),
-        doc=ck.str_(raw, "doc", "[batch]"),
-    )
+    max_entries = ck.int_(raw, "max_entries", "[batch]", 1, (1 << 64) - 1)
+    if max_entries > BATCH_MAX_ENTRIES:  # the ROM's buffer and each flush's copy are this big
+        ck.fail("[batch]", f"max_entries = {max_entries} is above the bound {BATCH_MAX_ENTRIES} (the ROM's queue buffer holds at most that)",
+                f"use max_entries = {BATCH_MAX_ENTRIES} or less")
+    max_args = ck.int_(raw, "max_args", "[batch]", 0, (1 << 64) - 1)
+    if max_args != BATCH_ENTRY_ARGS:  # the hypervisor reads fixed 32-byte entries
+        ck.fail("[batch]", f"max_args = {max_args} but the hypervisor reads entries of {BATCH_ENTRY_ARGS} args "
+                f"({8 + 8 * BATCH_ENTRY_ARGS} bytes)", f"write max_args = {BATCH_ENTRY_ARGS}")
+    return Batch(max_entries=max_entries, max_args=max_args, doc=ck.str_(raw, "doc", "[batch]"))
 
 
 def _shared(ck: _Checker, raw: _Table) -> SharedPage:
     """[shared]: size, doc, fields = [{ name, offset, type, doc }, ...], laid out without overlap."""
     ck.keys(raw, "[shared]", {"size", "doc", "fields"})
     size = ck.int_(raw, "size", "[shared]", 8, 1 << 16)
+    if size > SHARED_MAX_SIZE:  # the hypervisor maps one page at layout.SHARED_PAGE
+        ck.fail("[shared]", f"size = {size} is above the bound {SHARED_MAX_SIZE} (the shared page is one page)",
+                f"use size = {SHARED_MAX_SIZE} or less")
     if size % 8:
         ck.fail("[shared]", f"size = {size} is not a multiple of 8", "round it up to a multiple of 8 (4096 for a page)")
     doc = ck.str_(raw, "doc", "[shared]")

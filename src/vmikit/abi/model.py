@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, NamedTuple
@@ -10,6 +11,51 @@ from typing import Iterator, NamedTuple
 from vmikit.abi.callid import CALLID_MAX, CallId
 
 U64_MASK = (1 << 64) - 1
+
+# --- What the hypervisor and the ROM implement; the loader refuses a spec outside it. -----------
+# The hypervisor (mmu.BATCH_ENTRY, FlushQueue) reads a fixed entry: u32 call_id, u32 reserved,
+# u64 args[BATCH_ENTRY_ARGS] = 32 bytes. mmu.py should import this rather than repeat the 3.
+BATCH_ENTRY_ARGS = 3
+# The ROM's .bss holds one buffer of max_entries 32-byte entries (32 KiB at this bound, of the
+# 60 KiB ROM_BSS_MAX), and FlushQueue copies count * 32 bytes out of the guest per flush.
+BATCH_MAX_ENTRIES = 1024
+# The shared page is one page at layout.SHARED_PAGE, the last of the ROM data area.
+SHARED_MAX_SIZE = 4096
+# Constants that size something, as name -> (lowest, highest, why the highest). A guest can fill
+# every EventChannel port, so PORTS x DEPTH bounds the events the hypervisor holds (64 Ki).
+CONSTANT_BOUNDS: dict[str, tuple[int, int, str]] = {
+    "EVTCHN_PORTS": (1, 256, "the hypervisor keeps a queue per port"),
+    "EVTCHN_DEPTH": (1, 256, "the hypervisor holds up to this many events per port"),
+}
+# Constants whose value the hypervisor and the ROM hard-code (mmu.FLUSH_FLAGS, hcall.S's
+# testb on FLUSH_*, query.QUERY_*, mmu's levels 1..4, execution's rings 0 and 3).
+IMPLEMENTED_CONSTANTS: dict[str, int] = {
+    "FLUSH_TLB": 0x01, "FLUSH_GLOBAL": 0x02,
+    "QUERY_SUPPORTED": 0x100, "QUERY_NOT_NATIVE": 0x200,
+    "LEVEL_PT": 1, "LEVEL_PD": 2, "LEVEL_PDPT": 3, "LEVEL_PML4": 4,
+    "PRIVILEGE_RING0": 0, "PRIVILEGE_DEPRIVILEGED": 3,
+}
+
+# Characters no spec string may hold and no emitter may copy into generated text: C0/C1
+# controls (CR ends a line for gcc, so `*\`+CR+`/` closes a comment), line and paragraph
+# separators, format characters (bidi overrides reorder what a reader sees), surrogates,
+# private-use and unassigned code points.
+_UNSAFE_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"})
+
+
+def unsafe_char(text: str) -> str | None:
+    """The first character of TEXT that must not reach generated code, or None."""
+    for ch in text:
+        if ch < " " or ch == "\x7f" or (ch > "\x7f" and unicodedata.category(ch) in _UNSAFE_CATEGORIES):
+            return ch
+    return None
+
+
+def visible(text: str) -> str:
+    """TEXT with each unsafe character spelled as U+XXXX (for emitters handed what the loader refuses)."""
+    if unsafe_char(text) is None:
+        return text
+    return "".join(f"U+{ord(ch):04X}" if unsafe_char(ch) else ch for ch in text)
 
 
 class Version(NamedTuple):
