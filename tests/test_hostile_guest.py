@@ -101,3 +101,52 @@ def test_a_raising_extension_is_bounded(tmp_path: Path) -> None:
     data = json.loads(summary.read_text())
     assert data["handler_failures"] == 3000
     assert data["exits"]["by_call"]["Experimental.Broken"]["calls"] == 3000
+
+
+def _stopped_within(args: list[str], limit: float) -> subprocess.CompletedProcess[bytes]:
+    """Run the CLI with stdout a pipe nobody reads; it must end by itself within ``limit`` s."""
+    child = subprocess.Popen([sys.executable, "-m", "vmikit", *args], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE)
+    try:
+        child.wait(limit)  # stdout is never read: a flooding guest fills the pipe and blocks
+    except subprocess.TimeoutExpired:
+        child.kill()
+        child.communicate()
+        pytest.fail(f"vmikit {' '.join(args)} outlived its watchdog by more than {limit} s")
+    assert child.stderr is not None and child.stdout is not None
+    err = child.stderr.read()
+    child.stdout.close(), child.stderr.close()
+    return subprocess.CompletedProcess(args, child.returncode, b"", err)
+
+
+def test_the_watchdog_stops_a_guest_whose_console_nobody_reads() -> None:
+    """Finding 4a: the VMM blocked writing the console of a flooding guest to a full pipe kept
+    running far past --timeout; now the watchdog interrupts it (exit 5, one line)."""
+    done = _stopped_within(["run", "hang", "--cmdline", "print", "--timeout", "2"], 40)
+    assert done.returncode == 5, done.stderr[-2000:]
+    assert b"watchdog" in done.stderr and b"Traceback" not in done.stderr
+
+
+def test_the_watchdog_stops_a_handler_that_never_returns(tmp_path: Path) -> None:
+    """Finding 4 (the class of 4b): a hypercall handler that does not return (an extension's
+    loop; a huge allocation in Python) outlived --timeout; now a hard kick ends it."""
+    extension = tmp_path / "spin.py"
+    extension.write_text("@vmi.register(0x07, 'Spin')\n"
+                         "def spin(ctx, a, b, c):\n"
+                         "    while True:\n"
+                         "        pass\n")
+    done = _stopped_within(["run", "experiment", "--extension", str(extension), "--timeout", "2"], 40)
+    assert done.returncode == 5, done.stderr[-2000:]
+    assert b"watchdog" in done.stderr and b"Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("value", ["inf", "1e10", "nan", "0", "-1"])
+def test_a_timeout_that_would_disarm_the_watchdog_is_refused(value: str) -> None:
+    """Finding 4c: --timeout inf or 1e10 killed the watchdog thread (the guest then ran forever)
+    and nan stopped at once; every such value is refused in one line, exit 2."""
+    from vmikit.guest.build import build_guest
+    from vmikit.errors import UsageError
+    from vmikit.machine.board import Machine
+
+    with pytest.raises(UsageError, match="--timeout"):
+        Machine(build_guest("hello"), timeout=float(value))

@@ -2,10 +2,10 @@
 
 from vmikit.engine.base import (
     BootState, ControlState, DescriptorTable, Engine, Exit, ExitKind, Registers, Segment, StopRun, Vcpu,
-    VcpuOps, Vm,
+    VcpuOps, Vm, WatchdogExpired,
 )
 
-__all__ = ["BootState", "ControlState", "DescriptorTable", "Segment", "Engine", "Exit", "ExitKind", "Registers", "StopRun", "Vcpu", "VcpuOps", "Vm", "open_engine"]
+__all__ = ["BootState", "ControlState", "DescriptorTable", "Segment", "Engine", "Exit", "ExitKind", "Registers", "StopRun", "Vcpu", "VcpuOps", "Vm", "WatchdogExpired", "open_engine"]
 
 
 def open_engine(name: str = "kvm", device: str | None = None) -> Engine:

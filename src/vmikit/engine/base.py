@@ -39,6 +39,12 @@ class StopRun(Exception):
         self.code = code
 
 
+class WatchdogExpired(BaseException):
+    """Raised by a hard kick in the thread running the guest, wherever the VMM is stuck. Not an
+    Exception, so that the handlers' catch-all (a bug in a handler must not kill the VMM) lets
+    it through."""
+
+
 class CrashRun(Exception):
     """Raised by a VcpuOps callback when the guest's own state makes it unable to go on (what
     the CPU would turn into a shutdown): the run loop ends with ExitKind.SHUTDOWN and ``detail``."""
@@ -147,8 +153,10 @@ class Vcpu(Protocol):
 
     def run(self, ops: VcpuOps) -> Exit: ...
 
-    def kick(self) -> None:
-        """Thread-safe: make run() return ExitKind.KICKED as soon as possible."""
+    def kick(self, hard: bool = False) -> None:
+        """Thread-safe: make run() return ExitKind.KICKED as soon as possible. A plain kick takes
+        effect at the next KVM_RUN; a hard one also interrupts a VMM stuck outside the guest (a
+        handler that does not return, console output that blocks)."""
         ...
 
     def exit_counts(self) -> dict[str, int]: ...

@@ -8,7 +8,7 @@ import signal
 import threading
 import time
 
-from vmikit.engine.base import BootState, ControlState, CrashRun, DescriptorTable, Exit, ExitKind, Segment, StopRun, VcpuOps
+from vmikit.engine.base import BootState, ControlState, CrashRun, DescriptorTable, Exit, ExitKind, Segment, StopRun, VcpuOps, WatchdogExpired
 from vmikit.errors import HostError
 from vmikit.kvm import structs as ks
 from vmikit.kvm.api import (
@@ -54,14 +54,28 @@ _INTERNAL_SUBERRORS = {
 }
 
 
+_hard_kicked: KvmVcpuEngine | None = None  # the vCPU a hard kick is for, until its signal lands
+
+
+def _on_kick(signum: int, frame: object) -> None:
+    """The kick signal's handler. Its arrival interrupts KVM_RUN (EINTR); after a hard kick it
+    also interrupts whatever the VMM is doing (Python runs signal handlers in the main thread,
+    where the run loop runs, and a raising handler ends a blocked write or a long handler)."""
+    global _hard_kicked
+    vcpu = _hard_kicked
+    if vcpu is not None and vcpu._armed:
+        _hard_kicked = None
+        raise WatchdogExpired
+
+
 def _install_kick_handler() -> None:
-    """A no-op handler, so that the kick signal interrupts KVM_RUN with EINTR instead of killing us."""
-    if signal.getsignal(KICK_SIGNAL) not in (signal.SIG_DFL, signal.SIG_IGN, None):
+    """The kick signal's handler, so that the signal interrupts KVM_RUN with EINTR instead of killing us."""
+    if signal.getsignal(KICK_SIGNAL) is _on_kick:
         return
     if threading.current_thread() is not threading.main_thread():
         raise HostError("vmikit must be started from the main thread the first time",
                         "create the first Machine from the main thread (its watchdog needs a signal handler)")
-    signal.signal(KICK_SIGNAL, lambda signum, frame: None)
+    signal.signal(KICK_SIGNAL, _on_kick)
 
 
 _CPUID_SIGNIFICANT_INDEX = 1 << 0
@@ -101,6 +115,7 @@ class KvmVcpuEngine:
         self._fd = vcpu.fd
         self._counts: dict[int, int] = {}
         self._kicked = False
+        self._armed = False  # run() is running: a hard kick may raise WatchdogExpired
         self._thread_id: int | None = None
         # The VMM's own time (bench): from each KVM_RUN return to the next call, when asked for.
         self.time_outside = False
@@ -138,6 +153,7 @@ class KvmVcpuEngine:
         self._vcpu.set_msrs({MSR_MTRR_DEF_TYPE: MTRR_ENABLE | MTRR_TYPE_WRITEBACK})
 
     def run(self, ops: VcpuOps) -> Exit:
+        global _hard_kicked
         run = self._run
         io = self._io
         mmio = self._mmio
@@ -146,6 +162,7 @@ class KvmVcpuEngine:
         counts = self._counts
         self._thread_id = threading.get_ident()
         timing, returned = self.time_outside, 0
+        self._armed = True
         try:
             while True:
                 if returned:
@@ -202,11 +219,19 @@ class KvmVcpuEngine:
             return Exit(ExitKind.STOPPED, "", stop.code)
         except CrashRun as crash:
             return Exit(ExitKind.SHUTDOWN, crash.detail)
+        except WatchdogExpired:
+            return Exit(ExitKind.KICKED, "stopped by the watchdog while the VMM was busy outside the guest")
         finally:
+            self._armed = False  # first: a hard kick landing after this raises nothing
+            if _hard_kicked is self:
+                _hard_kicked = None
             run.immediate_exit = 0
             self._thread_id = None
 
-    def kick(self) -> None:
+    def kick(self, hard: bool = False) -> None:
+        global _hard_kicked
+        if hard and self._thread_id == threading.main_thread().ident:
+            _hard_kicked = self
         self._kicked = True
         self._run.immediate_exit = 1  # covers a kick that lands between two KVM_RUNs
         tid = self._thread_id

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 
-from vmikit.engine import BootState, Engine, ExitKind, StopRun, open_engine
+from vmikit.engine import BootState, Engine, Exit, ExitKind, StopRun, Vcpu, WatchdogExpired, open_engine
 from vmikit.errors import GuestCrash, GuestHang, UsageError
 from vmikit.machine import layout
 from vmikit.machine.crash import FRAME_SIZE, GuestException, format_registers
@@ -26,6 +26,37 @@ InHandler = Callable[[int, int], int]  # (port, size) -> value
 ConsoleSink = Callable[[bytes], None]
 
 CONSOLE_CAPTURE_LIMIT = 4 << 20  # bytes kept for the run result; the rest is counted, not stored
+MAX_TIMEOUT_S = 86400.0  # a day: the watchdog's limit is a bound, not a way to switch it off
+WATCHDOG_GRACE_S = 2.0  # after the limit, how long the VMM may stay busy outside the guest
+
+
+class Watchdog:
+    """Stops a run at its time limit: first a kick that ends the next KVM_RUN, then, if the VMM
+    is stuck outside the guest (a handler that does not return, console output nobody reads),
+    hard kicks every grace period until the run loop has returned."""
+
+    def __init__(self, vcpu: Vcpu, limit: float) -> None:
+        self._vcpu = vcpu
+        self._limit = limit
+        self._done = threading.Event()
+        self.hard = False  # a hard kick was needed
+        self._thread = threading.Thread(target=self._watch, name="vmikit-watchdog", daemon=True)
+
+    def _watch(self) -> None:
+        if self._done.wait(self._limit):
+            return
+        self._vcpu.kick()
+        while not self._done.wait(WATCHDOG_GRACE_S):
+            self.hard = True
+            self._vcpu.kick(hard=True)
+
+    def __enter__(self) -> Watchdog:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._done.set()
+        self._thread.join()
 
 
 @dataclass
@@ -93,8 +124,9 @@ class Machine:
         if not layout.MIN_MEMORY_MIB <= memory_mib <= layout.MAX_MEMORY_MIB:
             raise UsageError(f"--memory {memory_mib} MiB is out of range",
                              f"choose {layout.MIN_MEMORY_MIB} to {layout.MAX_MEMORY_MIB} MiB")
-        if timeout <= 0:
-            raise UsageError(f"--timeout {timeout} must be positive", "give the guest a time limit in seconds, e.g. --timeout 30")
+        if not 0 < timeout <= MAX_TIMEOUT_S:  # also refuses nan
+            raise UsageError(f"--timeout {timeout} is out of range",
+                             f"give the guest a time limit in seconds, more than 0 and at most {MAX_TIMEOUT_S:g}")
         self.timeout = timeout
         self.ram_end = memory_mib * layout.MiB
         self.memory = GuestMemory()
@@ -210,14 +242,14 @@ class Machine:
     def run(self) -> RunResult:
         """Run to the guest's exit; raises GuestCrash/GuestHang with a register dump otherwise."""
         start = time.perf_counter()
-        watchdog = threading.Timer(self.timeout, self.vcpu.kick)
-        watchdog.daemon = True
-        watchdog.start()
-        try:
-            exit_ = self.vcpu.run(self)
-        finally:
-            watchdog.cancel()
-            self.console.flush()
+        with Watchdog(self.vcpu, self.timeout) as watchdog:
+            try:
+                exit_ = self.vcpu.run(self)
+            except WatchdogExpired:  # a hard kick that landed as the run loop was returning
+                exit_ = Exit(ExitKind.KICKED, "stopped by the watchdog")
+            if not watchdog.hard:
+                self.console.flush()  # not after a hard kick: the console may be what was stuck
+
         wall = time.perf_counter() - start
         if exit_.kind is ExitKind.STOPPED:
             status = exit_.code if 0 <= exit_.code <= 255 else 255
