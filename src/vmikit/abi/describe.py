@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from vmikit.abi.callid import CallId
-from vmikit.abi.model import Spec
+from vmikit.abi.model import Spec, visible
 
 
 def call_name(spec: Spec, cid: CallId) -> str:
@@ -39,7 +39,7 @@ def annotation_text(spec: Spec, cid: CallId) -> str:
         note = ""
         if call is not None and name not in call.annotations:
             note = f", not accepted by {call.qualified_name}: ignored"
-        parts.append(f"{name} ({ann.title}{note})")
+        parts.append(f"{name} ({visible(ann.title)}{note})")  # free text: never a control character to the terminal
     if unknown:
         parts.append(f"unknown bits 0x{unknown:02x} (treated as absent)")
     return text + " " + " + ".join(parts)

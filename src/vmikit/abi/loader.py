@@ -149,7 +149,8 @@ def parse_spec(text: str, path: Path) -> Spec:
     except RecursionError:
         ck.fail("invalid TOML", "arrays or tables nested too deeply", "a spec nests a few levels: flatten it")
     except (ValueError, MemoryError) as exc:  # e.g. an integer past int()'s digit limit
-        ck.fail("invalid TOML", f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}", "fix the value")
+        reason = str(exc).split(";")[0].strip() or type(exc).__name__
+        ck.fail("invalid TOML", f"a value cannot be read ({reason})", "fix the value")
     _refuse_unsafe_text(ck, doc)
     ck.keys(doc, "top level", {"interface", "types", "annotations", "errors", "batch", "family"}, {"constants", "legacy_only", "shared"})
 

@@ -17,21 +17,27 @@ HANDLERS = FamilyHandlers("EventChannel")
 
 
 class EventChannel:
-    """The state of one guest's ports; every value the guest passes is checked."""
+    """The state of one guest's ports; every value the guest passes is checked.
+
+    A port's queue exists only while it holds events, so memory follows the events held
+    (at most EVTCHN_PORTS x EVTCHN_DEPTH, both bounded by the spec loader), never the port count.
+    """
 
     def __init__(self, spec: Spec) -> None:
         self.ports = spec.constants["EVTCHN_PORTS"].value
         self.depth = spec.constants["EVTCHN_DEPTH"].value
-        self.queues: list[deque[int]] = [deque() for _ in range(self.ports)]
+        self.queues: dict[int, deque[int]] = {}  # port -> its events, only non-empty ports
         self.sent = 0
 
-    def _queue(self, port: int) -> deque[int]:
+    def _check(self, port: int) -> None:
         if not 0 <= port < self.ports:
             raise HypercallError("INVALID_ARGUMENT")
-        return self.queues[port]
 
     def send(self, port: int, value: int) -> tuple[int, ...]:
-        queue = self._queue(port)
+        self._check(port)
+        queue = self.queues.get(port)
+        if queue is None:
+            queue = self.queues[port] = deque()
         if len(queue) >= self.depth:
             raise HypercallError("AGAIN")
         queue.append(value & U64_MASK)
@@ -39,11 +45,19 @@ class EventChannel:
         return ()
 
     def poll(self, port: int) -> tuple[int, ...]:
-        queue = self._queue(port)
+        self._check(port)
+        queue = self.queues.get(port)
         if not queue:
             raise HypercallError("AGAIN")
         value = queue.popleft()
+        if not queue:
+            del self.queues[port]
         return (value, len(queue))
+
+    def pending(self, port: int) -> int:
+        """Events port PORT holds (0 for an unused or out-of-range port)."""
+        queue = self.queues.get(port)
+        return len(queue) if queue else 0
 
 
 def channel(ctx: CallContext) -> EventChannel:

@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 
 from vmikit.abi import cheader
-from vmikit.abi.model import Spec
+from vmikit.abi.model import Spec, unsafe_char
 from vmikit.abi.spec import load_spec
 from vmikit.toolchain import find_tool, first_error, tool_version
 from vmikit.errors import HostError
@@ -57,7 +57,19 @@ def _sources(spec: Spec, profile: RomProfile, honour: bool, deprivileged: bool =
     }
     if honour:
         files["queue.c"] = (src / "queue.c").read_text()
+    for name in ("entries.S", "rom_layout.h", "vmi_spec.h"):
+        _check_generated(name, files[name])
     return files
+
+
+def _check_generated(name: str, text: str) -> None:
+    """The last line of defence before gcc: generated text holds no character gcc could read as
+    a line end (CR, form feed, ...) or a reader could misread, only LF and tab."""
+    for line in text.split("\n"):
+        bad = unsafe_char(line.replace("\t", " "))
+        if bad is not None:
+            raise HostError(f"generated ROM source {name} holds the character U+{ord(bad):04X}",
+                            "this is a vmikit bug (the spec loader and the emitters should refuse it); please report it")
 
 
 def _digest(files: dict[str, str], profile: RomProfile, honour: bool, gcc: str, objcopy: str) -> str:
