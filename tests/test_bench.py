@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+import copy
 import json
+import re
+from io import StringIO
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from rich.console import Console
+from rich.measure import Measurement
+from rich.table import Table
+from rich.text import Text
 
 from vmikit.bench.cli import bench
+from vmikit.bench.report import print_report, report
+from vmikit.bench.targets import targets
 from vmikit.bench.workloads import (
     MMU_WORKLOADS, PROFILE_BY_NAME, PROFILE_NAMES, QUICK_PROFILES, TINY, WORKLOAD_NAMES,
 )
@@ -29,7 +38,7 @@ def results(kvm: str, tmp_path_factory: pytest.TempPathFactory) -> dict:
             "--json", str(out)]
     result = CliRunner().invoke(bench, args, catch_exceptions=False)
     assert result.exit_code == 0, result.output
-    assert "targets" in result.output and "C reference" in result.output
+    assert "Goals, measured in this run" in result.output and "C reference" in result.output
     return json.loads(out.read_text())
 
 
@@ -61,10 +70,10 @@ def test_run_is_described(results: dict) -> None:
     assert results["tsc_khz"] > 0
     names = [t["name"] for t in results["targets"]]
     assert len(names) == 9 and len(set(names)) == 9
-    for wanted in ("map / setpte per page, direct-honour", "map under direct-honour / native map",
-                   "rdtsc-vmi under direct-honour", "VMM time per queued entry, map under direct-honour",
-                   "VMM time per queued entry, map under shadow-honour"):
-        assert any(n.startswith(wanted) for n in names), wanted
+    for wanted in ("map / setpte per page, direct-honour", "map, direct-honour / native",
+                   "rdtsc-vmi per call, direct-honour", "VMM per queued entry, direct-honour",
+                   "VMM per queued entry, shadow-honour"):
+        assert wanted in names, wanted
     for t in results["targets"]:
         assert "issue" not in t["name"] and t["kind"] in ("ratio", "fraction", "ns", "MiB")
         assert (t["measured"] is None) == (t["met"] is None)
@@ -197,6 +206,91 @@ def test_c_reference_and_memory(results: dict) -> None:
     assert mem["beyond_guest_kib"] > 0
 
 
+def _render(results: dict, width: int) -> str:
+    out = StringIO()
+    print_report(results, Console(file=out, width=width))
+    return out.getvalue()
+
+
+def _plain(cell: object) -> str:
+    return Text.from_markup(cell).plain if isinstance(cell, str) else str(cell)
+
+
+def _check_fits(results: dict, width: int) -> str:
+    """The report at `width` columns: no line longer, nothing cut with an ellipsis, every table at
+    its full width with one line per row and its headers distinct and whole on the header line."""
+    text = _render(results, width)
+    assert max(len(line) for line in text.splitlines()) <= width
+    assert "…" not in text
+    tables = [part for part in report(results) if isinstance(part, Table)]
+    assert tables
+    console = Console(file=StringIO(), width=width)
+    for table in tables:
+        headers = [_plain(column.header) for column in table.columns]
+        assert len(set(headers)) == len(headers), headers
+        assert all("\n" not in _plain(cell) for column in table.columns for cell in column.cells), table.title
+        # Its widest rendering fits: rich never has to shrink a column, so no cell wraps or is cut.
+        assert Measurement.get(console, console.options, table).maximum <= width, table.title
+        bare = copy.copy(table)
+        bare.title = bare.caption = None
+        lines = []
+        for w in (width, 10_000):
+            out = StringIO()
+            Console(file=out, width=w).print(bare)
+            lines.append(out.getvalue().splitlines())
+        assert len(lines[0]) == len(lines[1]), table.title  # no row took a second line
+        assert all(h in lines[0][0] for h in headers), (lines[0][0], headers)
+    return text
+
+
+@pytest.mark.parametrize("width", [80, 120, 200])
+def test_report_fits_the_width_one_line_per_cell(results: dict, width: int) -> None:
+    text = _check_fits(results, width)
+    for singular in ("exit", "flush", "page", "switch", "call", "repetition", "goal"):
+        assert not re.search(rf"(?<![\d.])1 {singular}e?s\b", text), singular
+    title = " ".join(" ".join(text.splitlines()[:2]).split())
+    assert f"(n={TINY.n} pages, m={TINY.m} switches, {TINY.calls} calls; median of {TINY.reps} repetitions)" \
+        in title  # plural where plural
+    for workload in WORKLOAD_NAMES:  # the main table: one row per workload and profile, names whole
+        for profile in PROFILE_NAMES:
+            assert re.search(rf"^{re.escape(workload)} .* {re.escape(profile)} ", text, re.M) or \
+                re.search(rf"^ +{re.escape(profile)} ", text, re.M), (workload, profile)
+    goals = text[text.index("Goals, measured in this run"):]
+    for t in results["targets"]:  # a full run measured every goal; each has a plain name
+        assert t["measured"] is not None and t["name"] in goals
+        assert not re.search(r"issue|#\d", t["name"], re.I)
+
+
+def test_singular_counts_in_the_report(results: dict) -> None:
+    one = copy.deepcopy(results)
+    one["config"].update(n=1, m=1, calls=1, repetitions=1)
+    text = _check_fits(one, 80)
+    title = " ".join(" ".join(text.splitlines()[:2]).split())
+    assert "(n=1 page, m=1 switch, 1 call; median of 1 repetition)" in title
+
+
+def test_filtered_report_shows_only_its_goals(results: dict) -> None:
+    # What `--workload map --profile native,direct-honour --no-c-reference --no-memory` leaves.
+    kept = ("native", "direct-honour")
+    filtered = {k: v for k, v in results.items() if k not in ("c_reference", "memory")}
+    filtered["cells"] = {"map": {p: results["cells"]["map"][p] for p in kept}}
+    filtered["sessions"] = {p: results["sessions"][p] for p in kept}
+    filtered["targets"] = targets(filtered)
+    measured = {t["name"] for t in filtered["targets"] if t["measured"] is not None}
+    assert measured == {"map, direct-honour / native", "VMM per queued entry, direct-honour"}
+    for width in (80, 200):
+        text = _check_fits(filtered, width)
+        goals = text[text.index("Goals, measured in this run"):]
+        for t in filtered["targets"]:
+            assert (t["name"] in goals) == (t["name"] in measured), t["name"]
+        assert "7 more goals need workloads, profiles or probes this run left out" in " ".join(goals.split())
+        assert "n/a" not in goals
+    nothing = copy.deepcopy(filtered)
+    nothing["cells"] = {"null": {"native": results["cells"]["null"]["native"]}}
+    nothing["targets"] = targets(nothing)
+    assert "Goals" not in _render(nothing, 80)  # no goal measured: no goals table at all
+
+
 def test_filters_and_plot(kvm: str, tmp_path: Path) -> None:
     pytest.importorskip("matplotlib")
     out, png = tmp_path / "b.json", tmp_path / "b.png"
@@ -209,6 +303,10 @@ def test_filters_and_plot(kvm: str, tmp_path: Path) -> None:
     assert set(data["cells"]["map"]) == {"native", "direct-honour"}
     assert "c_reference" not in data and "memory" not in data
     assert png.read_bytes().startswith(b"\x89PNG")
+    output = " ".join(result.output.split())
+    for t in data["targets"]:  # the JSON keeps every goal; the report shows only those this run measured
+        assert (t["name"] in output) == (t["measured"] is not None), t["name"]
+    assert sum(t["measured"] is not None for t in data["targets"]) == 2
 
 
 def test_quick_keeps_one_ring0_comparison(monkeypatch: pytest.MonkeyPatch) -> None:

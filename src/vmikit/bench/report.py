@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
@@ -26,6 +28,12 @@ def fmt_ratio(r: float | None) -> str:
     return f"{r:.2f}x" if r < 10 else f"{r:.0f}x"
 
 
+def plural(count: float, word: str, words: str | None = None) -> str:
+    """`1 exit`, `2 exits`, `1 flush`, `0 flushes`: a count with its noun agreeing."""
+    shown = f"{count:g}" if isinstance(count, float) else str(count)
+    return f"{shown} {word if count == 1 else (words or word + 's')}"
+
+
 def _ordered(results: dict) -> tuple[list[str], list[str]]:
     cells = results["cells"]
     workloads = [w for w in WORKLOAD_NAMES if w in cells]
@@ -38,11 +46,11 @@ def _ring(profile: str) -> str:
 
 
 def _groups(profiles: list[str]) -> list[tuple[str, list[str]]]:
-    """Profiles grouped with their ring-0 twin, in order: [(base name, [deprivileged, -ring0])]."""
+    """Profiles grouped with their ring-0 twin, in order: [(first member's name, [deprivileged, -ring0])]."""
     groups: dict[str, list[str]] = {}
     for p in profiles:
         groups.setdefault(p.removesuffix(RING0_SUFFIX), []).append(p)
-    return list(groups.items())
+    return [(members[0], members) for members in groups.values()]
 
 
 def fmt_spread(s: dict[str, float]) -> str:
@@ -51,102 +59,129 @@ def fmt_spread(s: dict[str, float]) -> str:
     return f"±{100 * half / s['median']:.0f}%" if s["median"] else ""
 
 
+def fmt_count(n: int) -> str:
+    """Exact below 100000, else thousands (k): a cell stays within its profile's header width."""
+    return str(n) if n < 100_000 else f"{n / 1000:.0f}k"
+
+
+def _table(title: str, caption: str | None = None) -> Table:
+    # No vertical rules and no outer edge, two spaces between columns: that is what lets the
+    # widest table (one row per workload and profile) fit 80 columns with one line per cell,
+    # so nothing wraps or is cut when the output goes to a pipe, a file or a default terminal.
+    return Table(title=title, caption=caption, box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False,
+                 padding=(0, 1, 0, 0), title_justify="left", caption_justify="left", title_style="bold",
+                 caption_style="dim")
+
+
+def _sizes(cfg: dict) -> str:
+    return f"n={plural(cfg['n'], 'page')}, m={plural(cfg['m'], 'switch', 'switches')}, {plural(cfg['calls'], 'call')}"
+
+
 def cell_table(results: dict) -> Table:
-    """One column per profile; a profile with a ROM shows its deprivileged run (r3) above its
-    ring-0 twin (r0), so the two privileges sit side by side in one cell."""
+    """One row per workload and profile (a ROM profile's -ring0 twin right below it): every figure
+    in its own column, one line per cell, so the table reads the same at any width."""
     workloads, profiles = _ordered(results)
     cfg = results["config"]
-    table = Table(title=f"guest time per operation: median of {cfg['repetitions']} (±half the min-max range), x native; "
-                        f"exits per operation — n={cfg['n']} pages, m={cfg['m']} switches, {cfg['calls']} calls. "
-                        "r3: the kernel deprivileged at ring 3 (profile name as is), r0: at ring 0 (its -ring0 twin)",
-                  show_lines=True)
-    table.add_column("workload", style="bold")
-    table.add_column("per", style="dim")
-    groups = _groups(profiles)
-    for base, _ in groups:
-        table.add_column(base, justify="right")
+    table = _table(f"Guest time and VM exits per operation ({_sizes(cfg)}; median of "
+                   f"{plural(cfg['repetitions'], 'repetition')})",
+                   "time/op: guest-measured; ±: half the min-max range over the median; x native: time over "
+                   "native's; exits/op: VM exits per operation. Profiles with a ROM run the kernel deprivileged at "
+                   "ring 3; their -ring0 twin keeps it at ring 0, as native and trap do.")
+    table.add_column("workload", style="bold", no_wrap=True)
+    table.add_column("per", style="dim", no_wrap=True)
+    table.add_column("profile", no_wrap=True)
+    for header in ("time/op", "±", "x native", "exits/op"):
+        table.add_column(header, justify="right", no_wrap=True)
     for w in workloads:
-        row = [w, BY_NAME[w].unit]
-        for _, members in groups:
-            lines, exits = [], []
-            for p in members:
-                cell = results["cells"][w].get(p)
-                tag = "r3" if PROFILE_BY_NAME[p].privilege == "deprivileged" else "r0"
-                if cell is None:
-                    lines.append(f"{tag} -")
-                    continue
-                s = cell["ns_per_op"]
-                lines.append(f"{tag} {fmt_ns(s['median'])} [dim]{fmt_spread(s)}[/dim] "
-                             f"{fmt_ratio(cell.get('ratio_to_native'))}")
-                exits.append(f"{cell['exits_per_op']['median']:.3g}")
-            lines.append(f"[dim]{' | '.join(exits)} exits[/dim]")
-            row.append("\n".join(lines))
-        table.add_row(*row)
+        rows = [(p, results["cells"][w][p]) for p in profiles if p in results["cells"][w]]
+        for i, (p, cell) in enumerate(rows):
+            s = cell["ns_per_op"]
+            table.add_row(w if i == 0 else "", BY_NAME[w].unit if i == 0 else "",
+                          f"[dim]{p}[/dim]" if p.endswith(RING0_SUFFIX) else p,
+                          fmt_ns(s["median"]), f"[dim]{fmt_spread(s)}[/dim]",
+                          fmt_ratio(cell.get("ratio_to_native")), f"{cell['exits_per_op']['median']:.3g}",
+                          end_section=i == len(rows) - 1)
     return table
 
 
+def _twin_row(label: str, groups: list[tuple[str, list[str]]], shown: Callable[[str], str]) -> list[str]:
+    """A sub-row: the second member (the -ring0 twin) of each group, blank where there is none."""
+    return [f"[dim]  {label}[/dim]", *(shown(m[1]) if len(m) > 1 else "" for _, m in groups)]
+
+
 def calls_table(results: dict) -> Table:
-    """Calls and exits per call ID, summed over every workload, per profile (a ROM profile and its
-    ring-0 twin in one column: one line when they agree)."""
+    """Calls and exits per call ID, summed over every workload, per profile; a ROM profile's -ring0
+    twin in the same column (a row of its own only for the calls where it differs)."""
     _, profiles = _ordered(results)
-    totals: dict[str, dict[str, list[int]]] = {}
+    totals: dict[str, dict[str, tuple[int, int]]] = {}
     for per_profile in results["cells"].values():
         for p, cell in per_profile.items():
             for call, counts in cell["by_call"].items():
-                entry = totals.setdefault(call, {}).setdefault(p, [0, 0])
-                entry[0] += counts["calls"]
-                entry[1] += counts["exits"]
-    table = Table(title="calls / exits per call ID, all timed sections (queued calls complete in a FlushQueue exit); "
-                        "r3 | r0 when the privileges differ")
-    table.add_column("call")
-    groups = [(b, m) for b, m in _groups(profiles) if any(p in v for v in totals.values() for p in m)]
-    for base, _ in groups:
-        table.add_column(base, justify="right")
+                calls, exits = totals.setdefault(call, {}).get(p, (0, 0))
+                totals[call][p] = (calls + counts["calls"], exits + counts["exits"])
+    table = _table("Calls / exits per call ID, all timed sections",
+                   "Queued calls complete in a FlushQueue exit. Each column is the profile named; its -ring0 twin, "
+                   "where run, made the same calls and exits unless a ring 0 row says otherwise.")
+    table.add_column("call", no_wrap=True)
+    groups = [(h, m) for h, m in _groups(profiles) if any(p in v for v in totals.values() for p in m)]
+    for header, _ in groups:
+        table.add_column(header, justify="right", no_wrap=True)
+
     for call in sorted(totals):
-        row = [call]
-        for _, members in groups:
-            shown = [f"{totals[call][p][0]} / {totals[call][p][1]}" if p in totals[call] else "-" for p in members]
-            row.append(shown[0] if len(set(shown)) == 1 else " | ".join(shown))
-        table.add_row(*row)
+        def shown(p: str, call: str = call) -> str:
+            return "-" if p not in totals[call] else " / ".join(fmt_count(n) for n in totals[call][p])
+        table.add_row(call, *(shown(m[0]) for _, m in groups))
+        if any(len(m) > 1 and shown(m[1]) != shown(m[0]) for _, m in groups):
+            table.add_row(*_twin_row("ring 0", groups, shown))
     return table
 
 
 def flush_table(results: dict) -> Table | None:
-    """The flush mechanism's own figure: per deprivileged profile and workload, flushes per
-    operation, mean µs per flush and the median share of the timed section it took."""
+    """The flush mechanism's own figure: per deprivileged profile and workload, flushes, flushes per
+    operation, mean µs per flush, the median share of the timed section it took and how."""
     workloads, profiles = _ordered(results)
     shown = [p for p in profiles if PROFILE_BY_NAME[p].privilege == "deprivileged"]
     if not shown:
         return None
-    table = Table(title="the flush mechanism (KVM drops its cached translations after the VMM changed a present "
-                        "entry): flushes per operation · µs per flush · share of the workload's time (median) · "
-                        "how (frames: the stale frames only; all: the whole shadow MMU)",
-                  show_lines=True)
-    table.add_column("workload", style="bold")
-    for p in shown:
-        table.add_column(p, justify="right")
+    table = _table("The flush mechanism, deprivileged profiles",
+                   "After the VMM changed a present entry, KVM drops its cached translations. flushes: in the timed "
+                   "sections (whole session: untimed work too); per op: flushes per operation; µs each: mean; of "
+                   "time: median share of the workload's time; how: frames (the stale frames only) or all (the "
+                   "whole shadow MMU). Workloads without a flush are left out.")
+    for header in ("workload", "profile"):
+        table.add_column(header, style="bold" if header == "workload" else None, no_wrap=True)
+    for header in ("flushes", "per op", "µs each", "of time"):
+        table.add_column(header, justify="right", no_wrap=True)
+    table.add_column("how", no_wrap=True)
+
+    def how(by_kind: dict[str, int] | None) -> str:
+        return ", ".join(sorted(k for k, v in (by_kind or {}).items() if v))
+
+    blocks: list[tuple[str, list[list[str]]]] = []
     for w in workloads:
-        if not any(((results["cells"][w].get(p) or {}).get("flush") or {}).get("flushes") for p in shown):
-            continue  # nothing in this workload changes a present entry
-        row = [w]
+        rows = []
         for p in shown:
             f = (results["cells"][w].get(p) or {}).get("flush")
-            if not f or not f["flushes"]:
-                row.append("[dim]-[/dim]")
+            if f is None:
+                continue
+            if not f["flushes"]:
+                rows.append([p, "0", "0", "", "", ""])
                 continue
             share = f["share_of_time"]["median"] if f["share_of_time"] else 0.0
-            kinds = ", ".join(f"{k} {v}" for k, v in sorted(f.get("by_kind", {}).items()))
-            row.append(f"{f['flushes_per_op']:.3g}/op · {f['us_per_flush']:.0f} µs\n{100 * share:.1f}% of time"
-                       + (f"\n[dim]{kinds}[/dim]" if kinds else ""))
-        table.add_row(*row)
-    row = ["[bold]whole session[/bold]\n[dim](untimed too)[/dim]"]
+            rows.append([p, str(f["flushes"]), f"{f['flushes_per_op']:.3g}", f"{f['us_per_flush']:.0f}",
+                         f"{100 * share:.1f}%", how(f.get("by_kind"))])
+        if any(r[1] != "0" for r in rows):  # nothing in this workload changes a present entry
+            blocks.append((w, rows))
+    session_rows = []
     for p in shown:
         f = (results.get("sessions", {}).get(p) or {}).get("flush") or {}
         mean = f.get("session_us_mean")
-        kinds = ", ".join(f"{k} {v}" for k, v in sorted((f.get("session_by_kind") or {}).items()))
-        row.append(f"{f.get('session_flushes', 0)} flushes" + (f"\n{mean:.0f} µs mean" if mean else "")
-                   + (f"\n[dim]{kinds}[/dim]" if kinds else ""))
-    table.add_row(*row)
+        session_rows.append([p, str(f.get("session_flushes", 0)), "", f"{mean:.0f}" if mean else "", "",
+                             how(f.get("session_by_kind"))])
+    blocks.append(("whole session", session_rows))
+    for label, rows in blocks:
+        for i, row in enumerate(rows):
+            table.add_row(label if i == 0 else "", *row, end_section=i == len(rows) - 1)
     return table
 
 
@@ -155,33 +190,41 @@ def vmm_table(results: dict) -> Table | None:
     reflection of exceptions; the flush included) and its share of the guest-measured time:
     what is left is the exits themselves and the guest's code."""
     workloads, profiles = _ordered(results)
-    groups = [(b, m) for b, m in _groups(profiles) if PROFILE_BY_NAME[m[0]].rom != "none"]
+    groups = [(h, m) for h, m in _groups(profiles) if PROFILE_BY_NAME[m[0]].rom != "none"]
     if not groups:
         return None
-    table = Table(title="the VMM's own time per operation (host clock, its handlers; the flush included) and its "
-                        "share of the guest's time — r3 | r0; per queued entry for FlushQueue batches",
-                  show_lines=True)
-    table.add_column("workload", style="bold")
-    for base, _ in groups:
-        table.add_column(base, justify="right")
+    table = _table("The VMM's own time per operation and its share of the guest's time",
+                   "Host clock, the VMM's handlers, the flush included; the rest of the guest's time is the exits "
+                   "themselves and the guest's code. per entry: the VMM's time per queued entry in FlushQueue "
+                   "batches. Each column is the profile named; ring 0 rows: its -ring0 twin.")
+    table.add_column("workload", style="bold", no_wrap=True)
+    for header, _ in groups:
+        table.add_column(header, justify="right", no_wrap=True)
+
     for w in workloads:
-        if not any((results["cells"][w].get(p) or {}).get("vmm_us_per_op") for _, m in groups for p in m):
+        cells = results["cells"][w]
+        if not any((cells.get(p) or {}).get("vmm_us_per_op") for _, m in groups for p in m):
             continue  # no exit at all (rdtsc, cpuid natively): nothing of the VMM's
-        row = [w]
-        for _, members in groups:
-            lines = []
-            for p in members:
-                cell = results["cells"][w].get(p)
-                if cell is None or "vmm_us_per_op" not in cell:
-                    continue
-                tag = "r3" if PROFILE_BY_NAME[p].privilege == "deprivileged" else "r0"
-                text = f"{tag} {fmt_ns(cell['vmm_us_per_op'] * 1e3)} {100 * cell['vmm_share_of_time']:.0f}%"
-                per_entry = (cell.get("queue") or {}).get("vmm_us_per_entry")
-                if per_entry is not None:
-                    text += f" [dim]({fmt_ns(per_entry * 1e3)}/entry)[/dim]"
-                lines.append(text)
-            row.append("\n".join(lines) or "-")
-        table.add_row(*row)
+
+        def per_op(p: str) -> str:
+            cell = cells.get(p)
+            if cell is None or "vmm_us_per_op" not in cell:
+                return "-"
+            return f"{fmt_ns(cell['vmm_us_per_op'] * 1e3)} {100 * cell['vmm_share_of_time']:.0f}%"
+
+        def per_entry(p: str) -> str:
+            value = ((cells.get(p) or {}).get("queue") or {}).get("vmm_us_per_entry")
+            return "" if value is None else fmt_ns(value * 1e3)
+
+        rows = [[w, *(per_op(m[0]) for _, m in groups)]]
+        if any(per_entry(m[0]) for _, m in groups):
+            rows.append(["[dim]  per entry[/dim]", *(per_entry(m[0]) for _, m in groups)])
+        if any(len(m) > 1 for _, m in groups):
+            rows.append(_twin_row("ring 0", groups, per_op))
+            if any(len(m) > 1 and per_entry(m[1]) for _, m in groups):
+                rows.append(_twin_row("ring 0 per entry", groups, per_entry))
+        for i, row in enumerate(rows):
+            table.add_row(*row, end_section=i == len(rows) - 1)
     return table
 
 
@@ -199,14 +242,20 @@ def fmt_measured(t: dict) -> str:
     return f"{m:.2f}x" if m < 100 else f"{m:.0f}x"
 
 
-def targets_table(results: dict) -> Table:
-    table = Table(title="targets, measured in this run")
-    for col in ("target", "goal", "measured", "met"):
-        table.add_column(col, justify="right" if col in ("measured", "met") else "left")
-    for t in results.get("targets", []):
-        shown = fmt_measured(t)
+def targets_table(results: dict) -> Table | None:
+    """The goals this run measured (a filtered run leaves the others out, and says how many)."""
+    measured = [t for t in results.get("targets", []) if t["measured"] is not None]
+    if not measured:
+        return None
+    left_out = len(results.get("targets", [])) - len(measured)
+    table = _table("Goals, measured in this run",
+                   f"{plural(left_out, 'more goal')} need{'s' if left_out == 1 else ''} workloads, profiles or "
+                   "probes this run left out." if left_out else None)
+    for col in ("goal", "wanted", "measured", "met"):
+        table.add_column(col, justify="right" if col in ("measured", "met") else "left", no_wrap=True)
+    for t in measured:
         met = "n/a" if t["met"] is None else ("[green]yes[/green]" if t["met"] else "[red]no[/red]")
-        table.add_row(t["name"], t["goal"], shown, met)
+        table.add_row(t["name"], t["goal"], fmt_measured(t), met)
     return table
 
 
@@ -214,43 +263,52 @@ def _maybe_ns(value: float | None) -> str:
     return fmt_ns(value) if value is not None else "n/a"
 
 
-def print_report(results: dict, console: Console | None = None) -> None:
-    console = console or Console()
-    console.print(cell_table(results))
+PROSE_WIDTH = 80
+
+
+def report(results: dict) -> list[Table | str]:
+    """The report's parts in order: tables, and lines of rich markup."""
+    parts: list[Table | str | None] = [cell_table(results)]
     if any(cell["by_call"] for pp in results["cells"].values() for cell in pp.values()):
-        console.print(calls_table(results))
-    for extra in (vmm_table(results), flush_table(results)):
-        if extra is not None:
-            console.print(extra)
+        parts.append(calls_table(results))
+    parts += [vmm_table(results), flush_table(results)]
     c = results.get("c_reference")
     if c and "error" not in c:
-        console.print(f"[bold]C reference[/bold] (same image, ring-0 ROM and kernel, cmdline `{c['cmdline']}`): null hypercall "
-                      f"{fmt_ns(c['c']['null_ns_per_call']['median'])} in C vs "
-                      f"{fmt_ns(c['python']['null_ns_per_call']['median'])} in the Python VMM = "
-                      f"[bold]{c['ratio']:.2f}x[/bold] (+{fmt_ns(c['python_extra_ns_per_exit'])} per exit); "
-                      f"the VMM's own time per exit (KVM_RUN return to the next call): "
-                      f"{_maybe_ns(c['c'].get('vmm_ns_per_exit'))} in C, "
-                      f"{_maybe_ns(c['python'].get('vmm_ns_per_exit'))} in Python; "
-                      f"an empty guest loop iteration costs {fmt_ns(c['guest_loop_iteration_ns'])} on this host")
+        parts.append(f"[bold]C reference[/bold] (same image, ring-0 ROM and kernel, cmdline `{c['cmdline']}`): null "
+                     f"hypercall {fmt_ns(c['c']['null_ns_per_call']['median'])} in C vs "
+                     f"{fmt_ns(c['python']['null_ns_per_call']['median'])} in the Python VMM = "
+                     f"[bold]{c['ratio']:.2f}x[/bold] (+{fmt_ns(c['python_extra_ns_per_exit'])} per exit); "
+                     f"the VMM's own time per exit (KVM_RUN return to the next call): "
+                     f"{_maybe_ns(c['c'].get('vmm_ns_per_exit'))} in C, "
+                     f"{_maybe_ns(c['python'].get('vmm_ns_per_exit'))} in Python; "
+                     f"an empty guest loop iteration costs {fmt_ns(c['guest_loop_iteration_ns'])} on this host")
     elif c:
-        console.print(f"[red]C reference failed:[/red] {c['error']}")
+        parts.append(f"[red]C reference failed:[/red] {c['error']}")
     mem = results.get("memory")
     if mem and "error" not in mem:
-        console.print(f"[bold]VMM memory[/bold] ({mem['profile']}, {mem['guest_ram_mib']} MiB guest): peak RSS "
-                      f"{mem['peak_rss_kib'] / 1024:.1f} MiB, guest RAM resident "
-                      f"{mem['guest_ram_resident_kib'] / 1024:.1f} MiB → [bold]{mem['beyond_guest_mib']:.1f} MiB "
-                      f"beyond guest RAM[/bold] (interpreter + modules {mem['baseline_rss_kib'] / 1024:.1f} MiB, "
-                      f"shadow tables {mem['shadow_tables_resident_kib'] / 1024:.1f} MiB)")
+        parts.append(f"[bold]VMM memory[/bold] ({mem['profile']}, {mem['guest_ram_mib']} MiB guest): peak RSS "
+                     f"{mem['peak_rss_kib'] / 1024:.1f} MiB, guest RAM resident "
+                     f"{mem['guest_ram_resident_kib'] / 1024:.1f} MiB → [bold]{mem['beyond_guest_mib']:.1f} MiB "
+                     f"beyond guest RAM[/bold] (interpreter + modules {mem['baseline_rss_kib'] / 1024:.1f} MiB, "
+                     f"shadow tables {mem['shadow_tables_resident_kib'] / 1024:.1f} MiB)")
     elif mem:
-        console.print(f"[red]memory probe failed:[/red] {mem['error']}")
-    if results.get("targets"):
-        console.print(targets_table(results))
-    for profile, error in results.get("errors", {}).items():
-        console.print(f"[red]{profile} failed:[/red] {error}")
+        parts.append(f"[red]memory probe failed:[/red] {mem['error']}")
+    parts.append(targets_table(results))
+    parts += [f"[red]{profile} failed:[/red] {error}" for profile, error in results.get("errors", {}).items()]
     khz = results.get("tsc_khz")
-    console.print(f"[dim]TSC {khz} kHz (KVM_GET_TSC_KHZ) · {results['machine'].get('cpu', '?')} · kernel "
-                  f"{results['machine']['kernel']} · {results['date']} · whole bench "
-                  f"{results.get('bench_wall_seconds', '?')} s[/dim]")
+    parts.append(f"[dim]TSC {khz} kHz (KVM_GET_TSC_KHZ) · {results['machine'].get('cpu', '?')} · kernel "
+                 f"{results['machine']['kernel']} · {results['date']} · whole bench "
+                 f"{results.get('bench_wall_seconds', '?')} s[/dim]")
+    return [part for part in parts if part is not None]
+
+
+def print_report(results: dict, console: Console | None = None) -> None:
+    console = console or Console()
+    for i, part in enumerate(report(results)):
+        if i:
+            console.print()  # a blank line between parts: each table's title starts its own block
+        # Prose wraps at the tables' width (80 columns at most): a 200-column paragraph is hard to read.
+        console.print(part, width=min(console.width, PROSE_WIDTH) if isinstance(part, str) else None)
 
 
 COLOURS = {"native": "#4d4d4d", "trap": "#d62728", "direct-ignore": "#9ecae1", "direct-honour": "#1f77b4",

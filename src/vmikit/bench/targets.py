@@ -32,13 +32,13 @@ def targets(results: dict) -> list[dict[str, object]]:
     out = []
     c = results.get("c_reference") or {}
     ratio = c.get("ratio")
-    out.append(_target("null hypercall, Python VMM / C reference", "<= 1.2x", ratio,
+    out.append(_target("null call, Python VMM / C VMM", "<= 1.2x", ratio,
                        None if ratio is None else ratio <= 1.2,
                        "guest-measured ns per Query.GetVersion call, same image, ring-0 ROM and kernel, same run"))
 
     frac = _ratio(_median(results, "map", "direct-honour"), _median(results, "setpte", "direct-honour"))
     frac0 = _ratio(_median(results, "map", RING0), _median(results, "setpte", RING0))
-    out.append(_target("map / setpte per page, direct-honour (queued SetPTE amortized / unqueued)", "<= 1/50 (0.02)",
+    out.append(_target("map / setpte per page, direct-honour", "<= 1/50 (0.02)",
                        frac, None if frac is None else frac <= 0.02,
                        "map (queued SetPTE + FlushQueue) vs setpte (one hypercall each), guest ns per page"
                        + _ring0(frac0, "{:.3f}"), kind="fraction"))
@@ -47,7 +47,7 @@ def targets(results: dict) -> list[dict[str, object]]:
         cell = results.get("cells", {}).get("map", {}).get(profile) or {}
         spread = cell.get("vmm_ns_per_entry")
         value = spread["median"] if spread else None
-        out.append(_target(f"VMM time per queued entry, map under {profile}", f"<= {goal} ns", value,
+        out.append(_target(f"VMM per queued entry, {profile}", f"<= {goal} ns", value,
                            None if value is None else value <= goal,
                            "host ns in the FlushQueue exits over the entries they completed (median of repetitions"
                            + (f"; min {spread['min']:.0f}, max {spread['max']:.0f})" if spread else ")"), kind="ns"))
@@ -55,27 +55,27 @@ def targets(results: dict) -> list[dict[str, object]]:
     native_map, native_unmap = _median(results, "map", "native"), _median(results, "unmap", "native")
     dh_map, dh_unmap = _median(results, "map", "direct-honour"), _median(results, "unmap", "direct-honour")
     map_ratio = _ratio(dh_map, native_map)
-    out.append(_target("map under direct-honour / native map", "<= 0.1x", map_ratio,
+    out.append(_target("map, direct-honour / native", "<= 0.1x", map_ratio,
                        None if map_ratio is None else map_ratio <= 0.1,
                        "guest ns per page mapped; native is the bare machine (kernel at ring 0)"
                        + _ring0(_ratio(_median(results, "map", RING0), native_map), "{:.2f}x")))
 
-    ratios = [r for r in (map_ratio, _ratio(dh_unmap, native_unmap)) if r is not None]
-    worst = max(ratios) if ratios else None
-    out.append(_target("map/unmap under direct-honour / native", "<= 5x", worst,
+    unmap_ratio = _ratio(dh_unmap, native_unmap)
+    # A goal about both is measured only when both are: a run filtered to one of them leaves it out.
+    worst = max(map_ratio, unmap_ratio) if map_ratio is not None and unmap_ratio is not None else None
+    out.append(_target("map and unmap, direct-honour / native", "<= 5x", worst,
                        None if worst is None else worst <= 5,
                        "the larger of the map and unmap ratios, ns per page"
-                       + (f" (map {ratios[0]:.2f}x" + (f", unmap {ratios[1]:.2f}x)" if len(ratios) > 1 else ")")
-                          if ratios else "")))
+                       + (f" (map {map_ratio:.2f}x, unmap {unmap_ratio:.2f}x)" if worst is not None else "")))
 
     trap_map = _median(results, "map", "trap")
     speedup = _ratio(trap_map, dh_map)
-    out.append(_target("map: trap / direct-honour (speed-up)", ">= 30x", speedup,
+    out.append(_target("map speed-up, trap / direct-honour", ">= 30x", speedup,
                        None if speedup is None else speedup >= 30, "ns per page mapped"
                        + _ring0(_ratio(trap_map, _median(results, "map", RING0)), "{:.2f}x")))
 
     rdtsc = _median(results, "rdtsc-vmi", "direct-honour")
-    out.append(_target("rdtsc-vmi under direct-honour, per call", "<= 100 ns", rdtsc,
+    out.append(_target("rdtsc-vmi per call, direct-honour", "<= 100 ns", rdtsc,
                        None if rdtsc is None else rdtsc <= 100,
                        "vmi_rdtsc() through the full ROM (rdtsc in the ROM, no exit), guest ns per call"
                        + _ring0(_median(results, "rdtsc-vmi", RING0), "{:.0f} ns"), kind="ns"))
