@@ -118,13 +118,22 @@ CASES: dict[str, Case] = {
     "shared-added": Case(_k("shared-added"), shared),
     "shared-field-added": Case(_k("shared-field-added"), lambda d: shared(d)["fields"].append(
         {"name": "ticks", "offset": 48, "type": "u64", "doc": "Timer ticks."}), old=shared),
-    # --- neutral
-    "doc-changed": Case(_k("doc-changed"), lambda d: call(d, "CPU.CPUID").update(doc="Run CPUID as presented.")),
-    "arg-renamed": Case(_k("arg-renamed"), lambda d: call(d, "Segmentation.SetGDT")["args"][0].update(name="gdt")),
+    # A doc string that is a comment in vmi_spec.h changes generated code: never neutral.
+    "header-doc-changed": Case(_k("header-doc-changed"), lambda d: call(d, "CPU.CPUID").update(doc="Run CPUID as presented.")),
+    "error-doc-changed": Case(_k("header-doc-changed"), lambda d: d["errors"]["BATCH_INVALID"].update(doc="Bad batch.")),
+    "constant-doc-changed": Case(_k("header-doc-changed"), lambda d: d["constants"]["FLUSH_TLB"].update(doc="Flush.")),
+    "shared-doc-changed": Case(_k("header-doc-changed"), lambda d: field(d, "vif").update(doc="1 = on."), old=shared),
+    "shared-page-doc-changed": Case(_k("header-doc-changed"), lambda d: shared(d).update(doc="The page."), old=shared),
     "legacy-only-changed": Case(_k("legacy-only-changed"), lambda d: d["legacy_only"].append(
         {"number": 74, "name": "Unused74", "doc": "Never defined."})),
-    "shared-doc-changed": Case(_k("doc-changed"), lambda d: field(d, "vif").update(doc="1 = on."), old=shared),
-    "shared-page-doc-changed": Case(_k("doc-changed"), lambda d: shared(d).update(doc="The page."), old=shared),
+    "legacy-only-renamed": Case(_k("legacy-only-changed"), lambda d: d["legacy_only"][0].update(name="Renamed")),
+    # --- neutral: only the Markdown reference shows these
+    "doc-changed": Case(_k("doc-changed"), lambda d: family(d, "CPU").update(doc="The CPU, virtualised.")),
+    "type-doc-changed": Case(_k("doc-changed"), lambda d: d["types"]["level"].update(doc="A level.")),
+    "interface-doc-changed": Case(_k("doc-changed"), lambda d: d["interface"].update(doc="The interface.")),
+    "batch-doc-changed": Case(_k("doc-changed"), lambda d: d["batch"].update(doc="The batch.")),
+    "legacy-only-doc-changed": Case(_k("doc-changed"), lambda d: d["legacy_only"][0].update(doc="Not here.")),
+    "arg-renamed": Case(_k("arg-renamed"), lambda d: call(d, "Segmentation.SetGDT")["args"][0].update(name="gdt")),
     # --- breaking
     "interface-renamed": Case(_k("interface-renamed"), lambda d: d["interface"].update(name="VMX")),
     "family-removed": Case(_k("family-removed", "call-removed"),

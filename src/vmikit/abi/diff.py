@@ -53,9 +53,13 @@ def _sig(args: tuple[Arg, ...]) -> list[str]:
     return [a.type for a in args]
 
 
-def _doc(out: list[Change], subject: str, old: str, new: str) -> None:
+def _doc(out: list[Change], subject: str, old: str, new: str, *, header: bool) -> None:
+    """HEADER: the string is a comment in vmi_spec.h, so changing it changes generated code and
+    is never neutral (a spec's text reached the ROM's build that way); else only the reference
+    shows it."""
     if old != new:
-        out.append(Change("doc-changed", subject, "doc text changed"))
+        out.append(Change("header-doc-changed" if header else "doc-changed", subject,
+                          "doc text changed" + (" (a vmi_spec.h comment)" if header else "")))
 
 
 def _call_changes(out: list[Change], spec_old: Spec, old: Call, new: Call) -> None:
@@ -79,7 +83,7 @@ def _call_changes(out: list[Change], spec_old: Spec, old: Call, new: Call) -> No
         out.append(Change("call-accepts-annotation", subject, f"accepts `{ann}`"))
     for ann in sorted(old.annotations - new.annotations):
         out.append(Change("call-drops-annotation", subject, f"no longer accepts `{ann}`"))
-    _doc(out, subject, old.doc, new.doc)
+    _doc(out, subject, old.doc, new.doc, header=True)
 
 
 def _families(out: list[Change], old: Spec, new: Spec) -> None:
@@ -98,7 +102,7 @@ def _families(out: list[Change], old: Spec, new: Spec) -> None:
             out.append(Change("family-renamed", f"family 0x{fid:02x}", f"{fam.name} -> {other.name}"))
         if other.runtime != fam.runtime:
             out.append(Change("family-kind-changed", f"family {fam.name}", f"runtime {fam.runtime} -> {other.runtime}"))
-        _doc(out, f"family {fam.name}", fam.doc, other.doc)
+        _doc(out, f"family {fam.name}", fam.doc, other.doc, header=False)
     for fid, fam in new.families.items():
         if fid not in old.families and fam.name.lower() not in old_by_name:
             out.append(Change("family-added", f"family {fam.name} (0x{fid:02x})",
@@ -157,7 +161,7 @@ def _named_values(out: list[Change], what: str, old: dict[str, tuple[int, str]],
         if new[name][0] != value:
             out.append(Change(f"{what}-{changed}-changed", f"{what} {name}",
                               f"{_value(what, value)} -> {_value(what, new[name][0])}"))
-        _doc(out, f"{what} {name}", doc, new[name][1])
+        _doc(out, f"{what} {name}", doc, new[name][1], header=what != "type")  # error and constant docs are header comments
     for name, (value, _doc_) in new.items():
         if name not in old:
             out.append(Change(f"{what}-added", f"{what} {name}", _value(what, value)))
@@ -179,9 +183,13 @@ def _legacy(out: list[Change], old: Spec, new: Spec) -> None:
     for number in sorted(set(old.legacy_only) | set(new.legacy_only)):
         a_only, b_only = old.legacy_only.get(number), new.legacy_only.get(number)
         # A move between legacy-only and mapped is reported above.
-        if number not in new.legacy and number not in old.legacy and a_only != b_only:
-            out.append(Change("legacy-only-changed", f"legacy {number}",
-                              "listed" if a_only is None else "dropped" if b_only is None else "changed"))
+        if number in new.legacy or number in old.legacy or a_only == b_only:
+            continue
+        if a_only is not None and b_only is not None and a_only.name == b_only.name:
+            _doc(out, f"legacy {number}", a_only.doc, b_only.doc, header=False)  # its doc is only in the reference
+            continue
+        out.append(Change("legacy-only-changed", f"legacy {number}",  # its name is a VMI_LEGACY_* macro
+                          "listed" if a_only is None else "dropped" if b_only is None else "renamed"))
 
 
 def _shared(out: list[Change], old: SharedPage | None, new: SharedPage | None) -> None:
@@ -196,7 +204,7 @@ def _shared(out: list[Change], old: SharedPage | None, new: SharedPage | None) -
         return
     if old.size != new.size:
         out.append(Change("shared-size-changed", "shared page", f"{old.size} -> {new.size} bytes"))
-    _doc(out, "shared page", old.doc, new.doc)
+    _doc(out, "shared page", old.doc, new.doc, header=True)
     new_fields = {f.name: f for f in new.fields}
     old_names = {f.name for f in old.fields}
     for f in old.fields:
@@ -208,7 +216,7 @@ def _shared(out: list[Change], old: SharedPage | None, new: SharedPage | None) -
         if (f.offset, f.type) != (other.offset, other.type):
             out.append(Change("shared-field-changed", subject,
                               f"{f.type} at offset {f.offset} -> {other.type} at offset {other.offset}"))
-        _doc(out, subject, f.doc, other.doc)
+        _doc(out, subject, f.doc, other.doc, header=True)
     for f in new.fields:
         if f.name not in old_names:
             out.append(Change("shared-field-added", f"shared field {f.name}", f"{f.type} at offset {f.offset}"))
@@ -219,7 +227,7 @@ def diff_specs(old: Spec, new: Spec) -> list[Change]:
     out: list[Change] = []
     if old.name != new.name:
         out.append(Change("interface-renamed", "interface", f"{old.name} -> {new.name}"))
-    _doc(out, "interface", old.doc, new.doc)
+    _doc(out, "interface", old.doc, new.doc, header=False)
     _named_values(out, "type", {k: (t.bits, t.doc) for k, t in old.types.items()},
                   {k: (t.bits, t.doc) for k, t in new.types.items()})
     _annotations(out, old, new)
@@ -230,7 +238,7 @@ def diff_specs(old: Spec, new: Spec) -> list[Change]:
     ob, nb = old.batch, new.batch
     if (ob.max_entries, ob.max_args) != (nb.max_entries, nb.max_args):
         out.append(Change("batch-changed", "batch", f"{ob.max_entries} x {ob.max_args} args -> {nb.max_entries} x {nb.max_args} args"))
-    _doc(out, "batch", ob.doc, nb.doc)
+    _doc(out, "batch", ob.doc, nb.doc, header=False)
     _shared(out, old.shared, new.shared)
     _families(out, old, new)
     _calls(out, old, new)

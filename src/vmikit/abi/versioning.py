@@ -16,7 +16,7 @@ class Severity(str, Enum):
 
     BREAKING = "breaking"  # an old guest or ROM can misbehave: needs a major bump
     COMPATIBLE = "compatible"  # additive: old binaries run unchanged; needs a minor bump
-    NEUTRAL = "neutral"  # wording only: no binary or header changes; no bump needed
+    NEUTRAL = "neutral"  # wording only: no binary, ROM source or header changes; no bump needed
 
     def __str__(self) -> str:
         return self.value
@@ -45,9 +45,13 @@ RULES: dict[str, Rule] = {r.kind: r for r in (
     Rule("call-allows-user", _C, "an existing call became safe from guest user mode (`user = true`): it answered PERMISSION there before"),
     Rule("shared-added", _C, "a shared page ([shared]) is defined where there was none"),
     Rule("shared-field-added", _C, "a new field in bytes of the shared page no field used (old guests and hypervisors ignore them)"),
-    Rule("doc-changed", _N, "the wording of a doc string (not of an annotation: its doc is its meaning)"),
+    Rule("header-doc-changed", _C, "the wording of a doc string the C header carries as a comment (a call's, an error's, "
+         "a constant's, the shared page's or a field's): generated code changes, binaries do not"),
+    Rule("legacy-only-changed", _C, "a legacy-only number listed, dropped or renamed: the header's VMI_LEGACY_* macros "
+         "change (the number answers NOT_SUPPORTED either way)"),
+    Rule("doc-changed", _N, "the wording of a doc string only the reference shows (the interface's, a family's, a type's, "
+         "the batch's, a legacy-only number's; not an annotation's: its doc is its meaning)"),
     Rule("arg-renamed", _N, "an argument or result renamed, same slot and type (names are documentation)"),
-    Rule("legacy-only-changed", _N, "a legacy-only number listed, dropped or re-explained (it answers NOT_SUPPORTED either way)"),
     Rule("interface-renamed", _B, "the interface name changed"),
     Rule("family-removed", _B, "a family disappeared"),
     Rule("family-renumbered", _B, "a family kept its name but got another ID"),
