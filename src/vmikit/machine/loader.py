@@ -6,6 +6,8 @@ anything is copied into guest memory.
 
 from __future__ import annotations
 
+import os
+import stat
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,7 +15,7 @@ from pathlib import Path
 from elftools.common.exceptions import ELFError
 from elftools.elf.elffile import ELFFile
 
-from vmikit.errors import ImageError
+from vmikit.errors import ImageError, UsageError
 from vmikit.machine import layout
 from vmikit.memory import GuestMemory
 
@@ -31,6 +33,9 @@ MBI_FLAG_MEM = 1 << 0
 MBI_FLAG_CMDLINE = 1 << 2
 MBI_FLAG_MMAP = 1 << 6
 MBI_FLAG_LOADER_NAME = 1 << 9
+
+MAX_IMAGE_BYTES = 512 << 20  # more than any kernel that fits in guest RAM, with room for debug info
+MAX_CMDLINE_BYTES = 255  # the command line's room in the multiboot info block, without its NUL
 
 EM_386 = "EM_386"
 EM_X86_64 = "EM_X86_64"
@@ -54,15 +59,56 @@ def find_multiboot_header(data: bytes) -> tuple[int, int] | None:
     return None
 
 
-def load_multiboot(path: Path, memory: GuestMemory, ram_end: int, cmdline: str = "") -> LoadedKernel:
+def read_image(path: Path) -> bytes:
+    """The whole image file: a regular file of bounded size (not /dev/zero, a FIFO or a directory)."""
     try:
-        data = path.read_bytes()
+        # O_NONBLOCK: opening a FIFO must not wait for a writer; fstat then refuses it.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+        with open(fd, "rb") as file:
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode):
+                raise ImageError(f"kernel image {path} is not a regular file", "pass an ELF file")
+            if info.st_size > MAX_IMAGE_BYTES:
+                raise ImageError(f"kernel image {path} is {info.st_size >> 20} MiB, more than the "
+                                 f"{MAX_IMAGE_BYTES >> 20} MiB vmikit loads", "strip the image (`strip --strip-debug`)")
+            return file.read(MAX_IMAGE_BYTES + 1)[:MAX_IMAGE_BYTES]
     except FileNotFoundError:
         raise ImageError(f"kernel image {path} does not exist", "pass a bundled guest name or an ELF path") from None
+    except IsADirectoryError:
+        raise ImageError(f"kernel image {path} is not a regular file", "pass an ELF file") from None
     except OSError as exc:
         raise ImageError(f"cannot read kernel image {path}: {exc.strerror}", "check the path and its permissions") from None
+
+
+def claimed_size(data: bytes) -> int:
+    """How long the ELF file must be by its own header: the end of its program and section
+    header tables, or of the ELF header itself if that is cut short."""
+    if len(data) < 6:
+        return 52
+    if data[4] not in (1, 2) or data[5] != 1:
+        return 0  # not a class or byte order vmikit loads: the ELF parser says so
+    if len(data) < 52:
+        return 52 if data[4] == 1 else 64
+    if data[4] == 1:
+        phoff, shoff = struct.unpack_from("<II", data, 28)
+        phentsize, phnum, shentsize, shnum = struct.unpack_from("<HHHH", data, 42)
+    elif len(data) >= 64:
+        phoff, shoff = struct.unpack_from("<QQ", data, 32)
+        phentsize, phnum, shentsize, shnum = struct.unpack_from("<HHHH", data, 54)
+    else:
+        return 64
+    return max(phoff + phentsize * phnum if phnum else 0, shoff + shentsize * shnum if shnum else 0)
+
+
+def load_multiboot(path: Path, memory: GuestMemory, ram_end: int, cmdline: str = "") -> LoadedKernel:
+    data = read_image(path)
     if not data.startswith(b"\x7fELF"):
         raise ImageError(f"{path} is not an ELF file", "pass a multiboot ELF kernel (see `vmikit build`)")
+    needed = claimed_size(data)
+    if needed > len(data):
+        raise ImageError(f"{path} is truncated: its ELF header describes {needed} bytes but the file has {len(data)}",
+                         "rebuild or re-copy the kernel image")
+    cmd = encode_cmdline(cmdline)
     header = find_multiboot_header(data)
     if header is None:
         raise ImageError(f"{path} is not a multiboot kernel: no multiboot v1 header in its first 8 KiB",
@@ -74,8 +120,12 @@ def load_multiboot(path: Path, memory: GuestMemory, ram_end: int, cmdline: str =
                          "drop the video-mode and other optional requests from its multiboot header")
     try:
         segments = _elf_segments(path, data)
-    except (ELFError, struct.error, ValueError, IndexError, KeyError) as exc:
-        raise ImageError(f"{path} is a truncated or corrupt ELF file ({exc})", "rebuild the kernel image") from None
+    except ImageError:
+        raise
+    except (ELFError, struct.error, ValueError, IndexError, KeyError, OverflowError, EOFError, MemoryError) as exc:
+        # pyelftools on a hostile header: any of these, from any field
+        raise ImageError(f"{path} is a truncated or corrupt ELF file ({type(exc).__name__}: {str(exc)[:200]})",
+                         "rebuild the kernel image") from None
     entry, loads = segments
     if not loads:
         raise ImageError(f"{path} has no loadable segments", "rebuild the kernel image")
@@ -86,11 +136,12 @@ def load_multiboot(path: Path, memory: GuestMemory, ram_end: int, cmdline: str =
         if memsz < filesz:
             raise ImageError(f"{path} has a segment whose memory size is smaller than its file size",
                              "rebuild the kernel image")
-        if not memory.is_ram(paddr, memsz):
+        if not _in_memory_map(paddr, memsz, ram_end) or not memory.is_ram(paddr, memsz):
             hint = (f"give the guest more memory (--memory {((paddr + memsz) >> 20) + 2} or more)"
                     if paddr >= layout.HIGH_RAM_BASE and paddr + memsz > ram_end
                     else f"link the kernel at or above {layout.HIGH_RAM_BASE:#x}")
-            raise ImageError(f"{path} loads [{paddr:#x}, {paddr + memsz:#x}) outside guest RAM", hint)
+            raise ImageError(f"{path} loads [{paddr:#x}, {paddr + memsz:#x}) outside the RAM the memory map "
+                             "gives the guest", hint)
         if paddr < layout.MULTIBOOT_INFO_ADDR + layout.MULTIBOOT_INFO_MAX and paddr + memsz > layout.MULTIBOOT_INFO_ADDR:
             raise ImageError(f"{path} overlaps the multiboot info block at {layout.MULTIBOOT_INFO_ADDR:#x}",
                              f"link the kernel at or above {layout.HIGH_RAM_BASE:#x}")
@@ -101,8 +152,30 @@ def load_multiboot(path: Path, memory: GuestMemory, ram_end: int, cmdline: str =
         memory.zero(paddr + filesz, memsz - filesz)
     lowest = min(p for p, *_ in loads)
     highest = max(p + m for p, _, _, m in loads)
-    info = write_multiboot_info(memory, ram_end, cmdline)
+    info = write_multiboot_info(memory, ram_end, cmd)
     return LoadedKernel(entry=entry, lowest=lowest, highest=highest, info_addr=info)
+
+
+def _in_memory_map(paddr: int, size: int, ram_end: int) -> bool:
+    """Inside one usable range of the memory map the guest is given: not the ROM window, the
+    hypervisor's data area below 1 MiB or anything beyond RAM, even where a region backs it."""
+    return (0 <= paddr and paddr + size <= layout.LOW_RAM_END) or \
+        (layout.HIGH_RAM_BASE <= paddr and paddr + size <= ram_end)
+
+
+def encode_cmdline(cmdline: str) -> bytes:
+    """The command line's bytes: passed whole (bytes from a non-UTF-8 argv come back as they were)
+    or refused, never cut."""
+    try:
+        cmd = cmdline.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        raise UsageError("--cmdline holds characters that are not text", "pass plain text or UTF-8") from None
+    if len(cmd) > MAX_CMDLINE_BYTES:
+        raise UsageError(f"--cmdline is {len(cmd)} bytes, more than the {MAX_CMDLINE_BYTES} a multiboot "
+                         "command line holds here", "shorten the command line")
+    if b"\0" in cmd:
+        raise UsageError("--cmdline holds a NUL byte, which would end it early", "drop the NUL byte")
+    return cmd
 
 
 def _elf_segments(path: Path, data: bytes) -> tuple[int, list[tuple[int, int, int, int]]]:
@@ -123,7 +196,7 @@ def _elf_segments(path: Path, data: bytes) -> tuple[int, list[tuple[int, int, in
     return entry, loads
 
 
-def write_multiboot_info(memory: GuestMemory, ram_end: int, cmdline: str) -> int:
+def write_multiboot_info(memory: GuestMemory, ram_end: int, cmdline: bytes) -> int:
     """The multiboot info block, memory map, command line and loader name at MULTIBOOT_INFO_ADDR."""
     base = layout.MULTIBOOT_INFO_ADDR
     mmap_addr = base + 0x100
@@ -134,7 +207,9 @@ def write_multiboot_info(memory: GuestMemory, ram_end: int, cmdline: str) -> int
     ]
     mmap = b"".join(struct.pack("<IQQI", 20, addr, length, kind) for addr, length, kind in entries)
     cmdline_addr = mmap_addr + len(mmap)
-    cmd = cmdline.encode()[:255] + b"\0"
+    if len(cmdline) > MAX_CMDLINE_BYTES or b"\0" in cmdline:
+        raise ValueError("the command line does not fit; encode_cmdline checks it")
+    cmd = cmdline + b"\0"
     name_addr = cmdline_addr + len(cmd)
     name = b"vmikit\0"
     info = bytearray(116)
