@@ -51,3 +51,17 @@ def test_doctor_rejects_a_device_that_is_not_kvm(tmp_path: Path) -> None:
     proc = vmikit("doctor", "--device", str(fake))
     assert proc.returncode == 3
     assert "does not answer KVM_GET_API_VERSION" in proc.stdout
+
+
+def test_doctor_failure_ends_with_one_error_line_on_stderr(tmp_path: Path) -> None:
+    missing = tmp_path / "kvm"
+    proc = vmikit("doctor", "--device", str(missing))
+    assert proc.returncode == 3
+    assert proc.stderr.splitlines() == [proc.stderr.strip()]  # one line, no traceback
+    assert proc.stderr.startswith(f"vmikit: error: this host cannot run vmikit: kvm: {missing} does not exist")
+    assert "; load the kvm module" in proc.stderr
+
+
+def test_doctor_success_is_silent_on_stderr(kvm: str) -> None:
+    proc = vmikit("doctor")
+    assert proc.returncode == 0 and proc.stderr == ""

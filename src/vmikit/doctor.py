@@ -29,6 +29,17 @@ def _tool_version(tool: str) -> str | None:
     return out.splitlines()[0] if out else path
 
 
+def failure(checks: list[Check]) -> HostError | None:
+    """The one-line error for the first required check that failed (None if the host is fit)."""
+    failed = [c for c in checks if not c.ok and not c.optional]
+    if not failed:
+        return None
+    first = failed[0]
+    more = f" (and {len(failed) - 1} more FAIL above)" if len(failed) > 1 else ""
+    return HostError(f"this host cannot run vmikit: {first.name}: {first.detail}{more}",
+                     first.fix or "see the FAIL lines above")
+
+
 def run_checks(device: str = "/dev/kvm") -> list[Check]:
     from vmikit.kvm.api import OPTIONAL_CAPS, REQUIRED_CAPS, Kvm
 

@@ -11,6 +11,7 @@ from vmikit.abi.describe import describe
 from vmikit.abi.model import Spec
 from vmikit.abi.spec import load_spec, spec_path
 from vmikit.errors import UsageError, VmikitError
+from vmikit.outputs import OUTPUT
 
 
 _SPEC_FILE = "vmikit.abi.spec_file"
@@ -27,13 +28,17 @@ class _SpecGroup(click.Group):
             ctx.exit(err.exit_status)
 
 
-@click.group("spec", cls=_SpecGroup)
-@click.option("--file", "spec_file", type=click.Path(path_type=Path), default=None,
-              help="Use this spec file instead of the packaged vmi.toml.")
+@click.group("spec", cls=_SpecGroup, short_help="The VMI interface: show, decode, encode, generate.")
+@click.option("--spec", "--file", "spec_file", default=None, metavar="VERSION|FILE",
+              help="Use this spec (a kept version such as 1.0, or a spec file) instead of the packaged vmi.toml; "
+                   "--file is the older name.")
 @click.pass_context
-def spec_group(ctx: click.Context, spec_file: Path | None) -> None:
+def spec_group(ctx: click.Context, spec_file: str | None) -> None:
     """The VMI interface definition: show, decode, encode, generate the C header and reference."""
-    ctx.meta[_SPEC_FILE] = spec_file  # meta, not obj: the main CLI may own ctx.obj
+    from vmikit.abi.history import resolve
+
+    # meta, not obj: the main CLI may own ctx.obj
+    ctx.meta[_SPEC_FILE] = resolve(spec_file) if spec_file is not None else None
 
 
 def _spec_file(ctx: click.Context) -> Path | None:
@@ -72,7 +77,7 @@ def path_cmd(ctx: click.Context) -> None:
     click.echo(str(Path(_spec_file(ctx) or spec_path()).resolve()))
 
 
-@spec_group.command("show")
+@spec_group.command("show", short_help="A table of every family and call.")
 @click.pass_context
 def show_cmd(ctx: click.Context) -> None:
     """A table of every family and call."""
@@ -97,18 +102,21 @@ def show_cmd(ctx: click.Context) -> None:
         for row in (headers, *rows):
             click.echo("  ".join(row))
         return
-    table = Table(title=title)
+    from rich.text import Text
+
+    # Spec strings are text, never rich markup: a name such as "[link=...]" must print as written.
+    table = Table(title=Text(title))
     for header in headers:
         table.add_column(header, no_wrap=header != "args")
     for row in rows:
-        table.add_row(*row)
+        table.add_row(*(Text(cell) for cell in row))
     console = Console()
     if not console.is_terminal:  # piped: rich would squeeze the table into 80 columns
         console = Console(width=160)
     console.print(table)
 
 
-@spec_group.command("decode")
+@spec_group.command("decode", short_help="Name the call behind a call ID.")
 @click.argument("value")
 @click.pass_context
 def decode_cmd(ctx: click.Context, value: str) -> None:
@@ -119,7 +127,7 @@ def decode_cmd(ctx: click.Context, value: str) -> None:
     click.echo(describe(_spec(ctx), number))
 
 
-@spec_group.command("encode")
+@spec_group.command("encode", short_help="Print the call ID of a call name.")
 @click.argument("name")
 @click.option("--annotation", "-a", "annotations", multiple=True, metavar="NAME|0xNN",
               help="An annotation by name (queue) or as bits; repeatable.")
@@ -152,8 +160,7 @@ def encode_cmd(ctx: click.Context, name: str, annotations: tuple[str, ...]) -> N
 
 
 @spec_group.command("header")
-@click.option("-o", "--output", type=click.Path(path_type=Path, dir_okay=False), default=None,
-              help="Write here instead of stdout.")
+@click.option("-o", "--output", type=OUTPUT, default=None, help="Write here instead of stdout.")
 @click.pass_context
 def header_cmd(ctx: click.Context, output: Path | None) -> None:
     """Generate the guest C header vmi_spec.h."""
@@ -163,8 +170,7 @@ def header_cmd(ctx: click.Context, output: Path | None) -> None:
 
 
 @spec_group.command("doc")
-@click.option("-o", "--output", type=click.Path(path_type=Path, dir_okay=False), default=None,
-              help="Write here instead of stdout.")
+@click.option("-o", "--output", type=OUTPUT, default=None, help="Write here instead of stdout.")
 @click.pass_context
 def doc_cmd(ctx: click.Context, output: Path | None) -> None:
     """Generate the Markdown interface reference."""
@@ -173,7 +179,7 @@ def doc_cmd(ctx: click.Context, output: Path | None) -> None:
     _write(refdoc.generate(_spec(ctx)), output)
 
 
-@spec_group.command("diff")
+@spec_group.command("diff", short_help="Classify every change between two specs.")
 @click.argument("old")
 @click.argument("new")
 def diff_cmd(old: str, new: str) -> None:

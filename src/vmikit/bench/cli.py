@@ -8,8 +8,11 @@ from pathlib import Path
 
 import click
 
-from vmikit.bench.workloads import FULL, PROFILE_NAMES, QUICK, QUICK_PROFILES, WORKLOAD_NAMES
+from vmikit.bench.workloads import FULL, PROFILE_BY_NAME, PROFILE_NAMES, QUICK, QUICK_PROFILES, WORKLOAD_NAMES
 from vmikit.errors import UsageError
+from vmikit.outputs import OUTPUT
+
+PAGING_STYLES = tuple(dict.fromkeys(PROFILE_BY_NAME[n].paging for n in PROFILE_NAMES))
 
 
 def _split(values: tuple[str, ...], choices: tuple[str, ...], what: str) -> tuple[str, ...]:
@@ -26,7 +29,7 @@ def _split(values: tuple[str, ...], choices: tuple[str, ...], what: str) -> tupl
     return tuple(c for c in choices if c in chosen) if chosen else choices
 
 
-@click.command()
+@click.command(short_help="Measure what each VMI call costs, profile by profile.")
 @click.option("--quick", is_flag=True,
               help=f"Small sizes ({QUICK.n} pages, {QUICK.reps} reps) and, unless --profile says otherwise, only "
                    f"{', '.join(QUICK_PROFILES)}: every deprivileged profile and one ring-0 comparison (the other "
@@ -36,15 +39,20 @@ def _split(values: tuple[str, ...], choices: tuple[str, ...], what: str) -> tupl
 @click.option("--profile", "profiles", multiple=True, metavar="NAME[,NAME]",
               help=f"Only these profiles (repeatable): {', '.join(PROFILE_NAMES)}. Profiles with a ROM run the "
                    "kernel deprivileged at ring 3; each -ring0 twin keeps it at ring 0.")
-@click.option("-n", "--pages", type=click.IntRange(1, 32768), default=None, help="Pages per MMU workload.")
-@click.option("-m", "--switches", type=click.IntRange(1, 1_000_000), default=None, help="Address-space switches.")
+@click.option("--paging", "pagings", multiple=True, metavar="STYLE[,STYLE]",
+              help=f"Only the profiles of these page-table styles (repeatable): {', '.join(PAGING_STYLES)}; "
+                   "with --profile, the profiles both select.")
+@click.option("--pages", "-n", type=click.IntRange(1, 32768), default=None, help="Pages per MMU workload.")
+@click.option("--switches", "-m", type=click.IntRange(1, 1_000_000), default=None, help="Address-space switches.")
 @click.option("--calls", type=click.IntRange(1, 10_000_000), default=None, help="Iterations of null/rdtsc/cpuid.")
 @click.option("--reps", type=click.IntRange(1, 1000), default=None, help="Repetitions of every cell.")
 @click.option("--no-c-reference", is_flag=True, help="Skip the C reference VMM.")
 @click.option("--no-memory", is_flag=True, help="Skip the VMM memory probe (a child process).")
-@click.option("--json", "json_file", type=click.Path(dir_okay=False, path_type=Path), help="Write all results here.")
-@click.option("--plot", "plot_file", type=click.Path(dir_okay=False, path_type=Path), help="Write a chart (PNG) here.")
-def bench(quick: bool, workloads: tuple[str, ...], profiles: tuple[str, ...], pages: int | None,
+@click.option("--json", "json_file", type=OUTPUT,
+              help="Write all results here (after Ctrl-C: what was measured, marked \"partial\": true).")
+@click.option("--plot", "plot_file", type=OUTPUT, help="Write a chart (PNG) here.")
+def bench(quick: bool, workloads: tuple[str, ...], profiles: tuple[str, ...], pagings: tuple[str, ...],
+          pages: int | None,
           switches: int | None, calls: int | None, reps: int | None, no_c_reference: bool, no_memory: bool,
           json_file: Path | None, plot_file: Path | None) -> None:
     """Measure what each VMI call costs under every paging profile and both privileges (the kernel
@@ -53,7 +61,7 @@ def bench(quick: bool, workloads: tuple[str, ...], profiles: tuple[str, ...], pa
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from vmikit.bench.report import plot, print_report
-    from vmikit.bench.runner import BenchConfig, run_bench
+    from vmikit.bench.runner import BenchConfig, BenchInterrupted, run_bench
 
     if plot_file is not None:
         try:
@@ -66,18 +74,31 @@ def bench(quick: bool, workloads: tuple[str, ...], profiles: tuple[str, ...], pa
     chosen = _split(profiles, PROFILE_NAMES, "profile")
     if quick and not profiles:
         chosen = QUICK_PROFILES
+    if pagings:
+        styles = _split(pagings, PAGING_STYLES, "paging style")
+        chosen = tuple(n for n in chosen if PROFILE_BY_NAME[n].paging in styles)
+        if not chosen:
+            raise UsageError(f"no selected profile has paging {', '.join(styles)}",
+                             "drop --paging or --profile, or choose profiles of that paging style")
     config = BenchConfig(workloads=_split(workloads, WORKLOAD_NAMES, "workload"), profiles=chosen, sizes=sizes,
                          c_reference=not no_c_reference, memory_probe=not no_memory, quick=quick)
     console = Console()
     total = len(config.workloads) * len(config.profiles) * sizes.reps
     columns = (TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
                TimeElapsedColumn())
-    with Progress(*columns, console=console, transient=True) as progress:
-        task = progress.add_task("bench", total=total)
-        results = run_bench(
-            config,
-            progress=lambda profile, workload: progress.update(task, advance=1, description=f"{profile} {workload}"),
-            status=lambda text: progress.update(task, description=text))
+    try:
+        with Progress(*columns, console=console, transient=True) as progress:
+            task = progress.add_task("bench", total=total)
+            results = run_bench(
+                config,
+                progress=lambda profile, workload: progress.update(task, advance=1,
+                                                                   description=f"{profile} {workload}"),
+                status=lambda text: progress.update(task, description=text))
+    except BenchInterrupted as interrupted:
+        if json_file is not None:  # what was measured is kept; the CLI then says "interrupted" (130)
+            json_file.write_text(json.dumps(interrupted.results, indent=2) + "\n")
+            console.print(f"wrote {json_file} (partial)")
+        raise
     print_report(results, console)
     if json_file is not None:
         json_file.write_text(json.dumps(results, indent=2) + "\n")

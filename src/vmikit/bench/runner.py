@@ -330,42 +330,17 @@ def _reporter(progress: Progress | None, profile: str) -> Callable[[str], None] 
     return lambda workload: progress(profile, workload)
 
 
-def run_bench(config: BenchConfig, progress: Progress | None = None,
-              status: Callable[[str], None] | None = None) -> dict[str, object]:
-    """The whole bench: every workload under every profile, C reference, memory probe; JSON-ready."""
-    from vmikit.guest.build import build_guest
+class BenchInterrupted(KeyboardInterrupt):
+    """Ctrl-C during a bench: carries what was measured so far (marked ``"partial": true``), for the
+    caller to write where the results were asked for before the interrupt ends the command."""
 
-    started = time.perf_counter()
-    say = status or (lambda text: None)
-    image = build_guest(GUEST)
-    results: dict[str, object] = {
-        "vmikit_bench": 1,
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "machine": machine_facts(),
-        "config": {"workloads": list(config.workloads), "profiles": list(config.profiles),
-                   "repetitions": config.sizes.reps, "calls": config.sizes.calls, "n": config.sizes.n,
-                   "m": config.sizes.m, "memory_mib": config.memory_mib, "quick": config.quick,
-                   "privileges": {name: PROFILE_BY_NAME[name].privilege for name in config.profiles}},
-        "image": str(image),
-    }
-    sessions = {}
-    cells: dict[str, dict[str, dict[str, object]]] = {}
-    errors: dict[str, str] = {}
-    for name in config.profiles:
-        profile = PROFILE_BY_NAME[name]
-        say(f"profile {name}")
-        try:
-            raw = run_profile(image, profile, config.workloads, config.sizes, memory_mib=config.memory_mib,
-                              timeout=config.timeout, on_rep=_reporter(progress, name))
-        except VmikitError as err:
-            errors[name] = str(err)
-            continue
-        sessions[name] = {k: v for k, v in raw.items() if k != "sections"}
-        sessions[name]["flush"] = flush_summary(raw)
-        for workload, cell in cells_of(raw).items():
-            cells.setdefault(workload, {})[name] = cell
-    tsc = {s["tsc_khz"] for s in sessions.values()}
-    results["tsc_khz"] = tsc.pop() if len(tsc) == 1 else sorted(tsc)
+    def __init__(self, results: dict[str, object]) -> None:
+        super().__init__()
+        self.results = results
+
+
+def _add_ratios(cells: dict[str, dict[str, dict[str, object]]]) -> None:
+    """Each cell's median against native and against its ring-0 twin (None where either is absent)."""
     for per_profile in cells.values():
         native = per_profile.get("native")
         for cell in per_profile.values():
@@ -377,28 +352,77 @@ def run_bench(config: BenchConfig, progress: Progress | None = None,
             ring0 = per_profile.get(twin) if twin and cell["privilege"] == "deprivileged" else None
             cell["ratio_to_ring0"] = (cell["ns_per_op"]["median"] / ring0["ns_per_op"]["median"]  # type: ignore[index]
                                       if ring0 else None)
-    results["sessions"] = sessions
-    results["cells"] = cells
-    results["errors"] = errors
-    if config.c_reference:
-        say("C reference")
-        from vmikit.bench.cref import compare
 
-        try:
-            results["c_reference"] = compare(image, config.sizes, memory_mib=config.memory_mib)
-        except VmikitError as err:
-            results["c_reference"] = {"error": str(err)}
-    if config.memory_probe:
-        say("memory probe")
-        from vmikit.bench.memprobe import probe
 
-        try:
-            results["memory"] = probe(config.workloads, config.sizes, memory_mib=config.memory_mib)
-        except VmikitError as err:
-            results["memory"] = {"error": str(err)}
-    from vmikit.bench.targets import targets
+def run_bench(config: BenchConfig, progress: Progress | None = None,
+              status: Callable[[str], None] | None = None) -> dict[str, object]:
+    """The whole bench: every workload under every profile, C reference, memory probe; JSON-ready.
 
-    results["targets"] = targets(results)
+    Ctrl-C raises :class:`BenchInterrupted` with the profiles measured so far."""
+    from vmikit.guest.build import build_guest
+
+    started = time.perf_counter()
+    say = status or (lambda text: None)
+    results: dict[str, object] = {
+        "vmikit_bench": 1,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "config": {"workloads": list(config.workloads), "profiles": list(config.profiles),
+                   "repetitions": config.sizes.reps, "calls": config.sizes.calls, "n": config.sizes.n,
+                   "m": config.sizes.m, "memory_mib": config.memory_mib, "quick": config.quick,
+                   "privileges": {name: PROFILE_BY_NAME[name].privilege for name in config.profiles}},
+    }
+    sessions: dict[str, dict[str, Any]] = {}
+    cells: dict[str, dict[str, dict[str, object]]] = {}
+    errors: dict[str, str] = {}
+    try:
+        image = build_guest(GUEST)
+        results["machine"] = machine_facts()
+        results["image"] = str(image)
+        for name in config.profiles:
+            profile = PROFILE_BY_NAME[name]
+            say(f"profile {name}")
+            try:
+                raw = run_profile(image, profile, config.workloads, config.sizes, memory_mib=config.memory_mib,
+                                  timeout=config.timeout, on_rep=_reporter(progress, name))
+            except VmikitError as err:
+                errors[name] = str(err)
+                continue
+            sessions[name] = {k: v for k, v in raw.items() if k != "sections"}
+            sessions[name]["flush"] = flush_summary(raw)
+            for workload, cell in cells_of(raw).items():
+                cells.setdefault(workload, {})[name] = cell
+        tsc = {s["tsc_khz"] for s in sessions.values()}
+        results["tsc_khz"] = tsc.pop() if len(tsc) == 1 else sorted(tsc)
+        _add_ratios(cells)
+        results["sessions"] = sessions
+        results["cells"] = cells
+        results["errors"] = errors
+        if config.c_reference:
+            say("C reference")
+            from vmikit.bench.cref import compare
+
+            try:
+                results["c_reference"] = compare(image, config.sizes, memory_mib=config.memory_mib)
+            except VmikitError as err:
+                results["c_reference"] = {"error": str(err)}
+        if config.memory_probe:
+            say("memory probe")
+            from vmikit.bench.memprobe import probe
+
+            try:
+                results["memory"] = probe(config.workloads, config.sizes, memory_mib=config.memory_mib)
+            except VmikitError as err:
+                results["memory"] = {"error": str(err)}
+        from vmikit.bench.targets import targets
+
+        results["targets"] = targets(results)
+    except KeyboardInterrupt as interrupt:
+        if "cells" not in results:  # stopped during the profiles: the finished ones, with their ratios
+            _add_ratios(cells)
+            results.update(sessions=sessions, cells=cells, errors=errors)
+        results["partial"] = True
+        results["bench_wall_seconds"] = round(time.perf_counter() - started, 3)
+        raise BenchInterrupted(results) from interrupt
     results["bench_wall_seconds"] = round(time.perf_counter() - started, 3)
     results["machine"]["loadavg_end"] = list(os.getloadavg())  # type: ignore[index]  # other work on the host
     return results

@@ -136,7 +136,7 @@ def run_cell(image: Path, guest: Version, hypervisor: Version | None, workload: 
                               timeout=opts.timeout, console=out.append, spec=spec)
         with session:
             result = session.run()
-        exits = sum(counts["exits"] for counts in result.by_call.values())
+        exits = sum(counts["exits"] or 0 for counts in result.by_call.values())
         return Cell(guest, hypervisor, workload, result.exit_status, result.console, hypercalls=exits)
     except VmikitError as err:
         return Cell(guest, hypervisor, workload, -1, b"".join(out).decode(errors="replace"), str(err))
@@ -152,6 +152,8 @@ def run_matrix(versions: Iterable[Version], workloads: Iterable[str] = WORKLOADS
             except VmikitError as err:
                 for hv in matrix.versions:
                     matrix.cells.append(Cell(guest, hv, workload, -1, "", f"build failed: {err}"))
+                    if progress is not None:
+                        progress(matrix.cells[-1])
                 continue
             if workload == "mmu" and matrix.reference is None:
                 matrix.reference = run_cell(image, guest, None, workload, opts)

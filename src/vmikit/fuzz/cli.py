@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 
 from vmikit.fuzz.runner import FUZZ_PAGING, FuzzConfig, FuzzReport
+from vmikit.outputs import EXTENSION, OUTPUT, TIMEOUT
 
 
 @click.command()
@@ -17,19 +18,23 @@ from vmikit.fuzz.runner import FUZZ_PAGING, FuzzConfig, FuzzReport
               help="PRNG seed: the same seed replays the same calls.")
 @click.option("--paging", type=click.Choice(FUZZ_PAGING), default="direct", show_default=True,
               help="Page-table style under attack (both validate every update).")
-@click.option("--annotations", type=click.Choice(["honour", "ignore"]), default="honour", show_default=True)
+@click.option("--annotations", type=click.Choice(["honour", "ignore"]), default="honour", show_default=True,
+              help="Whether the hypervisor honours call annotations: honour batches queued SetPTE calls until a "
+                   "FlushQueue (the batch path is fuzzed too); ignore applies each at once.")
 @click.option("--privilege", type=click.Choice(["deprivileged", "ring0"]), default="deprivileged", show_default=True,
               help="Where the guest kernel runs: deprivileged at ring 3, the hypervisor owning ring 0, or at ring 0.")
 @click.option("--stores/--no-stores", default=True, show_default=True,
               help="Also make plain guest stores into the ROM, the monitor area, the page-table pool and the shadow area.")
 @click.option("--audit-every", type=click.IntRange(1), default=1, show_default=True,
               help="Run the page-table auditor after every K-th call that may change memory.")
-@click.option("--extension", "extensions", multiple=True, type=click.Path(dir_okay=False, path_type=Path),
-              help="A Python file registering experimental 0xFF calls; they are fuzzed too (repeatable).")
+@click.option("--extension", "extensions", multiple=True, type=EXTENSION,
+              help="A Python file registering experimental 0xFF calls, or a bundled one by name (muladd); "
+                   "they are fuzzed too (repeatable).")
 @click.option("--stall", type=click.FloatRange(min=0.5), default=30.0, show_default=True,
               help="Seconds without a hypercall that count as a hang.")
-@click.option("--timeout", type=float, default=None, help="Watchdog limit in seconds (default: scaled with --calls).")
-@click.option("--json", "json_file", type=click.Path(dir_okay=False, path_type=Path), help="Write the report here.")
+@click.option("--timeout", type=TIMEOUT, default=None,
+              help="Watchdog limit in seconds, at most a day (default: scaled with --calls).")
+@click.option("--json", "json_file", type=OUTPUT, help="Write the report here.")
 def fuzz(calls: int, seed: int, paging: str, annotations: str, privilege: str, stores: bool, audit_every: int,
          extensions: tuple[Path, ...], stall: float, timeout: float | None, json_file: Path | None) -> None:
     """Fuzz the hypercall surface; exit 0 only if the hypervisor held."""

@@ -184,6 +184,32 @@ def default_cache_dir() -> Path:
     return base / "vmikit" / "guests"
 
 
+# Cache entries are build outputs: readable by everyone whatever the umask (a cache made by root,
+# or shared by a group, must still be usable), writable by their owner.
+FILE_MODE = 0o644
+DIR_MODE = 0o755
+
+
+def _cache_error(root: Path, err: OSError) -> HostError:
+    """One line naming the cache directory, what failed, and how to get a usable cache."""
+    what = f"{err.strerror or err}" + (f": {err.filename}" if err.filename else "")
+    return HostError(f"cannot use the guest cache {root} ({what})",
+                     "make it yours or readable (chmod -R a+rX DIR), or set VMIKIT_CACHE_DIR to a writable directory")
+
+
+def _make_dirs(path: Path, top: Path) -> None:
+    """``mkdir -p path``, the directories it creates at or below ``top`` made DIR_MODE (not the umask's)."""
+    created = []
+    here = path
+    while not here.exists() and here != here.parent:
+        created.append(here)
+        here = here.parent
+    path.mkdir(parents=True, exist_ok=True)
+    for directory in created:
+        if directory == top or top in directory.parents:
+            os.chmod(directory, DIR_MODE)
+
+
 def vmi_header_text(spec: Spec | Path | None = None) -> str:
     """The guest C header generated from ``spec`` (default: the packaged spec; what ``vmikit spec header`` prints)."""
     from vmikit.abi import load_spec
@@ -204,12 +230,16 @@ def vmi_header_dir(cache_dir: Path | None = None, spec: Spec | Path | None = Non
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     directory = root / "include" / hashlib.sha256(data).hexdigest()
     target = directory / VMI_HEADER
-    if target.is_file() and target.read_bytes() == data:
-        return directory
     try:
-        directory.mkdir(parents=True, exist_ok=True)
+        if target.is_file() and target.read_bytes() == data:
+            return directory
+    except OSError as err:  # e.g. a cache made by root whose header is 0600
+        raise _cache_error(root, err) from None
+    try:
+        _make_dirs(directory, root.parent)
         fd, tmp = tempfile.mkstemp(prefix=".vmi_spec-", dir=directory)
         with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), FILE_MODE)  # mkstemp makes it 0600
             f.write(data)
         os.replace(tmp, target)
     except OSError as err:
@@ -358,8 +388,14 @@ def _run_toolchain(plan: _Plan, gcc: str, objcopy: str, workdir: Path, log_path:
         proc = subprocess.run(cmd, capture_output=True, text=True, cwd=workdir)
         log_parts.append("$ " + " ".join(cmd) + "\n" + proc.stdout + proc.stderr)
         if proc.returncode != 0:
-            log_path.parent.mkdir(parents=True, exist_ok=True)
-            log_path.write_text("\n".join(log_parts))
+            try:
+                _make_dirs(log_path.parent, log_path.parent.parent)
+                log_path.write_text("\n".join(log_parts))
+                os.chmod(log_path, FILE_MODE)
+            except OSError as err:
+                raise HostError(f"building guest {plan.spec.name!r} failed: {first_error(proc.stdout + proc.stderr)}",
+                                f"no log could be written ({err.strerror}); set VMIKIT_CACHE_DIR to a writable "
+                                "directory and build again") from None
             raise HostError(
                 f"building guest {plan.spec.name!r} failed: {first_error(proc.stdout + proc.stderr)}",
                 f"full log in {log_path}",
@@ -406,18 +442,25 @@ def build_guest(
         interface=spec,
     )
     final = root / plan.digest / f"{name}.elf"
-    if final.is_file():
-        return final
+    try:
+        if final.is_file():
+            return final
+    except OSError as err:
+        raise _cache_error(root, err) from None
 
     try:
-        final.parent.mkdir(parents=True, exist_ok=True)
+        _make_dirs(final.parent, root.parent)
         workdir = Path(tempfile.mkdtemp(prefix=f".build-{name}-", dir=root))
     except OSError as err:
         raise HostError(f"cannot create guest cache directory {root}: {err}", "set VMIKIT_CACHE_DIR to a writable directory") from err
     try:
         image = _run_toolchain(plan, gcc, objcopy, workdir, root / "logs" / f"{name}-{plan.digest[:16]}.log")
+        for output in (image, image.with_suffix(".json")):
+            os.chmod(output, FILE_MODE)  # whatever the umask or objcopy chose
         os.replace(image.with_suffix(".json"), final.with_suffix(".json"))  # the record first: the image marks completion
         os.replace(image, final)  # atomic: a racing builder's identical image is simply replaced
+    except OSError as err:
+        raise _cache_error(root, err) from None
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     return final

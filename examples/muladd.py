@@ -1,0 +1,1 @@
+../src/vmikit/examples/muladd.py
