@@ -381,3 +381,55 @@ def test_a_batch_writing_one_entry_twice_is_applied_in_order(style: str) -> None
         slow.apply_pte(p, v)
     assert _state(fast) == _state(slow)
     assert fast.memory.read_u64(batch[7][1]) & ~(A | D) == 0x500000 | P
+
+
+# --- invariants a hostile guest broke silently (issue 12 finding 9) ----------------------------
+
+
+def test_trap_refuses_a_root_whose_contents_are_not_a_table() -> None:
+    """A pool page pre-filled (by an ELF segment) with entries that break the rules was taken as
+    a root by the guest's first store into it, unvalidated; now the store is refused and the
+    auditor has nothing to report."""
+    mem = memory()
+    m = TrapMmu(mem, (POOL, 0x100000))
+    mem.write(table(5), (table(6) | P | RW | (1 << 51)).to_bytes(8, "little") * 512)  # reserved bits
+    m.on_guest_store(table(5) + 8, 8, 0)
+    assert table(5) not in m.tables.level and sum(m.refused.values()) == 1
+    assert m.audit() == []
+    m.on_guest_store(table(0), 8, 0)  # a zeroed page is a valid root, as before
+    assert m.tables.level == {table(0): 4}
+
+
+@pytest.mark.parametrize("style", ["direct", "shadow"])
+def test_a_table_registered_with_entries_lacking_accessed_dirty(style: str) -> None:
+    """Entries a page held before it became a table (written past SetPTE, e.g. by a descriptor
+    call into a not-yet-registered pool page) lacked A/D, which read-only tables need, and the
+    auditor stayed silent. Registration now sets them, and the auditor reports any that lack them."""
+    mem = memory()
+    m = ShadowMmu(mem, SHADOW, 0x100000) if style == "shadow" else DirectMmu(mem)
+    mem.write(table(3), (0x300000 | P | RW).to_bytes(8, "little") * 4)
+    assert m.allocate(table(3), 1) is None
+    assert mem.read_u64(table(3)) == 0x300000 | P | RW | A | D and m.audit() == []
+    mem.write_u64(table(3) + 8, 0x301000 | P | RW)  # behind the MMU's back
+    assert any("lacks the A/D bits" in problem for problem in m.audit())
+
+
+def test_hypervisor_writes_for_the_guest_never_reach_the_pool() -> None:
+    """WriteGDTEntry (and every other write on the guest's behalf: TSS, exception frames) could
+    land in a pool page not yet registered, which AllocatePage then took as a table. Such a
+    target is refused like a registered table (PERMISSION); ROM is no RAM (BAD_ADDRESS)."""
+    from vmikit.engine import ControlState, DescriptorTable, Segment
+    from vmikit.hypervisor.context import HypercallError
+    from vmikit.hypervisor.walk import guest_gpa
+
+    mem = memory()
+    m = DirectMmu(mem)
+    assert m.allocate(table(0), 4) is None
+    flat = Segment(selector=0, base=0, limit=0, type=0, present=False)
+    control = ControlState(cr0=0x11, cr2=0, cr3=0, cr4=0, efer=0, gdt=DescriptorTable(0, 0),
+                           idt=DescriptorTable(0, 0), ldt=flat, tr=flat)  # paging off: identity
+    assert guest_gpa(mem, control, 0x500008, 8, m.is_table) == 0x500008
+    for va, error in ((table(0), "PERMISSION"), (table(9) + 16, "PERMISSION"), (ROM + 8, "BAD_ADDRESS"),
+                      (0x500ffc, "BAD_ADDRESS")):
+        with pytest.raises(HypercallError, match=error):
+            guest_gpa(mem, control, va, 8, m.is_table)

@@ -96,6 +96,10 @@ class GuestMemory:
         """True if the range lies wholly inside one region of guest RAM (not ROM, not hypervisor-private)."""
         return any(r.contains(gpa, length) and r.kind == "ram" for r in self.regions)
 
+    def writable_by_guest(self, gpa: int, length: int = 1) -> bool:
+        """True if the range lies in one region of RAM the guest can write (not a read-only slot)."""
+        return any(r.contains(gpa, length) and r.kind == "ram" and not r.readonly for r in self.regions)
+
     def kind_of(self, gpa: int, length: int = 1) -> str | None:
         """The kind of the one region holding the whole range, or None."""
         for region in self.regions:

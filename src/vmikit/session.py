@@ -20,6 +20,7 @@ from vmikit.machine import layout
 from vmikit.machine.board import ConsoleSink, Machine, RunResult, release_frames
 
 ROM_CHOICES = ("full", "minimal", "none")
+AUDIT_PROBLEMS_KEPT = 100  # audit findings kept for the summary (all are counted)
 ANNOTATION_CHOICES = ("honour", "ignore")
 
 
@@ -110,7 +111,8 @@ class Session:
             self.machine.on_out(layout.PORT_EVENT, self.hypervisor.execution.on_event)
         self.audit = audit
         self.audits = 0
-        self.audit_problems: list[str] = []
+        self.audit_problems: list[str] = []  # the first AUDIT_PROBLEMS_KEPT (trap paging: one audit per store)
+        self.audit_problem_count = 0
         if isinstance(self.mmu, DirectMmu):  # trap, direct, shadow: stores into the read-only pool exit here
             self.machine.on_mmio_write(layout.PT_POOL_BASE, layout.PT_POOL_SIZE, self._guest_store)
 
@@ -131,7 +133,12 @@ class Session:
         self.mmu.on_guest_store(addr, size, value)
         if self.audit and self.hypervisor is None:  # trap: audit after every emulated store
             self.audits += 1
-            self.audit_problems += self.mmu.audit()[:10]
+            self._note_problems(self.mmu.audit())
+
+    def _note_problems(self, problems: list[str]) -> None:
+        # One store can break an invariant that every later audit reports again: keep a bounded few.
+        self.audit_problem_count += len(problems)
+        self.audit_problems += problems[:AUDIT_PROBLEMS_KEPT - len(self.audit_problems)]
 
     def run(self) -> SessionResult:
         result = self.machine.run()
@@ -139,8 +146,12 @@ class Session:
         paging: dict[str, object] = dict(self.mmu.stats())
         if self.audit:
             hv = self.hypervisor
-            problems = (hv.audit_problems if hv else []) + self.audit_problems + self.mmu.audit()
-            paging["audit"] = {"runs": (hv.audits if hv else 0) + self.audits + 1, "problems": problems}
+            if hv is not None:
+                self._note_problems(hv.audit_problems)
+                self.audit_problem_count += hv.audit_problem_count - len(hv.audit_problems)
+            self._note_problems(self.mmu.audit())
+            paging["audit"] = {"runs": (hv.audits if hv else 0) + self.audits + 1, "problems": self.audit_problems,
+                               "problems_total": self.audit_problem_count}
         execution = self.hypervisor.execution.summary() if self.hypervisor and self.hypervisor.execution else None
         failures = self.hypervisor.handler_failure_count if self.hypervisor else 0
         return SessionResult(result, by_call, self.rom, self.annotations, paging, self.privilege, execution, failures)

@@ -74,7 +74,8 @@ class Hypervisor:
         self._errors = {name: value & U64_MASK for name, value in self.spec.errors.items()}
         self._mmu = mmu
         self.audit = audit  # walk every registered table after each update batch (a debug mode)
-        self.audit_problems: list[str] = []
+        self.audit_problems: list[str] = []  # the first FAILURES_KEPT
+        self.audit_problem_count = 0
         self.audits = 0
         self._build_routes()
         self._ctx: CallContext | None = None
@@ -126,7 +127,8 @@ class Hypervisor:
                flush_translations: Callable[[list[tuple[int, int]]], str] | None = None) -> None:
         self._vcpu = vcpu
         self.execution = ExecutionModel(self.privilege, self.spec, memory, vcpu,
-                                        flush_translations or (lambda stale: "none"))
+                                        flush_translations or (lambda stale: "none"),
+                                        lambda page: self.mmu.is_table(page))
         self._ctx = CallContext(self.spec, memory, vcpu, self)
         if self._mmu is None:
             self._mmu = Mmu(memory)
@@ -145,9 +147,9 @@ class Hypervisor:
 
     def run_audit(self) -> None:
         self.audits += 1
-        for problem in self.mmu.audit():
-            if len(self.audit_problems) < 100:
-                self.audit_problems.append(problem)
+        problems = self.mmu.audit()
+        self.audit_problem_count += len(problems)
+        self.audit_problems += problems[:FAILURES_KEPT - len(self.audit_problems)]
 
     def on_hypercall(self, port: int, size: int, value: int) -> None:
         ctx = self._ctx

@@ -25,7 +25,7 @@ from vmikit.abi.model import Spec
 from vmikit.engine import ControlState, DescriptorTable, Segment, Vcpu
 from vmikit.engine.base import CrashRun
 from vmikit.hypervisor.context import HypercallError
-from vmikit.hypervisor.walk import is_canonical, translate
+from vmikit.hypervisor.walk import guest_gpa, is_canonical
 from vmikit.machine import layout
 from vmikit.memory import GuestMemory, GuestMemoryError
 
@@ -107,13 +107,15 @@ class ExecutionModel:
     """One vCPU's privilege state: the hardware ring of its kernel and the virtual level."""
 
     def __init__(self, privilege: str, spec: Spec, memory: GuestMemory, vcpu: Vcpu,
-                 flush_translations: Callable[[list[tuple[int, int]]], str]) -> None:
+                 flush_translations: Callable[[list[tuple[int, int]]], str],
+                 is_table: Callable[[int], bool] = lambda page: False) -> None:
         if privilege not in PRIVILEGES:
             raise ValueError(f"unknown privilege {privilege!r}")
         self.privilege = privilege
         self.memory = memory
         self.vcpu = vcpu
         self._flush = flush_translations
+        self._is_table = is_table  # the MMU's: frames and stacks the hypervisor writes are never tables
         self.shared = spec.shared
         # Shared-page fields by name: (gpa, size), looked up once (exceptions write them).
         self._fields = {f.name: (layout.SHARED_PAGE + f.offset, 8 if f.type == "u64" else 4)
@@ -248,13 +250,7 @@ class ExecutionModel:
         self._put("vpl", level)
 
     def _translate(self, va: int, length: int, control: ControlState | None = None) -> int:
-        control = control or self.vcpu.get_control()
-        if (va & 0xFFF) + length > 0x1000:
-            raise HypercallError("BAD_ADDRESS")
-        gpa = translate(self.memory, control.cr0, control.cr3, va)
-        if gpa is None or not self.memory.is_ram(gpa, length):
-            raise HypercallError("BAD_ADDRESS")
-        return gpa
+        return guest_gpa(self.memory, control or self.vcpu.get_control(), va, length, self._is_table)
 
     def _kernel_stack(self) -> int:
         """RSP0 of the guest's own TSS: the stack a user-to-kernel transition lands on."""

@@ -429,8 +429,9 @@ class TrapMmu(DirectMmu):
     """No ROM: the guest stores into its tables natively; each store traps and is checked here.
 
     Without registration calls, table levels are learnt from the structure: a pool page
-    first written without being linked is taken as a root (level 4), and a non-leaf entry
-    types the page it points to one level down. Guests build their tables top-down.
+    first written without being linked is taken as a root (level 4) if its contents are a
+    valid root (a store into a page pre-filled with anything else is refused), and a non-leaf
+    entry types the page it points to one level down. Guests build their tables top-down.
     """
 
     style = "trap"
@@ -453,8 +454,12 @@ class TrapMmu(DirectMmu):
         mask = ((1 << (8 * size)) - 1) << shift
         new = (old & ~mask) | ((value << shift) & mask)
         table = ptep & ~(PAGE - 1)
-        if table not in self.tables.level:
-            self.tables.register(table, 4)  # an unlinked table being filled: a root
+        if table not in self.tables.level:  # an unlinked table being filled: a root, if what it holds is one
+            error = self.tables.can_register(table, 4)
+            if error:
+                self.refused[error] += 1
+                return
+            self.tables.register(table, 4)
         level = self.tables.level[table]
         child = new & ADDR_MASK
         if new & P and not is_leaf(level, new) and child not in self.tables.level and self._in_pool(child):

@@ -369,6 +369,11 @@ class PageTables:
     def register(self, table: int, level: int) -> None:
         if table in self.level:
             return
+        if self.set_accessed_dirty:  # entries written before it was a table lack the bits the walker cannot set
+            values = self.entries(table)
+            stored = with_accessed_dirty(np.full(ENTRIES, level), values)
+            if not np.array_equal(stored, values):
+                self.memory.write(table, stored.tobytes())
         self.level[table] = level
         self._note_table_region(table)
         frame = table >> 12
@@ -414,12 +419,7 @@ class PageTables:
         """``apply`` for arrays of distinct, checked entries; returns the stored values."""
         levels = self.levels_of(pteps)
         old = self.validated(pteps)
-        stored = values.astype(U64, copy=True)
-        if self.set_accessed_dirty:
-            present = (stored & U64(P)) != 0
-            leaf = (levels == 1) | (((levels == 2) | (levels == 3)) & ((stored & U64(PS)) != 0))
-            stored[present] |= U64(A)
-            stored[present & leaf] |= U64(D)
+        stored = with_accessed_dirty(levels, values) if self.set_accessed_dirty else values.astype(U64, copy=True)
         # One counting pass: the old entries leave (-1), the new ones arrive (+1).
         n = len(pteps)
         self._count_many(np.concatenate((levels, levels)), np.concatenate((old, stored)),
@@ -510,6 +510,17 @@ class PageTables:
     def audit(self) -> list[str]:
         """Every invariant, recomputed from the tables themselves; an empty list when all hold."""
         return Auditor(self).audit()
+
+
+def with_accessed_dirty(levels: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """A copy of entries (at these levels) with A set on present ones and D on present leaves:
+    what read-only tables need, since the hardware walker cannot set the bits itself."""
+    stored = values.astype(U64, copy=True)
+    present = (stored & U64(P)) != 0
+    leaf = (levels == 1) | (((levels == 2) | (levels == 3)) & ((stored & U64(PS)) != 0))
+    stored[present] |= U64(A)
+    stored[present & leaf] |= U64(D)
+    return stored
 
 
 class _TableRegion:
@@ -690,11 +701,15 @@ class Auditor:
         levels = np.repeat(np.array([level for _, level, _ in tables], np.int64), ENTRIES)
         values = np.frombuffer(b"".join(raw for _, _, raw in tables), dtype="<u8")
         errors = self.tables.check_many(levels, values).reshape(len(tables), ENTRIES)
+        lacking = np.zeros(errors.shape, bool)
+        if self.tables.set_accessed_dirty:
+            lacking = (with_accessed_dirty(levels, values) != values).reshape(errors.shape) & (errors == 0)
         for k, (table, level, _) in enumerate(tables):
             row = values[k * ENTRIES:(k + 1) * ENTRIES]
             self._derived[table].problems = [
-                f"table {table:#x} (level {level}) entry {index}: {int(row[index]):#x} breaks {ERRORS[errors[k, index]]}"
-                for index in np.flatnonzero(errors[k])[:5]]
+                f"table {table:#x} (level {level}) entry {index}: {int(row[index]):#x} "
+                + (f"breaks {ERRORS[errors[k, index]]}" if errors[k, index] else "lacks the A/D bits a read-only table needs")
+                for index in np.flatnonzero(errors[k] | lacking[k])[:5]]
 
     def _derive(self, table: int, level: int, raw: bytes) -> _Derived:
         """A table's contributions to the counts (its findings come from _check)."""

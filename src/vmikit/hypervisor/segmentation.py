@@ -10,7 +10,7 @@ from vmikit.engine import ControlState, DescriptorTable, Segment
 from vmikit.hypervisor.context import CallContext, HypercallError
 from vmikit.hypervisor.execution import ExecutionModel
 from vmikit.hypervisor.registry import FamilyHandlers
-from vmikit.hypervisor.walk import translate
+from vmikit.hypervisor.walk import guest_gpa
 
 HANDLERS = FamilyHandlers("Segmentation")
 
@@ -22,20 +22,8 @@ TSS_RSP0_OFFSET = 4
 
 
 def _gva_to_gpa(ctx: CallContext, va: int, length: int) -> int:
-    """The gpa of [va, va+length), which must not cross a page and must be RAM, never a page table.
-
-    Descriptor writes go through the hypervisor, past the read-only pool: landing in a
-    registered page table would put an unvalidated value into it (found by fuzzing).
-    """
-    if (va & 0xFFF) + length > 0x1000:
-        raise HypercallError("BAD_ADDRESS")
-    control = ctx.vcpu.get_control()
-    gpa = translate(ctx.memory, control.cr0, control.cr3, va)
-    if gpa is None or not ctx.memory.is_ram(gpa, length):
-        raise HypercallError("BAD_ADDRESS")
-    if ctx.hypervisor.mmu.is_table(gpa & ~0xFFF):
-        raise HypercallError("PERMISSION")
-    return gpa
+    """The gpa of [va, va+length): one page of RAM the guest could write itself (walk.guest_gpa)."""
+    return guest_gpa(ctx.memory, ctx.vcpu.get_control(), va, length, ctx.hypervisor.mmu.is_table)
 
 
 def _check_table(ctx: CallContext, base: int, limit: int) -> DescriptorTable:

@@ -6,6 +6,10 @@ bounds-checked; a walk that leaves guest RAM is simply a failed translation.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
+from vmikit.engine import ControlState
+from vmikit.hypervisor.context import HypercallError
 from vmikit.memory import GuestMemory, GuestMemoryError
 
 PTE_P = 1 << 0
@@ -39,3 +43,20 @@ def translate(memory: GuestMemory, cr0: int, cr3: int, va: int) -> int | None:
             return (entry & ADDR_MASK & ~page_mask) | (va & page_mask)
         table = entry & ADDR_MASK
     return table | (va & 0xFFF)
+
+
+def guest_gpa(memory: GuestMemory, control: ControlState, va: int, length: int,
+              is_table: Callable[[int], bool]) -> int:
+    """The gpa of [va, va+length) for the hypervisor to read or write on the guest's behalf
+    (descriptor tables, the TSS, exception frames): within one page, RAM (BAD_ADDRESS otherwise),
+    and memory the guest could write itself, never a page table or a page read-only to it (the
+    pool under trap, direct and shadow paging) (PERMISSION). A write there would put values into
+    a table, or a page about to become one, that nothing validated (found by fuzzing)."""
+    if (va & 0xFFF) + length > 0x1000:
+        raise HypercallError("BAD_ADDRESS")
+    gpa = translate(memory, control.cr0, control.cr3, va)
+    if gpa is None or not memory.is_ram(gpa, length):
+        raise HypercallError("BAD_ADDRESS")
+    if is_table(gpa & ~0xFFF) or not memory.writable_by_guest(gpa, length):
+        raise HypercallError("PERMISSION")
+    return gpa
