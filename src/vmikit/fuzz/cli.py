@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import click
 
-from vmikit.fuzz.runner import FUZZ_PAGING, FuzzConfig, FuzzReport
+from vmikit.errors import UsageError
+from vmikit.fuzz.runner import FUZZ_PAGING, FuzzConfig, FuzzProgress, FuzzReport
+
+# Seconds between the plain progress lines when stderr is not a terminal (tests make it small).
+PROGRESS_ENV = "VMIKIT_FUZZ_PROGRESS_SECONDS"
 from vmikit.outputs import EXTENSION, OUTPUT, TIMEOUT
 
 
@@ -35,24 +42,68 @@ from vmikit.outputs import EXTENSION, OUTPUT, TIMEOUT
 @click.option("--timeout", type=TIMEOUT, default=None,
               help="Watchdog limit in seconds, at most a day (default: scaled with --calls).")
 @click.option("--json", "json_file", type=OUTPUT, help="Write the report here.")
+# Leaves out the batches across the page-table pool's boundaries (an open finding, docs/fuzz.md).
+@click.option("--straddle/--no-straddle", default=True, hidden=True)
 def fuzz(calls: int, seed: int, paging: str, annotations: str, privilege: str, stores: bool, audit_every: int,
-         extensions: tuple[Path, ...], stall: float, timeout: float | None, json_file: Path | None) -> None:
+         extensions: tuple[Path, ...], stall: float, timeout: float | None, json_file: Path | None,
+         straddle: bool) -> None:
     """Fuzz the hypercall surface; exit 0 only if the hypervisor held."""
     from vmikit.abi import load_spec
-    from vmikit.fuzz.runner import run_fuzz
+    from vmikit.fuzz.runner import FuzzInterrupted, run_fuzz
     from vmikit.hypervisor.experimental import ExperimentalCalls, load_extension
 
     experimental = ExperimentalCalls()
     for extension in extensions:
         load_extension(extension, experimental)
     config = FuzzConfig(calls=calls, seed=seed, paging=paging, annotations=annotations, privilege=privilege, stores=stores,
-                        audit_every=audit_every, timeout=timeout, experimental=experimental, stall=stall)
-    report = run_fuzz(config)
+                        audit_every=audit_every, timeout=timeout, experimental=experimental, stall=stall,
+                        straddle=straddle)
     errors = load_spec().errors
+    try:
+        with _progress(calls) as (show, every):
+            report = run_fuzz(config, progress=show, progress_every=every)
+    except FuzzInterrupted as interrupted:  # what was measured so far, then the CLI's one line and 130
+        if json_file is not None:
+            json_file.write_text(json.dumps(interrupted.report.to_json(errors), indent=2) + "\n")
+        raise
     _print(report, errors)
     if json_file is not None:
         json_file.write_text(json.dumps(report.to_json(errors), indent=2) + "\n")
     sys.exit(0 if report.ok else 1)
+
+
+def _plain_interval() -> float:
+    text = os.environ.get(PROGRESS_ENV, "5")
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = -1.0
+    if not 0 < seconds < 86400:
+        raise UsageError(f"{PROGRESS_ENV}={text} is not a number of seconds", "set it to e.g. 5, or unset it")
+    return seconds
+
+
+@contextmanager
+def _progress(target: int) -> Iterator[tuple[Callable[[FuzzProgress], None], float]]:
+    """Progress on stderr: a rich bar on a terminal (calls, rate, findings), else a plain line every few seconds."""
+    if not sys.stderr.isatty():
+        def line(sample: FuzzProgress) -> None:
+            click.echo(sample.line(), err=True)
+
+        yield line, _plain_interval()
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    columns = (TextColumn("fuzz"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]} calls/s"),
+               TextColumn("{task.fields[findings]} findings"), TimeElapsedColumn())
+    with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
+        task = bar.add_task("fuzz", total=target, rate="-", findings=0)
+
+        def update(sample: FuzzProgress) -> None:
+            bar.update(task, completed=min(sample.calls, target), rate=f"{sample.rate:.0f}", findings=sample.findings)
+
+        yield update, 0.5
 
 
 def _print(report: FuzzReport, errors: dict[str, int]) -> None:
@@ -71,6 +122,8 @@ def _print(report: FuzzReport, errors: dict[str, int]) -> None:
         click.echo(f"  user mode: {ex.get('user_entries', 0)} entries, {ex.get('user_refused', 0)} calls refused "
                    f"(PERMISSION); exceptions reflected: {ex.get('exceptions', 0)}; translation flushes: "
                    f"{ex.get('flushes', 0)}")
+    if report.classes:
+        click.echo("  classes: " + ", ".join(f"{name} {n}" for name, n in report.classes.items()))
     click.echo(f"  accepted: {g.by_status.get(0, 0)}")
     for name, n in report.rejections(errors).items():
         click.echo(f"  {name}: {n}")

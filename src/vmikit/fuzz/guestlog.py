@@ -9,7 +9,8 @@ from dataclasses import dataclass, field
 _SUMMARY = re.compile(r"^FUZZ calls=(\d+) canaries=(\d+) stores=(\d+) unexpected=(\d+) odd=(\d+) broken=(\d+)"
                       r" experimental=(\d+)$", re.MULTILINE)
 _STATUS = re.compile(r"^FUZZ status=-(\d+) n=(\d+)$", re.MULTILINE)
-_START = re.compile(r"^FUZZ-START .*record=0x([0-9a-f]+)$", re.MULTILINE)
+_START = re.compile(r"^FUZZ-START .*record=0x([0-9a-f]+)(?: stats=0x([0-9a-f]+) classes=([\w,-]+))?$", re.MULTILINE)
+_CLASSES = re.compile(r"^FUZZ-CLASSES((?: [\w-]+=\d+)*)$", re.MULTILINE)
 _LAST = re.compile(r"^FUZZ-LAST (.*)$", re.MULTILINE)
 _WHY = re.compile(r"^FUZZ-UNEXPECTED (.*)$", re.MULTILINE)
 _FINAL = re.compile(r"^FUZZ-FINAL (\w+)$", re.MULTILINE)
@@ -18,6 +19,8 @@ RECORD = struct.Struct("<QQQQQQQq")  # struct fuzz_record: magic, n, kind, id, a
 RECORD_MAGIC = 0x4C41535446555A5A
 RECORD_KINDS = {0: "call", 1: "store", 2: "queued"}
 PENDING = 0x7FFFFFFF  # status while the call is in flight
+STATS = struct.Struct("<QQQQQQ")  # struct fuzz_stats: magic, calls, unexpected, canaries, stores, nclass
+STATS_MAGIC = 0x5354415446555A5A  # then nclass u64 counts, one per class in FUZZ-START's order
 
 
 @dataclass
@@ -35,12 +38,19 @@ class GuestLog:
     why: str | None = None
     final: str | None = None
     finished: bool = False  # the summary line was printed
+    stats_gpa: int | None = None  # struct fuzz_stats: the live counters (see GuestStats.read)
+    class_names: tuple[str, ...] = ()  # the attack classes, in the guest's order
+    classes: dict[str, int] = field(default_factory=dict)  # calls made per attack class
 
     @classmethod
     def parse(cls, console: str) -> GuestLog:
         log = cls()
         if m := _START.search(console):
             log.record_gpa = int(m[1], 16)
+            if m[2]:
+                log.stats_gpa, log.class_names = int(m[2], 16), tuple(m[3].split(","))
+        if m := _CLASSES.search(console):
+            log.classes = {name: int(n) for name, n in (pair.split("=") for pair in m[1].split())}
         if m := _SUMMARY.search(console):
             log.finished = True
             (log.calls, log.canaries, log.stores, log.unexpected, log.odd_statuses, broken,
@@ -61,3 +71,27 @@ def describe_record(raw: bytes) -> str | None:
     state = "in flight" if status == PENDING else f"status={status}"
     return (f"n={n} kind={RECORD_KINDS.get(kind, kind)} id={call_id:#010x} a0={a0:#x} a1={a1:#x} a2={a2:#x} "
             f"{state}")
+
+
+@dataclass
+class GuestStats:
+    """The guest's live counters, read from its memory while it runs (progress, a partial report)."""
+
+    calls: int
+    unexpected: int
+    canaries: int
+    stores: int
+    classes: dict[str, int]
+
+    @classmethod
+    def parse(cls, raw: bytes, names: tuple[str, ...]) -> GuestStats | None:
+        """``raw``: STATS.size + 8 * len(names) bytes at the guest's stats address (None if not the struct)."""
+        magic, calls, unexpected, canaries, stores, nclass = STATS.unpack_from(raw)
+        if magic != STATS_MAGIC or nclass != len(names) or len(raw) < stats_size(len(names)):
+            return None
+        counts = struct.unpack_from(f"<{nclass}Q", raw, STATS.size)
+        return cls(calls, unexpected, canaries, stores, dict(zip(names, counts)))
+
+
+def stats_size(nclass: int) -> int:
+    return STATS.size + 8 * nclass

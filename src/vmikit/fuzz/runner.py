@@ -11,19 +11,26 @@ K-th such call (the last one always): the auditor walks every registered table.
 A run passes when the guest finished its calls, no handler raised, the
 watchdog did not fire, the auditor found nothing, every status was a spec
 error, the guest saw no surprise, and valid calls still worked at the end.
+
+While it runs, a thread samples the guest's own counters (``struct fuzz_stats``
+in guest memory, at the address its first line prints) for progress: no exit
+is added. Ctrl-C ends the run with ``FuzzInterrupted``, a KeyboardInterrupt
+that carries the report of what was measured so far (``partial``).
 """
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from vmikit.abi.model import U64_MASK
 from vmikit.errors import GuestCrash, GuestHang
-from vmikit.fuzz.guestlog import RECORD, GuestLog, describe_record
+from vmikit.fuzz.guestlog import RECORD, GuestLog, GuestStats, describe_record, stats_size
 from vmikit.hypervisor import ExperimentalCalls, Hypervisor
 from vmikit.machine import layout
 from vmikit.session import Session
@@ -47,12 +54,15 @@ class FuzzConfig:
     experimental: ExperimentalCalls | None = None
     image: Path | None = None  # default: the bundled fuzz guest
     stall: float = 30.0  # seconds without a hypercall that count as a hang
+    straddle: bool = True  # batches wholly in RAM across the page-table pool's boundaries (docs/fuzz.md)
 
     def cmdline(self) -> str:
-        return f"calls={self.calls} seed={self.seed} stores={int(self.stores)} paging={self.paging}"
+        extra = "" if self.straddle else " straddle=0"
+        return f"calls={self.calls} seed={self.seed} stores={int(self.stores)} paging={self.paging}{extra}"
 
     def replay(self) -> str:
         extra = "" if self.stores else " --no-stores"
+        extra += "" if self.straddle else " --no-straddle"
         extra += "" if self.annotations == "honour" else f" --annotations {self.annotations}"
         extra += "" if self.privilege == "deprivileged" else f" --privilege {self.privilege}"
         return f"vmikit fuzz --calls {self.calls} --seed {self.seed} --paging {self.paging}{extra}"
@@ -102,6 +112,7 @@ class HypercallWatch:
         self.audit_problems: list[str] = []
         self.offences: list[Offence] = []
         self.calls = 0
+        self.findings = 0  # every offence, also past the 20 kept
         self._mutating = 0
         self._pending_audit = False
         self._auditor = self.hv.mmu.auditor()
@@ -175,6 +186,7 @@ class HypercallWatch:
 
     def _offend(self, reason: str, call_id: int, args: tuple[int, int, int], status: int,
                 detail: list[str] | None = None) -> None:
+        self.findings += 1
         if len(self.offences) < 20:
             self.offences.append(Offence(reason, self.hv.call_name(call_id), call_id, args, status, detail or []))
 
@@ -202,6 +214,12 @@ class FuzzReport:
     tables_rederived: int = 0  # tables the incremental auditor derived afresh, over all audits
     auditor_disagreements: int = 0
     execution: dict[str, object] | None = None  # the execution model's summary (privilege, flushes)
+    partial: bool = False  # interrupted: what was measured until then (no final audit, no guest summary)
+
+    @property
+    def classes(self) -> dict[str, int]:
+        """Calls the guest made per attack class (they sum to its calls)."""
+        return self.guest.classes
 
     @property
     def calls_per_second(self) -> float:
@@ -232,7 +250,9 @@ class FuzzReport:
         undocumented = [s for s in self.host_statuses if s.startswith("UNDOCUMENTED")]
         if undocumented or self.guest.odd_statuses:
             out.append(f"undocumented status(es): {undocumented or self.guest.odd_statuses}")
-        if not self.crash:
+        if self.partial and self.guest.unexpected:  # the surprises so far (the guest's live count)
+            out.append(f"{self.guest.unexpected} surprise(s) in the guest so far, first: {self.guest.why}")
+        if not self.crash and not self.partial:
             if not self.guest.finished:
                 out.append("the guest did not finish its calls")
             elif self.guest.calls < self.config.calls:
@@ -247,11 +267,12 @@ class FuzzReport:
 
     @property
     def ok(self) -> bool:
-        return not self.failures
+        return not self.failures and not self.partial
 
     def to_json(self, spec_errors: dict[str, int]) -> dict[str, object]:
         return {
             "ok": self.ok,
+            "partial": self.partial,
             "failures": self.failures,
             "replay": self.config.replay(),
             "seed": self.config.seed,
@@ -263,6 +284,7 @@ class FuzzReport:
             "canary_calls": self.guest.canaries,
             "plain_stores": self.guest.stores,
             "experimental_calls_found": self.guest.experimental,
+            "classes": self.classes,
             "accepted": self.guest.by_status.get(0, 0),
             "rejections": self.rejections(spec_errors),
             "host_statuses": self.host_statuses,
@@ -290,7 +312,8 @@ class FuzzReport:
 
 
 def default_timeout(calls: int) -> float:
-    return 60.0 + calls * 10e-3  # a ceiling only: a stalled guest is caught by the stall watchdog first
+    # A ceiling only (a stalled guest is caught by the stall watchdog first), within the board's day.
+    return min(60.0 + calls * 10e-3, 86400.0)
 
 
 class StallWatchdog:
@@ -325,7 +348,94 @@ class StallWatchdog:
                 return
 
 
-def run_fuzz(config: FuzzConfig) -> FuzzReport:
+@dataclass(frozen=True)
+class FuzzProgress:
+    """A sample of a running fuzz run, from the guest's counters and the host's watch."""
+
+    calls: int  # fuzzed calls the guest made so far
+    target: int  # the calls it was asked for
+    seconds: float
+    findings: int  # offences the host saw plus surprises the guest saw
+
+    @property
+    def rate(self) -> float:
+        return self.calls / self.seconds if self.seconds > 0 else 0.0
+
+    def line(self) -> str:
+        return (f"fuzz: {self.calls}/{self.target} calls, {self.rate:.0f} calls/s, {self.findings} "
+                f"finding{'' if self.findings == 1 else 's'}")
+
+
+_START_STATS = re.compile(rb"^FUZZ-START .*stats=0x([0-9a-f]+) classes=([\w,-]+)$", re.MULTILINE)
+
+
+class GuestCounters:
+    """Reads the guest's ``struct fuzz_stats`` (its address and class names from the FUZZ-START line)."""
+
+    def __init__(self, session: Session) -> None:
+        self._machine = session.machine
+        self._gpa: int | None = None
+        self._names: tuple[str, ...] = ()
+
+    def read(self) -> GuestStats | None:
+        if self._gpa is None:
+            m = _START_STATS.search(bytes(self._machine.console.captured[:4096]))
+            if m is None:
+                return None  # the guest has not printed its first line yet
+            self._gpa, self._names = int(m[1], 16), tuple(m[2].decode().split(","))
+        try:
+            raw = self._machine.memory.read(self._gpa, stats_size(len(self._names)))
+        except Exception:  # noqa: BLE001 - a bad address printed by a hostile guest: no progress, not a crash
+            return None
+        return GuestStats.parse(raw, self._names)
+
+
+class ProgressPoller:
+    """Calls ``report`` every ``every`` seconds with a FuzzProgress, from a thread of its own."""
+
+    def __init__(self, counters: GuestCounters, watch: HypercallWatch, target: int, every: float,
+                 report: Callable[[FuzzProgress], None]) -> None:
+        self._counters, self._watch, self._target, self._every, self._report = counters, watch, target, every, report
+        self._done = threading.Event()
+        self._start = time.perf_counter()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def __enter__(self) -> ProgressPoller:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._done.set()
+        self._thread.join()
+
+    def sample(self) -> FuzzProgress | None:
+        stats = self._counters.read()
+        if stats is None:
+            return None
+        return FuzzProgress(stats.calls, self._target, time.perf_counter() - self._start,
+                            self._watch.findings + stats.unexpected)
+
+    def _loop(self) -> None:
+        while not self._done.wait(self._every):
+            sample = self.sample()
+            if sample is not None:
+                self._report(sample)
+
+
+class FuzzInterrupted(KeyboardInterrupt):
+    """Ctrl-C during a run: ``report`` is what was measured until then (``report.partial``)."""
+
+    def __init__(self, report: FuzzReport) -> None:
+        super().__init__()
+        self.report = report
+
+
+def run_fuzz(config: FuzzConfig, progress: Callable[[FuzzProgress], None] | None = None,
+             progress_every: float = 5.0) -> FuzzReport:
+    """Run and judge; ``progress`` gets a sample every ``progress_every`` seconds (from another thread).
+
+    Raises FuzzInterrupted (a KeyboardInterrupt) with the partial report on Ctrl-C.
+    """
     from vmikit.guest.build import build_guest
 
     image = config.image or build_guest("fuzz")
@@ -334,14 +444,22 @@ def run_fuzz(config: FuzzConfig) -> FuzzReport:
                  memory_mib=config.memory_mib, timeout=timeout, experimental=config.experimental,
                  cmdline=config.cmdline(), privilege=config.privilege) as session:
         watch = HypercallWatch.attach(session, config.audit_every)
+        counters = GuestCounters(session)
         crash: str | None = None
         exit_status: int | None = None
+        interrupted = False
+        exits: dict[str, object] = {}
         start = time.perf_counter()
         try:
-            with StallWatchdog(watch, session.machine.vcpu, config.stall) as stall:
+            with StallWatchdog(watch, session.machine.vcpu, config.stall) as stall, \
+                    ProgressPoller(counters, watch, config.calls, progress_every, progress or (lambda _: None)):
                 result = session.machine.run()
             exit_status = result.exit_status
-            exits: dict[str, object] = dict(result.summary()["exits"])  # type: ignore[call-overload]
+            exits = dict(result.summary()["exits"])  # type: ignore[call-overload]
+        except KeyboardInterrupt:
+            interrupted = True  # the report below says what was measured so far
+            counts = session.machine.vcpu.exit_counts()
+            exits = {"total": sum(counts.values()), "by_reason": counts}
         except GuestHang as err:
             crash = f"hang: no hypercall for {config.stall:g} s" if stall.fired else f"hang: {err.cause}"
             exits = {}
@@ -354,10 +472,15 @@ def run_fuzz(config: FuzzConfig) -> FuzzReport:
             del exc
         wall = time.perf_counter() - start
         audit_seconds = watch.audit_seconds
-        watch.finish()
+        if not interrupted:  # an interrupt may have landed inside a handler: the tables may be mid-update
+            watch.finish()
         machine = session.machine
         console = machine.console.text()
         guest = GuestLog.parse(console)
+        if interrupted and (live := counters.read()) is not None:  # no summary lines: the live counters
+            guest.calls, guest.unexpected, guest.canaries, guest.stores = (live.calls, live.unexpected,
+                                                                           live.canaries, live.stores)
+            guest.classes = live.classes
         record = None
         if guest.record_gpa is not None:
             try:
@@ -367,7 +490,7 @@ def run_fuzz(config: FuzzConfig) -> FuzzReport:
         names = {value & U64_MASK: name for name, value in session.hypervisor.spec.errors.items()}  # type: ignore[union-attr]
         host_statuses = {names.get(s, f"UNDOCUMENTED({_signed(s)})"): n for s, n in sorted(watch.statuses.items())}
         stats = session.mmu.stats()
-        return FuzzReport(
+        report = FuzzReport(
             config=config, guest=guest, wall_seconds=wall, exits=exits, host_statuses=host_statuses,
             audits=watch.audits, audit_problems=watch.audit_problems, audit_seconds=audit_seconds,
             full_audits=watch.full_audits, tables_rederived=watch.tables_rederived,
@@ -377,5 +500,8 @@ def run_fuzz(config: FuzzConfig) -> FuzzReport:
             offences=watch.offences, crash=crash, exit_status=exit_status, record=record,
             rom_writes_refused=machine.rom_writes, mmio_unmapped=machine.mmio_unmapped,
             refused_pool_writes=dict(stats.get("refused_writes", {})),  # type: ignore[call-overload]
-            console_tail="\n".join(console.splitlines()[-30:]),
+            console_tail="\n".join(console.splitlines()[-30:]), partial=interrupted,
         )
+    if interrupted:
+        raise FuzzInterrupted(report)
+    return report

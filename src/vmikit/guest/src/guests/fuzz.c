@@ -119,8 +119,32 @@ static unsigned n_experimental;
 
 /* Statistics. */
 #define NSTATUS (1 - VMI_ERR_AGAIN) /* 0 .. -11 */
-static uint64_t calls, canaries, by_status[NSTATUS], odd_status, unexpected, store_ops;
+static uint64_t by_status[NSTATUS], odd_status;
 static int broken;
+
+/* The attack classes (which kind of attack a call belongs to).  The host reads their names
+ * from FUZZ-START and their counts from FUZZ-CLASSES, or live from `stat`. */
+enum { C_SPEC, C_LEGACY, C_UNKNOWN, C_RESERVED, C_EXPERIMENTAL, C_CORRUPT_BATCH, C_ROM_QUEUE,
+       C_USER, C_ID_FLOOD, C_EDGE_BATCH, NCLASS };
+static const char *const class_name[NCLASS] = {
+	"spec", "legacy", "unknown", "reserved-bits", "experimental", "corrupt-batch", "rom-queue",
+	"user-mode", "id-flood", "edge-batch",
+};
+static unsigned cur_class;
+
+/* Live counters the host samples for its progress line (no exit needed: it reads guest memory
+ * at the address FUZZ-START prints).  Layout: vmikit/fuzz/guestlog.py STATS. */
+#define STATS_MAGIC 0x5354415446555A5Aull
+static volatile struct fuzz_stats {
+	uint64_t magic, calls, unexpected, canaries, stores, nclass;
+	uint64_t by_class[NCLASS];
+} stat = { .magic = STATS_MAGIC, .nclass = NCLASS };
+
+static void count_call(void)
+{
+	stat.calls++;
+	stat.by_class[cur_class]++;
+}
 
 /* --- helpers ------------------------------------------------------------------------ */
 
@@ -150,13 +174,13 @@ static int verbose;
 
 static void surprise(const char *why)
 {
-	if (!unexpected++ || (verbose && unexpected < 60))
+	if (!stat.unexpected++ || (verbose && stat.unexpected < 60))
 		print_record(why);
 }
 
 static void record(uint64_t kind, uint64_t id, uint64_t a0, uint64_t a1, uint64_t a2)
 {
-	fuzz_record.n = calls;
+	fuzz_record.n = stat.calls;
 	fuzz_record.kind = kind;
 	fuzz_record.id = id;
 	fuzz_record.a0 = a0, fuzz_record.a1 = a1, fuzz_record.a2 = a2;
@@ -167,7 +191,7 @@ static void record(uint64_t kind, uint64_t id, uint64_t a0, uint64_t a1, uint64_
 static void canary(void)
 {
 	uint64_t r[4] = { 0 };
-	canaries++;
+	stat.canaries++;
 	long s = vmi_raw_call(VMI_CALL_QUERY_GETVERSION, 0, 0, 0, r);
 	if (s != 0 || r[0] != VMI_VERSION) {
 		broken = 1;
@@ -187,7 +211,7 @@ static void count_status(long s)
 static long call(uint32_t id, uint64_t a0, uint64_t a1, uint64_t a2, uint32_t allowed, uint64_t r[4])
 {
 	uint64_t junk[4];
-	calls++;
+	count_call();
 	record(KIND_CALL, id, a0, a1, a2);
 	long s = vmi_raw_call(id, a0, a1, a2, r ? r : junk);
 	fuzz_record.status = s;
@@ -667,7 +691,7 @@ static void attack_queue(void)
 	}
 	snapshot(q, n);
 	for (unsigned k = 0; k < n; k++) {
-		calls++;
+		count_call();
 		record(KIND_QUEUED, q[k].call_id, q[k].args[0], q[k].args[1], 0);
 		long s = vmi_set_pte_queued((uint64_t *)(uintptr_t)q[k].args[0], q[k].args[1]);
 		fuzz_record.status = s;
@@ -678,7 +702,7 @@ static void attack_queue(void)
 		if (s != 0)
 			break;
 	}
-	calls++;
+	count_call();
 	record(KIND_CALL, VMI_CALL_MMU_FLUSHQUEUE, 0, 0, 0);
 	long s = vmi_raw_call(VMI_CALL_MMU_FLUSHQUEUE, 0, 0, 0, r); /* through the raw entry: it pre-flushes */
 	fuzz_record.status = s;
@@ -696,7 +720,7 @@ static void attack_queue(void)
 static void attack_store(void)
 {
 	uint64_t addr;
-	store_ops++;
+	stat.stores++;
 	switch (below(4)) {
 	case 0: { /* the ROM image and the monitor area (the hypervisor's GDT, IDTs, TSS) are read-only */
 		addr = ROM_IMAGE + below(0x10000);
@@ -767,6 +791,304 @@ static const uint32_t legacy_only[] = {
 	VMI_LEGACY_SETINITIALAPSTATE, VMI_LEGACY_APICWRITE, VMI_LEGACY_APICREAD, VMI_LEGACY_SETLAZYMODE,
 };
 
+/* --- what an arbitrary call ID names ------------------------------------------------------ */
+
+enum { ID_UNKNOWN, ID_RESERVED, ID_CALL, ID_UNSURE };
+
+/* Which answer the ID alone decides: RESERVED_BITS, NOT_SUPPORTED (no such call here), or a
+ * call (*canonical; it then runs).  ID_UNSURE: a legacy number the fuzzer has no table for. */
+static int id_class(uint32_t id, uint32_t *canonical)
+{
+	unsigned f = VMI_CALLID_FAMILY(id), c = VMI_CALLID_CALL(id);
+	*canonical = 0;
+	if (VMI_CALLID_RESERVED(id))
+		return ID_RESERVED;
+	if (f == VMI_FAMILY_LEGACY) {
+		for (unsigned k = 0; k < ARRAY_SIZE(legacy_map); k++)
+			if (legacy_map[k][0] == c)
+				*canonical = legacy_map[k][1];
+		for (unsigned k = 0; k < ARRAY_SIZE(legacy_only) && !*canonical; k++)
+			if (legacy_only[k] == c)
+				return ID_UNKNOWN;
+		if (!*canonical)
+			return ID_UNSURE;
+	} else if (f == VMI_FAMILY_EXPERIMENTAL) {
+		for (unsigned k = 0; k < n_experimental; k++)
+			if (experimental[k] == (id & ~VMI_CALLID_ANNOTATION_MASK)) {
+				*canonical = experimental[k];
+				return ID_CALL;
+			}
+		return ID_UNKNOWN;
+	} else {
+		for (unsigned k = 0; k < ARRAY_SIZE(families); k++)
+			if (families[k].family == f && c < families[k].ncalls)
+				*canonical = VMI_CALLID(f, c, 0);
+		if (!*canonical)
+			return ID_UNKNOWN;
+	}
+	return supported[VMI_CALLID_FAMILY(*canonical)][VMI_CALLID_CALL(*canonical)] ? ID_CALL : ID_UNKNOWN;
+}
+
+/* --- ID floods: bursts of distinct call IDs, (nearly) all unknown or with reserved bits ------- */
+
+/*
+ * Every ID of a run is distinct: family, call and annotation bytes are a bijection of a running
+ * counter (24 bits: 16 M IDs before one repeats), the reserved byte is zero for half of them.
+ * So a hypervisor that keeps a counter per call ID meets a new one every call.  An ID that
+ * names a call gets reserved bits (refused before dispatch: the flood never runs a call).
+ * Each must answer exactly RESERVED_BITS or NOT_SUPPORTED; the canary runs once a burst.
+ */
+static uint32_t flood_next;
+static int flood_seeded;
+
+static uint32_t flood_id(void)
+{
+	uint32_t x = flood_next++ & 0xFFFFFFu; /* a bijection on 24 bits: odd multipliers, xorshifts */
+	x = (x * 0xB5AD4Bu) & 0xFFFFFFu;
+	x ^= x >> 12;
+	x = (x * 0x2C1B3Du) & 0xFFFFFFu;
+	x ^= x >> 11;
+	return (x >> 8) << 16 | (x & 0xFFu);
+}
+
+static void attack_id_flood(uint64_t budget)
+{
+	uint64_t n = 16 + below(241), r[4];
+	if (n > budget)
+		n = budget ? budget : 1;
+	if (!flood_seeded)
+		flood_next = (uint32_t)rnd(), flood_seeded = 1;
+	for (uint64_t k = 0; k < n; k++) {
+		uint32_t id = flood_id(), canonical;
+		if (chance(50))
+			id |= (uint32_t)(1 + below(255)) << 8;
+		int kind = id_class(id, &canonical);
+		if (kind == ID_CALL || kind == ID_UNSURE)
+			id |= (uint32_t)(1 + below(255)) << 8, kind = ID_RESERVED;
+		long want = kind == ID_RESERVED ? VMI_ERR_RESERVED_BITS : VMI_ERR_NOT_SUPPORTED;
+		uint64_t a0 = chance(50) ? hostile_addr() : rnd(), a1 = rnd(), a2 = rnd();
+		count_call();
+		record(KIND_CALL, id, a0, a1, a2);
+		long s = vmi_raw_call(id, a0, a1, a2, r);
+		fuzz_record.status = s;
+		count_status(s);
+		if (s != want) {
+			surprise(want == VMI_ERR_RESERVED_BITS ? "id flood: an ID with reserved bits was not refused with RESERVED_BITS"
+							       : "id flood: an unknown ID was not refused with NOT_SUPPORTED");
+			canary();
+		}
+	}
+	canary();
+}
+
+/* --- hostile batches sized by the spec ------------------------------------------------------ */
+
+/*
+ * FlushQueue with counts around and beyond batch.max_entries (VMI_BATCH_MAX_ENTRIES), valid
+ * batches with exactly one bad entry at a chosen index (BATCH_INVALID must name that index and
+ * its error, and change nothing), every one of the VMI_BATCH_MAX_ARGS argument slots at boundary
+ * values, and buffers at the edges of guest RAM: ending exactly at its end (valid), crossing it,
+ * crossing the end of low RAM or of the ROM's data area, in the ROM, the monitor area, the shadow
+ * area, the MMIO hole, wrapping around 2^64.  The buffer at the end of RAM is the last pages
+ * below ram_end, which the allocator never reaches in a fuzz run.
+ */
+#define MAXB VMI_BATCH_MAX_ENTRIES
+#define EDGE_BYTES ((uint64_t)(MAXB + 2) * sizeof(struct vmi_batch_entry))
+static uint64_t edge_top; /* ram_end if the pages below it are free for the guest, else 0 */
+static int straddle = 1;   /* cmdline straddle=0: leave out batches across the pool's boundaries */
+static int straddle_ok;    /* the RAM below the pool is free for the guest */
+
+static int some_pt(void) /* a registered PT of the guest's (pool index), or -1 */
+{
+	int start = (int)below(NPOOL);
+	for (int k = 0; k < NPOOL; k++)
+		if (level_of[(start + k) % NPOOL] == 1)
+			return (start + k) % NPOOL;
+	return -1;
+}
+
+/* An entry the hypervisor must accept: SetPTE of a PT entry to not-present or a read-only data page. */
+static void valid_entry(struct vmi_batch_entry *e, int pt)
+{
+	e->call_id = VMI_CALL_MMU_SETPTE | (chance(20) ? (uint32_t)below(256) : 0);
+	e->reserved = 0;
+	e->args[0] = pool[pt] + 8 * below(512);
+	e->args[1] = chance(30) ? 0 : data[below(NDATA)] | P_ | A_ | D_ | (chance(50) ? US_ : 0);
+	for (unsigned j = 2; j < VMI_BATCH_MAX_ARGS; j++)
+		e->args[j] = 0;
+}
+
+/* Make entry `e` (valid so far) bad in one way; returns the errors its BATCH_INVALID cause may be. */
+static uint32_t spoil_entry(struct vmi_batch_entry *e)
+{
+	switch (below(11)) {
+	case 0: e->reserved = 1u << below(32); return BIT(VMI_ERR_RESERVED_BITS);
+	case 1: e->call_id |= (uint32_t)(1 + below(255)) << 8; return BIT(VMI_ERR_RESERVED_BITS);
+	case 2: /* a call that may not be queued: it must not run either */
+		switch (below(4)) {
+		case 0: e->call_id = VMI_CALL_CPU_SHUTDOWN; break;
+		case 1: e->call_id = VMI_CALL_MMU_FLUSHQUEUE; break;
+		case 2: e->call_id = VMI_CALL_QUERY_GETVERSION; break;
+		default: e->call_id = VMI_CALLID(0x42, below(256), 0); break;
+		}
+		return BIT(VMI_ERR_NOT_SUPPORTED);
+	case 3: e->args[0] += 1 + below(7); return BIT(VMI_ERR_BAD_ADDRESS);
+	case 4: e->args[0] = data[below(NDATA)] + 8 * below(512); return BIT(VMI_ERR_NOT_PAGE_TABLE);
+	case 5:
+		e->args[0] = chance(50) ? ram_end + 8 * below(512) : chance(50) ? MMIO_HOLE : ~7ull;
+		return BIT(VMI_ERR_BAD_ADDRESS);
+	case 6: { /* a writable mapping of a registered table */
+		int t = (int)below(NPOOL);
+		if (!level_of[t])
+			t = 0;
+		if (!level_of[t])
+			break;
+		e->args[1] = pool[t] | LEAF_RW;
+		return BIT(VMI_ERR_PERMISSION);
+	}
+	case 7: e->args[1] = (ROM_IMAGE + 0x1000 * below(16)) | LEAF_RW; return BIT(VMI_ERR_PERMISSION);
+	case 8: /* reserved bits: bit 51 is above any MAXPHYADDR below 52 (at 52 it is RAM's far end) */
+		e->args[1] = data[0] | 1ull << 51 | P_;
+		return BIT(VMI_ERR_RESERVED_PTE_BITS) | BIT(VMI_ERR_BAD_ADDRESS);
+	case 9: e->args[0] = ROM_IMAGE + 8 * below(0x2000); return BIT(VMI_ERR_BAD_ADDRESS) | BIT(VMI_ERR_NOT_PAGE_TABLE);
+	default: break;
+	}
+	e->reserved = 0xFFFFFFFFu;
+	return BIT(VMI_ERR_RESERVED_BITS);
+}
+
+/* Boundary values of one argument slot. */
+static uint64_t boundary(void)
+{
+	switch (below(14)) {
+	case 0: return 0;
+	case 1: return 1;
+	case 2: return ~0ull;
+	case 3: return 1ull << 63;
+	case 4: return 0xFFFFFFFFull;
+	case 5: return 1ull << 32;
+	case 6: return ram_end - 8;
+	case 7: return ram_end;
+	case 8: return (ram_end - 4096) | P_ | A_ | D_;
+	case 9: return pool[below(NPOOL)] + 0xFF8;
+	case 10: return pool[below(NPOOL)] + 0x1000;
+	case 11: return ((1ull << 52) - 4096) | P_;
+	case 12: return 0x7FFFFFFFFFFFFFFFull;
+	default: return PENDING;
+	}
+}
+
+static void flush_edge(struct vmi_batch_entry *e, uint64_t ptr, uint64_t count, uint32_t allowed,
+		       uint32_t causes, uint64_t bad_index, unsigned checked)
+{
+	uint64_t r[4] = { 0 };
+	snapshot(e, checked);
+	long s = call(VMI_CALL_MMU_FLUSHQUEUE | (chance(20) ? (uint32_t)below(256) : 0), ptr, count, 0, allowed, r);
+	check_batch(s, e, checked);
+	if (s == VMI_ERR_BATCH_INVALID) {
+		if (r[0] >= count)
+			surprise("BATCH_INVALID names an index outside the batch");
+		else if (bad_index != ~0ull && r[0] != bad_index)
+			surprise("BATCH_INVALID names another entry than the one bad entry");
+		else if (causes && (-(long)r[1] <= 0 || -(long)r[1] >= NSTATUS || !(causes & BIT((long)r[1]))))
+			surprise("BATCH_INVALID gives the bad entry another error than its own");
+	}
+}
+
+static void attack_edge_batch(void)
+{
+	int pt = some_pt();
+	unsigned pick = (unsigned)below(6);
+	if (pt < 0)
+		pick = 5; /* no PT to aim valid entries at: only the address edges */
+	struct vmi_batch_entry *e = batch;
+	uint64_t count, bad = ~0ull;
+	uint32_t causes = 0;
+
+	switch (pick) {
+	case 0: { /* counts around max_entries, valid entries */
+		static const uint64_t counts[] = { MAXB - 1, MAXB, MAXB + 1, MAXB + 2, 2 * MAXB, 0x80000000ull, 0xFFFFFFFFull };
+		count = chance(80) ? counts[below(ARRAY_SIZE(counts))] : MAXB + 1 + below(1ull << 20);
+		for (unsigned k = 0; k < MAXB + 2; k++)
+			valid_entry(&e[k], pt);
+		unsigned n = count <= MAXB + 2 ? (unsigned)count : MAXB + 2;
+		flush_edge(e, (uintptr_t)e, count, count > MAXB ? BIT(VMI_ERR_INVALID_ARGUMENT) : BIT(0), 0, bad, n);
+		return;
+	}
+	case 1: /* one bad entry among valid ones: first, last or anywhere */
+		count = chance(50) ? MAXB - below(2) : 1 + below(MAXB);
+		for (unsigned k = 0; k < count; k++)
+			valid_entry(&e[k], pt);
+		bad = chance(30) ? 0 : chance(40) ? count - 1 : below(count);
+		causes = spoil_entry(&e[bad]);
+		flush_edge(e, (uintptr_t)e, count, BIT(VMI_ERR_BATCH_INVALID), causes, bad, (unsigned)count);
+		return;
+	case 2: /* every argument slot at a boundary value */
+		count = 1 + below(MAXB);
+		for (unsigned k = 0; k < count; k++) {
+			valid_entry(&e[k], pt);
+			for (unsigned j = 0; j < VMI_BATCH_MAX_ARGS; j++)
+				if (chance(40))
+					e[k].args[j] = boundary();
+		}
+		flush_edge(e, (uintptr_t)e, count, BIT(0) | BIT(VMI_ERR_BATCH_INVALID), 0, bad, (unsigned)count);
+		return;
+	case 3: /* a buffer ending exactly at the end of RAM (valid), or crossing it (BAD_ADDRESS) */
+		if (edge_top) {
+			uint64_t k = 1 + below(MAXB);
+			count = chance(50) ? k : k + 1 + below(MAXB + 1 - k);
+			if (count > MAXB)
+				count = MAXB;
+			e = (struct vmi_batch_entry *)(uintptr_t)(edge_top - k * sizeof(*e));
+			for (unsigned j = 0; j < k; j++)
+				valid_entry(&e[j], pt);
+			int crosses = count > k;
+			flush_edge(e, (uintptr_t)e + (crosses && chance(20) ? 4 : 0), count,
+				   crosses ? BIT(VMI_ERR_BAD_ADDRESS) : BIT(0), 0, bad, (unsigned)k);
+			return;
+		}
+		/* fall through */
+	case 4: /* wholly in guest RAM, across the start or end of the page-table pool: the memory map
+		 * has one RAM range there, so the entries decide (the pool's words: BATCH_INVALID) */
+		if (straddle && straddle_ok) {
+			uint64_t k = 1 + below(8), edge = chance(50) ? PT_POOL_BASE : PT_POOL_BASE + PT_POOL_SIZE;
+			count = k + 1 + below(MAXB - k);
+			e = (struct vmi_batch_entry *)(uintptr_t)(edge - k * sizeof(*e));
+			struct vmi_batch_entry *mine = edge == PT_POOL_BASE ? e : (struct vmi_batch_entry *)(uintptr_t)edge;
+			unsigned n = (unsigned)(edge == PT_POOL_BASE ? k : count - k); /* the entries the guest can write */
+			for (unsigned j = 0; j < n; j++)
+				valid_entry(&mine[j], pt);
+			uint64_t r[4] = { 0 };
+			snapshot(mine, n);
+			long s = call(VMI_CALL_MMU_FLUSHQUEUE, (uintptr_t)e, count, 0,
+				      BIT(0) | BIT(VMI_ERR_BATCH_INVALID) | BIT(VMI_ERR_BAD_ADDRESS), r);
+			check_batch(s, mine, n);
+			if (s == VMI_ERR_BAD_ADDRESS)
+				surprise("a batch wholly in guest RAM answered BAD_ADDRESS (it crosses the page-table pool's boundary)");
+			return;
+		}
+		/* fall through */
+	default: { /* buffers that are not wholly in RAM, whatever they hold: BAD_ADDRESS */
+		uint64_t k = below(4), ptr;
+		count = k + 1 + below(MAXB - k);
+		switch (below(10)) {
+		case 0: ptr = 0x9F000ull - k * 32; break;              /* end of low RAM */
+		case 1: ptr = 0xE0000ull - k * 32; break;              /* end of the ROM's data area */
+		case 2: ptr = ROM_IMAGE + 32 * below(0x400); break;     /* the ROM image */
+		case 3: ptr = MONITOR + 32 * below(0x400); break;       /* the monitor area */
+		case 4: ptr = SHADOW_BASE + 32 * below(0x80); break;
+		case 5: ptr = MMIO_HOLE - k * 32; break;
+		case 6: ptr = 0 - (k + 1) * 32, count = k + 2 + below(MAXB - k - 1); break; /* wraps around 2^64 */
+		case 7: ptr = 0x100000000ull - k * 32; break;          /* just below 4 GiB, above RAM */
+		case 8: ptr = non_canonical((uintptr_t)batch); break;
+		default: ptr = ram_end - k * 32; break;                /* whatever is there: it crosses */
+		}
+		flush_edge(e, ptr, count, BIT(VMI_ERR_BAD_ADDRESS), 0, bad, 0);
+		return;
+	}
+	}
+}
+
 /* --- user mode: every call but the spec's user-safe ones is refused ------------------------- */
 
 /*
@@ -784,8 +1106,10 @@ static const uint32_t legacy_only[] = {
 #define STAR_USER 0x18 /* sysret/iretq user selectors: SS = 0x20 | 3, CS = 0x28 | 3 */
 static struct user_call {
 	uint32_t id, allowed;
+	uint32_t safe; /* user-safe: 1 the kernel's answer must be the same, 2 its status (RDTSC, IODelay) */
 	uint64_t a0, a1, a2;
 	long status;
+	uint64_t r[4];
 } ucall[NUSER];
 static volatile unsigned n_ucall;
 static uint8_t user_stack[8192] __attribute__((aligned(16)));
@@ -819,13 +1143,12 @@ __asm__(".text\n"
 static void user_main(void)
 {
 	for (unsigned k = 0; k < n_ucall; k++) {
-		uint64_t r[4];
 		struct user_call *u = &ucall[k];
-		fuzz_record.n = calls + k;
+		fuzz_record.n = stat.calls + k;
 		fuzz_record.kind = KIND_USER, fuzz_record.id = u->id;
 		fuzz_record.a0 = u->a0, fuzz_record.a1 = u->a1, fuzz_record.a2 = u->a2;
 		fuzz_record.status = PENDING;
-		u->status = vmi_raw_call(u->id, u->a0, u->a1, u->a2, r);
+		u->status = vmi_raw_call(u->id, u->a0, u->a1, u->a2, u->r);
 		fuzz_record.status = u->status;
 	}
 	__asm__ __volatile__("ud2");
@@ -873,8 +1196,9 @@ static int user_safe(uint32_t canonical)
 static void user_call_pick(struct user_call *u)
 {
 	uint32_t canonical = 0;
+	u->safe = 0;
 	u->a0 = chance(50) ? hostile_addr() : rnd(), u->a1 = rnd(), u->a2 = chance(50) ? 0 : rnd();
-	switch (below(10)) {
+	switch (below(12)) {
 	case 0: /* a legacy number that reaches a family call */
 		canonical = legacy_map[below(ARRAY_SIZE(legacy_map))][1];
 		u->id = VMI_CALLID(VMI_FAMILY_LEGACY, 0, 0);
@@ -906,6 +1230,27 @@ static void user_call_pick(struct user_call *u)
 		}
 		u->id = canonical;
 		break;
+	case 10: case 11: /* a fresh ID of the flood's, whatever it names */
+		if (!flood_seeded)
+			flood_next = (uint32_t)rnd(), flood_seeded = 1;
+		u->id = flood_id() | (chance(50) ? (uint32_t)(1 + below(255)) << 8 : 0);
+		switch (id_class(u->id, &canonical)) {
+		case ID_CALL:
+			if (VMI_CALLID_FAMILY(canonical) != VMI_FAMILY_EXPERIMENTAL)
+				break; /* a spec call: judged below */
+			u->allowed = BIT(VMI_ERR_PERMISSION);
+			return;
+		case ID_UNKNOWN:
+			u->allowed = BIT(VMI_ERR_NOT_SUPPORTED);
+			return;
+		case ID_UNSURE:
+			u->id |= 0x100u;
+			/* fall through */
+		default:
+			u->allowed = BIT(VMI_ERR_RESERVED_BITS);
+			return;
+		}
+		break;
 	default: { /* any spec call */
 		unsigned f = (unsigned)below(ARRAY_SIZE(families));
 		canonical = u->id = VMI_CALLID(families[f].family, below(families[f].ncalls), 0);
@@ -923,6 +1268,7 @@ static void user_call_pick(struct user_call *u)
 		return;
 	}
 	u->allowed = ALL_ERRORS & ~BIT(VMI_ERR_PERMISSION); /* a user-safe call answers as in the kernel */
+	u->safe = canonical == VMI_CALL_CPU_RDTSC || canonical == VMI_CALL_CPU_IODELAY ? 2 : 1;
 	if (canonical == VMI_CALL_CPU_CPUID)
 		u->a0 &= 0x8000001Full;
 }
@@ -965,7 +1311,7 @@ static void attack_user(void)
 	uint64_t user_cs = depriv ? ((volatile struct vmi_shared *)vmi_shared_page())->user_cs : (STAR_USER + 16) | 3;
 	for (unsigned k = 0; k < n_ucall; k++) {
 		struct user_call *u = &ucall[k];
-		calls++;
+		count_call();
 		count_status(u->status);
 		if (u->status > 0 || u->status <= -NSTATUS) {
 			record(KIND_USER, u->id, u->a0, u->a1, u->a2), fuzz_record.status = u->status;
@@ -974,6 +1320,14 @@ static void attack_user(void)
 			record(KIND_USER, u->id, u->a0, u->a1, u->a2), fuzz_record.status = u->status;
 			surprise(u->allowed == BIT(VMI_ERR_PERMISSION) ? "user mode: a kernel-only call was not refused with PERMISSION"
 								       : "user mode: status not one this call may give");
+		} else if (u->safe) { /* the same call from the kernel gives the same answer */
+			uint64_t kr[4] = { 0 };
+			stat.canaries++;
+			long ks = vmi_raw_call(u->id, u->a0, u->a1, u->a2, kr);
+			if (ks != u->status || (u->safe == 1 && ks == 0 && memcmp(kr, u->r, sizeof(kr)))) {
+				record(KIND_USER, u->id, u->a0, u->a1, u->a2), fuzz_record.status = u->status;
+				surprise("user mode: a user-safe call answered otherwise than from the kernel");
+			}
 		}
 	}
 	if (back != 1000 + 6)
@@ -983,22 +1337,27 @@ static void attack_user(void)
 	canary(); /* the kernel's calls work again */
 }
 
-static void one_attack(void)
+/* One attack; `left` is how many calls the run still makes.  Classes in per mille of attacks
+ * (a flood or a queue makes many calls, the others one or a few). */
+static void one_attack(uint64_t left)
 {
 	uint64_t a[3] = { 0, 0, 0 }, r[4];
 	uint32_t canonical, id, allowed;
 	int skip = 0;
-	unsigned pick = (unsigned)below(100);
+	unsigned pick = (unsigned)below(1000);
 
-	if (stores && pick < 2) {
+	if (stores && pick < 20) {
 		attack_store();
 		return;
 	}
-	if (pick < 6) {
+	if (pick < 60) {
+		cur_class = C_ROM_QUEUE;
 		attack_queue();
 		return;
 	}
-	if (pick < 12) { /* unknown: a family call past the end, an unknown family, a legacy-only number */
+	cur_class = pick < 110 ? C_UNKNOWN : pick < 160 ? C_RESERVED : pick < 190 ? C_USER : pick < 192 ? C_ID_FLOOD
+		  : pick < 222 ? C_EDGE_BATCH : pick < 252 && n_experimental ? C_EXPERIMENTAL : pick < 302 ? C_LEGACY : C_SPEC;
+	if (cur_class == C_UNKNOWN) { /* unknown: a family call past the end, an unknown family, a legacy-only number */
 		unsigned f = (unsigned)below(ARRAY_SIZE(families));
 		switch (below(4)) {
 		case 0: id = VMI_CALLID(families[f].family, families[f].ncalls + below(256 - families[f].ncalls), 0); break;
@@ -1013,23 +1372,31 @@ static void one_attack(void)
 		call(id | (uint32_t)below(256), rnd(), rnd(), rnd(), BIT(VMI_ERR_NOT_SUPPORTED), r);
 		return;
 	}
-	if (pick < 17) { /* reserved bits: refused before any handler runs, so any call, any args */
+	if (cur_class == C_RESERVED) { /* reserved bits: refused before any handler runs, so any call, any args */
 		unsigned f = (unsigned)below(ARRAY_SIZE(families));
 		id = VMI_CALLID(chance(90) ? families[f].family : below(256), below(families[f].ncalls + 2), 0);
 		call(id | (uint32_t)(1 + below(255)) << 8 | (uint32_t)below(256), hostile_addr(), rnd(), rnd(),
 		     BIT(VMI_ERR_RESERVED_BITS), r);
 		return;
 	}
-	if (pick < 19) { /* user mode: kernel-only calls refused */
+	if (cur_class == C_USER) { /* user mode: kernel-only calls refused */
 		attack_user();
 		return;
 	}
-	if (pick < 22 && n_experimental) {
+	if (cur_class == C_ID_FLOOD) {
+		attack_id_flood(left);
+		return;
+	}
+	if (cur_class == C_EDGE_BATCH) {
+		attack_edge_batch();
+		return;
+	}
+	if (cur_class == C_EXPERIMENTAL) {
 		id = experimental[below(n_experimental)];
 		call(id | (uint32_t)below(256), chance(50) ? hostile_addr() : rnd(), rnd(), rnd(), ALL_ERRORS, r);
 		return;
 	}
-	if (pick < 27) { /* a legacy number */
+	if (cur_class == C_LEGACY) { /* a legacy number */
 		unsigned k = (unsigned)below(ARRAY_SIZE(legacy_map));
 		canonical = legacy_map[k][1];
 		id = VMI_CALLID(VMI_FAMILY_LEGACY, legacy_map[k][0], 0);
@@ -1039,6 +1406,7 @@ static void one_attack(void)
 	}
 	allowed = gen_args(canonical, a, &skip);
 	if (skip == 2) {
+		cur_class = C_CORRUPT_BATCH;
 		attack_flush_queue(id | (chance(20) ? (uint32_t)below(256) : 0));
 		return;
 	}
@@ -1080,6 +1448,10 @@ static int setup(void)
 	gdt = (uintptr_t)alloc_page();
 	if (!victim || !scratch || !gdt)
 		return 0;
+	/* The last pages of RAM hold the batches that end where RAM ends: far above anything allocated. */
+	if (ram_end > DATA_POOL_BASE + DATA_POOL_SIZE + EDGE_BYTES && gdt + 0x100000 < ram_end - EDGE_BYTES)
+		edge_top = ram_end;
+	straddle_ok = gdt + 0x100000 < PT_POOL_BASE - EDGE_BYTES && ram_end > PT_POOL_BASE + PT_POOL_SIZE + EDGE_BYTES;
 
 	/* A small registered address space: PML4 -> PDPT -> PD -> two PTs -> data pages. */
 	static const int levels[5] = { 4, 3, 2, 1, 1 };
@@ -1134,11 +1506,16 @@ static int setup(void)
 static void summary(void)
 {
 	printf("FUZZ calls=%lu canaries=%lu stores=%lu unexpected=%lu odd=%lu broken=%d experimental=%u\n",
-	       (unsigned long)calls, (unsigned long)canaries, (unsigned long)store_ops, (unsigned long)unexpected,
+	       (unsigned long)stat.calls, (unsigned long)stat.canaries, (unsigned long)stat.stores,
+	       (unsigned long)stat.unexpected,
 	       (unsigned long)odd_status, broken, n_experimental);
 	for (unsigned k = 0; k < ARRAY_SIZE(by_status); k++)
 		if (by_status[k])
 			printf("FUZZ status=-%u n=%lu\n", k, (unsigned long)by_status[k]);
+	printf("FUZZ-CLASSES");
+	for (unsigned k = 0; k < NCLASS; k++)
+		printf(" %s=%lu", class_name[k], (unsigned long)stat.by_class[k]);
+	printf("\n");
 }
 
 /* At the end, valid calls of every kind still work. */
@@ -1184,17 +1561,22 @@ void kmain(uint32_t magic, uint32_t mbinfo)
 	if (!rng)
 		rng = 1;
 	stores = (int)cmdline_u64("stores", 1);
+	straddle = (int)cmdline_u64("straddle", 1);
 	direct = cmdline_has("paging=direct");
 	verbose = cmdline_has("verbose");
-	printf("FUZZ-START calls=%lu seed=0x%lx record=0x%lx\n", (unsigned long)n,
-	       (unsigned long)cmdline_u64("seed", 1), (unsigned long)(uintptr_t)&fuzz_record);
+	printf("FUZZ-START calls=%lu seed=0x%lx record=0x%lx stats=0x%lx classes=", (unsigned long)n,
+	       (unsigned long)cmdline_u64("seed", 1), (unsigned long)(uintptr_t)&fuzz_record,
+	       (unsigned long)(uintptr_t)&stat);
+	for (unsigned k = 0; k < NCLASS; k++)
+		printf("%s%s", k ? "," : "", class_name[k]);
+	printf("\n");
 	if (!vmi_rom_present() || !setup()) {
 		printf("FUZZ-SETUP failed: needs a ROM and --paging direct or shadow\n");
 		vmi_shutdown(2);
 		exit(2);
 	}
-	while (calls < n && !broken)
-		one_attack();
+	while (stat.calls < n && !broken)
+		one_attack(n - stat.calls);
 	final_checks();
 	summary();
 	vmi_shutdown(broken ? 1 : 0);
