@@ -4,7 +4,8 @@
  * hypervisor, never itself.  Run it with `vmikit fuzz` (docs in vmikit/fuzz/).
  *
  * Command line: calls=N seed=S stores=0|1 (plain stores into the ROM, the
- * monitor area, the page-table pool and the shadow area; default 1).
+ * monitor area, the page-table pool and the shadow area; default 1)
+ * straddle=0|1 (batches across the page-table pool's boundaries; default 1).
  *
  * It runs as the hypervisor put it: deprivileged (vmi_deprivileged(): hardware
  * ring 3, no privileged instruction allowed, sgdt/sidt showing the monitor's
@@ -44,8 +45,16 @@
  *                       user code makes any calls with hostile arguments --
  *                       Shutdown, SetCR3, SetPTE, WRMSR(LSTAR) included -- and
  *                       each must answer exactly PERMISSION unless the spec
- *                       marks it user-safe (or the hypervisor lacks it); ud2
- *                       brings the kernel back through its own IDT.
+ *                       marks it user-safe (or the hypervisor lacks it), and a
+ *                       user-safe one answers as the same call from the kernel;
+ *                       ud2 brings the kernel back through its own IDT;
+ *   ID floods           bursts of distinct IDs, each refused before dispatch;
+ *   edge batches        FlushQueue sized by the spec's [batch]: counts around
+ *                       max_entries, one bad entry at a known index, every arg
+ *                       slot at boundary values, buffers at the edges of RAM.
+ *
+ * Every call is counted in one attack class (class_name[]): FUZZ-CLASSES at the
+ * end, and live in `stat`, which the host samples for its progress line.
  *
  * Checks in the guest: every status is a spec error and one the call may
  * give (e.g. exactly PERMISSION for a writable alias of a page table or the
