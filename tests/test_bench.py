@@ -291,6 +291,35 @@ def test_filtered_report_shows_only_its_goals(results: dict) -> None:
     assert "Goals" not in _render(nothing, 80)  # no goal measured: no goals table at all
 
 
+def test_chart_legend_outside_and_axes_labelled(results: dict) -> None:
+    pytest.importorskip("matplotlib")
+    import matplotlib.pyplot as plt
+
+    from vmikit.bench.report import figure
+
+    fig = figure(results)
+    try:
+        fig.draw_without_rendering()  # lays the figure out as savefig does
+        ax_time, ax_exits = fig.axes
+        legend = fig.legends[0].get_window_extent()
+        for ax in (ax_time, ax_exits):  # below the axes, covering no bar
+            assert not legend.overlaps(ax.get_window_extent())
+            assert legend.y1 <= ax.get_window_extent().y0
+        assert "µs" in ax_time.get_xlabel()  # the table's unit, not ns
+        lo, hi = ax_time.get_xlim()
+        labelled = [t for t in ax_time.xaxis.get_majorticklocs() if lo <= t <= hi]
+        assert len(labelled) >= 4 and all(label.get_text() for label in ax_time.get_xticklabels())
+        medians_us = [c["ns_per_op"]["median"] / 1e3 for pp in results["cells"].values() for c in pp.values()]
+        assert lo <= min(medians_us) and max(medians_us) <= hi
+        most = max(c["exits_per_op"]["median"] for pp in results["cells"].values() for c in pp.values())
+        assert most > 2  # fork: two updates per page plus its batches
+        ticks = [t for t in ax_exits.xaxis.get_majorticklocs() if t <= ax_exits.get_xlim()[1]]
+        assert 2 in ticks and most <= ax_exits.get_xlim()[1]  # the ticks cover the data
+        assert [label.get_text() for label in ax_exits.get_xticklabels()][:5] == ["0", "0.001", "0.01", "0.1", "1"]
+    finally:
+        plt.close(fig)
+
+
 def test_filters_and_plot(kvm: str, tmp_path: Path) -> None:
     pytest.importorskip("matplotlib")
     out, png = tmp_path / "b.json", tmp_path / "b.png"

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rich import box
 from rich.console import Console
 from rich.table import Table
 
 from vmikit.bench.workloads import BY_NAME, PROFILE_BY_NAME, PROFILE_NAMES, RING0_SUFFIX, WORKLOAD_NAMES
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure  # imported for real only when plotting (matplotlib is slow to load)
 
 
 def fmt_ns(ns: float) -> str:
@@ -319,27 +323,46 @@ def _colour(profile: str) -> str | None:
     return COLOURS.get(profile.removesuffix("-ring0"))
 
 
+def _decimal(value: float, _pos: object = None) -> str:
+    """A tick label as a plain decimal (0.01, 0.5, 20, 1000): read like the table's figures."""
+    return f"{value:.10f}".rstrip("0").rstrip(".") if value < 1 else f"{value:.0f}"
+
+
 def plot(results: dict, path: Path) -> Path:
-    """Two panels: guest ns per operation (log) and exits per operation, per workload and profile."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    fig = figure(results)
+    path = Path(path)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def figure(results: dict) -> Figure:
+    """Two panels: guest µs per operation (log) and exits per operation, per workload and profile;
+    the legend below both, outside the axes."""
+    import math
+
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import FixedLocator, FuncFormatter, LogLocator, NullFormatter
+
     workloads, profiles = _ordered(results)
-    fig, (ax_ns, ax_ex) = plt.subplots(1, 2, figsize=(13, 0.075 * len(workloads) * len(profiles) + 2.6), sharey=True,
-                                       gridspec_kw={"width_ratios": [3, 2]})
+    fig, (ax_ns, ax_ex) = plt.subplots(1, 2, figsize=(13, 0.075 * len(workloads) * len(profiles) + 3.2), sharey=True,
+                                       gridspec_kw={"width_ratios": [3, 2]}, layout="constrained")
     height = 0.8 / max(1, len(profiles))
     for i, p in enumerate(profiles):
-        ys, ns, lo, hi, ex = [], [], [], [], []
+        ys, us, lo, hi, ex = [], [], [], [], []
         for j, w in enumerate(workloads):
             cell = results["cells"][w].get(p)
             if cell is None:
                 continue
             y = j - 0.4 + height * (i + 0.5)
-            s = cell["ns_per_op"]
+            s = {k: v / 1e3 for k, v in cell["ns_per_op"].items()}  # µs, the table's unit
             ys.append(y)
-            ns.append(s["median"])
+            us.append(s["median"])
             lo.append(s["median"] - s["min"])
             hi.append(s["max"] - s["median"])
             ex.append(cell["exits_per_op"]["median"])
@@ -347,35 +370,46 @@ def plot(results: dict, path: Path) -> Path:
         style = {"hatch": "////", "edgecolor": "white", "linewidth": 0} if PROFILE_BY_NAME[p].privilege == "ring0" \
             and PROFILE_BY_NAME[p].rom != "none" else {}
         label = f"{p} ({_ring(p)})"
-        ax_ns.barh(ys, ns, height=height, color=_colour(p), label=label, xerr=[lo, hi],
+        ax_ns.barh(ys, us, height=height, color=_colour(p), label=label, xerr=[lo, hi],
                    error_kw={"elinewidth": 0.6, "capsize": 0, "ecolor": "#555"}, **style)
         ax_ex.barh(ys, ex, height=height, color=_colour(p), label=label, **style)
     ax_ns.set_xscale("log")
+    # Every decade labelled, and 2 and 5 within it in a smaller font: enough labels to read a bar.
+    ax_ns.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0,)))
+    ax_ns.xaxis.set_minor_locator(LogLocator(base=10, subs=(2.0, 5.0)))
+    ax_ns.xaxis.set_major_formatter(FuncFormatter(_decimal))
+    ax_ns.xaxis.set_minor_formatter(FuncFormatter(_decimal))
+    ax_ns.tick_params(axis="x", which="minor", labelsize=7, labelcolor="#555")
     ax_ns.set_yticks(range(len(workloads)))
     ax_ns.set_yticklabels([f"{w} (per {BY_NAME[w].unit})" for w in workloads])
     ax_ns.invert_yaxis()
-    ax_ns.set_xlabel("guest-measured time per operation, ns (log; bars: median, whiskers: min-max)")
+    ax_ns.set_xlabel("guest-measured time per operation, µs (log scale; bars: median, whiskers: min-max)")
     ax_ns.grid(axis="x", which="both", alpha=0.25)
-    ax_ex.set_xscale("symlog", linthresh=0.01)
+    # Exits: linear below 0.001 (so 0 has a place), log above it, up to the largest figure.
+    ax_ex.set_xscale("symlog", linthresh=0.001, linscale=0.5)
     most = max((c["exits_per_op"]["median"] for pp in results["cells"].values() for c in pp.values()), default=1)
-    ax_ex.set_xlim(0, max(1.0, most) * 2)
-    ax_ex.set_xlabel("VM exits per operation (symlog)")
+    right = max(1.2, most * 1.15)
+    ax_ex.set_xlim(0, right)
+    ticks = [0, 0.001, 0.01, 0.1, *range(1, math.floor(right) + 1)]
+    ax_ex.xaxis.set_major_locator(FixedLocator(ticks))
+    ax_ex.xaxis.set_major_formatter(FuncFormatter(_decimal))
+    minor = [m * 10.0 ** e for e in range(-3, 1) for m in range(2, 10) if m * 10.0 ** e < min(1.0, right)]
+    ax_ex.xaxis.set_minor_locator(FixedLocator(minor))
+    ax_ex.xaxis.set_minor_formatter(NullFormatter())
+    ax_ex.set_xlabel("VM exits per operation (linear below 0.001, log above)")
     ax_ex.grid(axis="x", which="both", alpha=0.25)
     for j in range(1, len(workloads)):
         for ax in (ax_ns, ax_ex):
             ax.axhline(j - 0.5, color="#ddd", linewidth=0.6)
     handles, labels = ax_ns.get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=min(5, len(labels)), fontsize=8, frameon=False,
-               title="profile (a ROM's profile deprivileged; hatched: its ring-0 twin)", title_fontsize=8)
+    # Outside the axes, below them: constrained layout keeps room for it, so it covers no bar.
+    fig.legend(handles, labels, loc="outside lower center", ncol=min(5, max(1, len(labels))), fontsize=8,
+               frameon=False, title="profile (a ROM's profile deprivileged; hatched: its ring-0 twin)",
+               title_fontsize=8)
     cfg = results["config"]
     c = results.get("c_reference") or {}
     extra = f" · null hypercall Python/C = {c['ratio']:.2f}x" if "ratio" in c else ""
-    fig.suptitle(f"vmikit bench — n={cfg['n']} pages, m={cfg['m']}, {cfg['calls']} calls, "
-                 f"{cfg['repetitions']} reps{extra}\n{results['machine'].get('cpu', '')}, "
-                 f"kernel {results['machine']['kernel']}, {results['date']}", fontsize=10)
-    rows = -(-len(labels) // min(5, max(1, len(labels))))
-    fig.tight_layout(rect=(0, 0.02 + 0.025 * (rows + 1), 1, 1))
-    path = Path(path)
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    fig.suptitle(f"vmikit bench — {_sizes(cfg)}, {plural(cfg['repetitions'], 'repetition')}{extra}\n"
+                 f"{results['machine'].get('cpu', '')}, kernel {results['machine']['kernel']}, {results['date']}",
+                 fontsize=10)
+    return fig
