@@ -267,3 +267,30 @@ def test_query_call_says_what_has_no_native_fallback_when_deprivileged(hv: tuple
     assert call(hv, query, ids["CPU.EnableInterrupts"])[1][0] & not_native
     assert call(hv, query, ids["CPU.RDPMC"])[1][0] == not_native  # not implemented, and no rdpmc at ring 3
     assert not call(hv, query, ids["CPU.RDTSC"])[1][0] & not_native  # rdtsc works at ring 3
+
+
+HIGH = 0xDEAD_BEEF << 32  # bits a 32-bit argument ignores (its type says so)
+
+
+@pytest.mark.parametrize(("name", "args"), [
+    ("CPU.RDMSR", (0x10,)), ("CPU.CPUID", (1, 0)), ("Query.HasFamily", (0x03,)),
+    ("Query.QueryCall", (SPEC.by_name("MMU.SetPTE").call_id(),)), ("MMU.FlushTLB", (0,)),
+    ("MMU.FlushQueue", (0x1000, 0)), ("MMU.AllocatePage", (0x3000, 1)), ("Segmentation.SetGDT", (0x2000, 0xFF)),
+    ("EventChannel.Poll", (0,)),
+])
+def test_the_upper_half_of_a_32_bit_argument_is_ignored(name: str, args: tuple[int, ...]) -> None:
+    """Issue 12 finding 10: a u32 argument with bit 32 or above set was refused by RDMSR, GetDR,
+    HasFamily, AllocatePage, FlushQueue, SetGDT and FlushTLB; the spec says the upper half is
+    ignored. Each call answers the same with and without those bits."""
+    call_ = SPEC.by_name(name)
+    high = tuple(a | HIGH if SPEC.types[arg.type].bits == 32 else a for a, arg in zip(args, call_.args))
+    assert high != args
+    answers = []
+    for values in (args, high):
+        memory = GuestMemory()
+        memory.add(Region(0, 0x10000))
+        vcpu = StandInVcpu()
+        hypervisor = Hypervisor(SPEC)
+        hypervisor.attach(memory, vcpu)  # type: ignore[arg-type]
+        answers.append(call((hypervisor, vcpu), call_.call_id(), *values))
+    assert answers[0] == answers[1]

@@ -433,3 +433,17 @@ def test_hypervisor_writes_for_the_guest_never_reach_the_pool() -> None:
                       (0x500ffc, "BAD_ADDRESS")):
         with pytest.raises(HypercallError, match=error):
             guest_gpa(mem, control, va, 8, m.is_table)
+
+
+def test_shadow_answers_allocate_page_as_direct_does() -> None:
+    """Issue 12 finding 10: under shadow, AllocatePage outside the pool answered INVALID_ARGUMENT
+    (out of shadow pages, checked first) where direct answers BAD_ADDRESS. The arguments are now
+    checked first, so both give the same answer, with or without shadow pages left."""
+    pool = (POOL, 0x100000)
+    direct = DirectMmu(memory(), pool=pool)
+    shadow = ShadowMmu(memory(), SHADOW, 0x1000, pool=pool)  # one shadow page
+    assert direct.allocate(table(0), 4) is None and shadow.allocate(table(0), 4) is None
+    for where, level in ((0x500000, 1), (ROM, 2), (table(1) + 8, 1), (table(1), 7), (RAM_END + 0x1000, 3),
+                         (table(0), 3)):
+        assert shadow.allocate(where, level) == direct.allocate(where, level) != None  # noqa: E711
+    assert shadow.allocate(table(1), 1) == "INVALID_ARGUMENT"  # valid, but no shadow page is left

@@ -49,6 +49,7 @@ class Route:
     handler: Handler
     annotations_honoured: int
     user: bool = False  # safe from guest user mode (the spec's `user`); every other call: PERMISSION
+    masks: tuple[int, int, int] = (U64_MASK, U64_MASK, U64_MASK)  # per argument: the bits its type has
 
 
 def _family_modules() -> list[FamilyHandlers]:
@@ -93,13 +94,19 @@ class Hypervisor:
                 except (KeyError, ValueError):
                     continue  # an older interface version without this call: the hypervisor does not offer it
                 self.routes[call.call_id()] = Route(call.qualified_name, handler, self._honoured(call),
-                                                    call.user)
+                                                    call.user, self._masks(call))
         for number, legacy_call in self.spec.legacy.items():
             route = self.routes.get(legacy_call.call_id())
             if route is not None:
                 self.routes[number << 16] = route  # family 0x00: the flat VMI 3.0 number
         for exp in self.experimental.calls.values():
             self.routes[exp.call_id] = Route(f"Experimental.{exp.name}", exp.handler, 0)
+
+    def _masks(self, call: Call) -> tuple[int, int, int]:
+        # The spec: a 32-bit argument ignores the upper half of its 64-bit register.
+        bits = [self.spec.types[arg.type].bits if arg.type in self.spec.types else 64 for arg in call.args[:3]]
+        m0, m1, m2 = [(1 << b) - 1 for b in bits] + [U64_MASK] * (3 - len(bits))
+        return m0, m1, m2
 
     def _honoured(self, call: Call) -> int:
         return self.spec.annotation_mask(call) if self.honour_annotations else 0
@@ -173,7 +180,8 @@ class Hypervisor:
                 execution.stats.user_refused += 1
             else:
                 ctx.call_id = value
-                status, results = self.invoke(route, ctx, regs.rdi, regs.rsi, regs.rdx)
+                m0, m1, m2 = route.masks
+                status, results = self.invoke(route, ctx, regs.rdi & m0, regs.rsi & m1, regs.rdx & m2)
             # Under a deprivileged ROM (no invlpg/CR3 tails) the hypervisor drops stale translations
             # itself, also for a kernel that never called Deprivilege (an older guest at ring 0).
             if execution is not None and execution.privilege == "deprivileged":

@@ -191,11 +191,15 @@ class DirectMmu(Mmu):
     def close(self) -> None:
         self.tables.close()
 
-    def allocate(self, table: int, level: int) -> str | None:
+    def allocation_error(self, table: int, level: int) -> str | None:
+        """Why ``table`` cannot become a table at ``level``, or None."""
         if self.pool is not None and not self.pool[0] <= table < self.pool[0] + self.pool[1] \
                 and level in (1, 2, 3, 4):
             return "BAD_ADDRESS"
-        error = self.tables.can_register(table, level)
+        return self.tables.can_register(table, level)
+
+    def allocate(self, table: int, level: int) -> str | None:
+        error = self.allocation_error(table, level)
         if error is None:
             self.tables.register(table, level)
         return error
@@ -255,9 +259,11 @@ class ShadowMmu(DirectMmu):
         return (value & ~ADDR_MASK) | self.shadow.get(value & ADDR_MASK, 0) | A  # 0: an unvalidated entry
 
     def allocate(self, table: int, level: int) -> str | None:
-        if table not in self.tables.level and not self._free:
+        error = self.allocation_error(table, level)  # the arguments first: the same answers as direct
+        if error is None and table not in self.tables.level and not self._free:
             return "INVALID_ARGUMENT"  # out of shadow pages
-        error = super().allocate(table, level)
+        if error is None:
+            self.tables.register(table, level)
         if error is None and table not in self.shadow:
             page = self._free.pop()
             self.shadow[table] = page
