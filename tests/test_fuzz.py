@@ -53,8 +53,7 @@ def test_record_is_described() -> None:
 @pytest.mark.parametrize("paging,seed,privilege", [("direct", 1, "deprivileged"), ("direct", 2, "deprivileged"),
                                                    ("shadow", 3, "deprivileged"), ("direct", 4, "ring0")])
 def test_short_fuzz_run_is_clean(kvm: str, paging: str, seed: int, privilege: str) -> None:
-    # straddle=False: without the open finding the edge-batch class reports (tests/test_fuzz_classes.py).
-    report = run_fuzz(FuzzConfig(calls=CI_CALLS, seed=seed, paging=paging, privilege=privilege, straddle=False))
+    report = run_fuzz(FuzzConfig(calls=CI_CALLS, seed=seed, paging=paging, privilege=privilege))
     assert report.guest.calls >= CI_CALLS
     assert report.handler_failures == []
     assert report.crash is None

@@ -232,3 +232,22 @@ def test_deprivileged_rom_has_no_privileged_instruction(cache: Path, profile: Ro
     if profile is RomProfile.FULL:
         assert {"cli", "sti"} <= {i.split(" ")[0] for i in ring0}
     assert privileged(instructions(True)) == []
+
+
+def test_cache_entries_are_readable_by_all_whatever_the_umask(tmp_path: Path) -> None:
+    """Issue 13 item 5 for the ROM cache: entries were left to the umask (the build directory
+    mkdtemp's 0700), so a cache made by one user could not be read by another."""
+    import os
+    import stat
+    import subprocess
+    import sys
+
+    cache = tmp_path / "rom"
+    code = f"from vmikit.rom import build_rom; from pathlib import Path; build_rom(cache_dir=Path({str(cache)!r}))"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          preexec_fn=lambda: os.umask(0o077))
+    assert proc.returncode == 0, proc.stderr
+    entries = [cache, *cache.rglob("*")]
+    assert any(p.name == "rom.bin" for p in entries)
+    for path in entries:
+        assert stat.S_IMODE(path.stat().st_mode) == (0o644 if path.is_file() else 0o755), path

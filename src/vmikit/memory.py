@@ -114,14 +114,23 @@ class GuestMemory:
 
     def ram_words(self, gpa: int, count: int) -> np.ndarray | None:
         """A copy of ``count`` 64-bit words (int64) at ``gpa``, which must be 8-aligned and lie wholly
-        inside one region of guest RAM; None if not (a batch of hypercalls is read this way)."""
-        for region in self.regions:
-            if region.contains(gpa, 8 * count):
-                if region.kind != "ram" or gpa & 7:
-                    return None
-                first = (gpa - region.gpa) >> 3
-                return region.words[first:first + count].copy()
-        return None
+        in guest RAM, in one region or in adjacent ones (the page-table pool is a region of its own
+        inside what the guest sees as one range of RAM); None if not. A batch of hypercalls is read
+        this way."""
+        if gpa & 7 or count < 0:
+            return None
+        parts = []
+        end = gpa + 8 * count
+        while True:
+            region = next((r for r in self.regions if r.gpa <= gpa < r.end), None)
+            if region is None or region.kind != "ram":
+                return None
+            first = (gpa - region.gpa) >> 3
+            taken = min(end, region.end) - gpa
+            parts.append(region.words[first:first + (taken >> 3)])
+            gpa += taken
+            if gpa >= end:
+                return parts[0].copy() if len(parts) == 1 else np.concatenate(parts)
 
     def write(self, gpa: int, data: bytes | bytearray | memoryview) -> None:
         region = self.region_for(gpa, len(data))

@@ -14,7 +14,7 @@ U64_MASK = (1 << 64) - 1
 
 # --- What the hypervisor and the ROM implement; the loader refuses a spec outside it. -----------
 # The hypervisor (mmu.BATCH_ENTRY, FlushQueue) reads a fixed entry: u32 call_id, u32 reserved,
-# u64 args[BATCH_ENTRY_ARGS] = 32 bytes. mmu.py should import this rather than repeat the 3.
+# u64 args[BATCH_ENTRY_ARGS] = 32 bytes (hypervisor/mmu.py reads entries by it).
 BATCH_ENTRY_ARGS = 3
 # The ROM's .bss holds one buffer of max_entries 32-byte entries (32 KiB at this bound, of the
 # 60 KiB ROM_BSS_MAX), and FlushQueue copies count * 32 bytes out of the guest per flush.

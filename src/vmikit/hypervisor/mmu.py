@@ -22,13 +22,17 @@ import numpy as np
 from vmikit.hypervisor.context import CallContext, HypercallError
 from vmikit.hypervisor.pagetables import ADDR_MASK, ERRORS, EVERYTHING, Auditor, PAGE, PCD, PS, PWT, U64, A, D, P, PageTables, is_leaf
 from vmikit.hypervisor.registry import FamilyHandlers
+from vmikit.abi.model import BATCH_ENTRY_ARGS
 from vmikit.memory import GuestMemory
 
 HANDLERS = FamilyHandlers("MMU")
 
 FLUSH_FLAGS = 0x3  # FLUSH_TLB | FLUSH_GLOBAL
-BATCH_ENTRY = struct.Struct("<IIQQQ")  # call_id, reserved, a0, a1, a2 (the spec's vmi_batch_entry)
-BATCH_DTYPE = np.dtype([("call_id", "<u4"), ("reserved", "<u4"), ("a0", "<u8"), ("a1", "<u8"), ("a2", "<u8")])
+# The spec's vmi_batch_entry: u32 call_id, u32 reserved, u64 args[BATCH_ENTRY_ARGS] (the loader
+# refuses a spec whose [batch] max_args differs, so the ROM, the guest header and this agree).
+ENTRY_WORDS = 1 + BATCH_ENTRY_ARGS
+BATCH_ENTRY = struct.Struct("<II" + "Q" * BATCH_ENTRY_ARGS)
+BATCH_DTYPE = np.dtype([("call_id", "<u4"), ("reserved", "<u4")] + [(f"a{i}", "<u8") for i in range(BATCH_ENTRY_ARGS)])
 PAGING_STYLES = ("native", "trap", "direct", "shadow")
 
 
@@ -539,10 +543,10 @@ def flush_queue(ctx: CallContext, batch: int, count: int, _: int) -> tuple[int, 
         raise HypercallError("INVALID_ARGUMENT")
     if count == 0:
         return (0,)
-    words = ctx.memory.ram_words(batch, count * 4)  # a copy: what is checked is what is applied
+    words = ctx.memory.ram_words(batch, count * ENTRY_WORDS)  # a copy: what is checked is what is applied
     if words is None:
         raise HypercallError("BAD_ADDRESS")
-    entries = words.reshape(count, 4)  # call_id | reserved << 32, a0, a1, a2
+    entries = words.reshape(count, ENTRY_WORDS)  # call_id | reserved << 32, a0, a1, a2
     if count >= VECTOR_MIN and _apply_uniform(ctx, entries):
         return (count,)
     raw = words.tobytes()

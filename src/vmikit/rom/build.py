@@ -35,6 +35,12 @@ LDFLAGS: tuple[str, ...] = ("-nostdlib", "-static", "-no-pie", "-Wl,--build-id=n
 IMAGE_SECTION = ".rom"
 
 
+def _cache_error(root: Path, err: OSError) -> HostError:
+    what = f"{err.strerror or err}" + (f": {err.filename}" if err.filename else "")
+    return HostError(f"cannot use the ROM cache {root} ({what})",
+                     "make it yours or readable (chmod -R a+rX DIR), or set VMIKIT_CACHE_DIR to a writable directory")
+
+
 def default_cache_dir() -> Path:
     """``$VMIKIT_CACHE_DIR/rom``, else ``$XDG_CACHE_HOME/vmikit/rom``, else ``~/.cache/vmikit/rom``."""
     root = os.environ.get("VMIKIT_CACHE_DIR")
@@ -127,17 +133,26 @@ def build_rom(profile: RomProfile = RomProfile.FULL, *, honour_annotations: bool
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     final = root / digest
     image_path = final / "rom.bin"
-    if not image_path.is_file():
+    try:
+        cached = image_path.is_file()
+    except OSError as err:  # a cache another user made, not readable by this one
+        raise _cache_error(root, err) from None
+    if not cached:
         try:
-            root.mkdir(parents=True, exist_ok=True)
+            if not root.is_dir():
+                root.mkdir(parents=True, exist_ok=True)
+                os.chmod(root, 0o755)
             workdir = Path(tempfile.mkdtemp(prefix=".build-rom-", dir=root))
         except OSError as err:
-            raise HostError(f"cannot create ROM cache directory {root}: {err}",
-                            "set VMIKIT_CACHE_DIR to a writable directory") from err
+            raise _cache_error(root, err) from None
         try:
             image = finalize(_compile(workdir, files, gcc, objcopy, root / "logs" / f"rom-{digest[:16]}.log"))
             parse_rom(image, spec)  # never cache an image the guest would reject
             (workdir / "rom.bin").write_bytes(image)
+            # Build outputs, readable by all whatever the umask (mkdtemp makes the directory 0700).
+            for output in workdir.iterdir():
+                os.chmod(output, 0o644)
+            os.chmod(workdir, 0o755)
             try:
                 os.rename(workdir, final)  # atomic; fails if a racing builder got there first
             except OSError:
@@ -147,5 +162,9 @@ def build_rom(profile: RomProfile = RomProfile.FULL, *, honour_annotations: bool
             raise HostError(f"the built VMI ROM is invalid: {err}", "this is a vmikit bug; please report it") from err
         finally:
             shutil.rmtree(workdir, ignore_errors=True)
-    parsed = parse_rom(image_path.read_bytes(), spec)
+    try:
+        data = image_path.read_bytes()
+    except OSError as err:
+        raise _cache_error(root, err) from None
+    parsed = parse_rom(data, spec)
     return RomImage(parsed.data, profile, honour_annotations, parsed.entries, parsed.raw_entry)
