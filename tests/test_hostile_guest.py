@@ -150,3 +150,21 @@ def test_a_timeout_that_would_disarm_the_watchdog_is_refused(value: str) -> None
 
     with pytest.raises(UsageError, match="--timeout"):
         Machine(build_guest("hello"), timeout=float(value))
+
+
+def test_trap_audit_findings_are_bounded() -> None:
+    """Finding 9: under trap paging with --audit every emulated store runs the auditor, and a
+    broken invariant that every later audit reports again grew the problem list by one entry a
+    store (20,001 for 20,000 stores). The list keeps the first 100; all are counted."""
+    from vmikit.guest.build import build_guest
+    from vmikit.machine import layout
+    from vmikit.session import AUDIT_PROBLEMS_KEPT, Session
+
+    root = layout.PT_POOL_BASE
+    with Session(build_guest("hello"), paging="trap", audit=True) as session:
+        session._guest_store(root, 8, 0)  # the guest's first store: a root
+        session.machine.memory.write_u64(root + 8, 0x100000 | 1 | (1 << 51))  # behind the MMU's back
+        for _ in range(300):
+            session._guest_store(root + 16, 8, 0)
+        assert len(session.audit_problems) == AUDIT_PROBLEMS_KEPT
+        assert session.audit_problem_count >= 300
