@@ -21,7 +21,6 @@ that carries the report of what was measured so far (``partial``).
 from __future__ import annotations
 
 import re
-import threading
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -29,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from vmikit.abi.model import U64_MASK
+from vmikit.background import Background
 from vmikit.errors import GuestCrash, GuestHang
 from vmikit.fuzz.guestlog import RECORD, GuestLog, GuestStats, describe_record, stats_size
 from vmikit.hypervisor import ExperimentalCalls, Hypervisor
@@ -316,7 +316,7 @@ def default_timeout(calls: int) -> float:
     return min(60.0 + calls * 10e-3, 86400.0)
 
 
-class StallWatchdog:
+class StallWatchdog(Background):
     """Kicks the vCPU when no hypercall arrived for ``stall`` seconds: a hang, however long the run.
 
     The board's watchdog bounds the whole run; a fuzz run's length varies with the host, so
@@ -324,18 +324,9 @@ class StallWatchdog:
     """
 
     def __init__(self, watch: HypercallWatch, vcpu: object, stall: float) -> None:
+        super().__init__("vmikit-fuzz-stall")
         self._watch, self._vcpu, self._stall = watch, vcpu, stall
-        self._done = threading.Event()
         self.fired = False
-        self._thread = threading.Thread(target=self._loop, daemon=True)
-
-    def __enter__(self) -> StallWatchdog:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._done.set()
-        self._thread.join()
 
     def _loop(self) -> None:
         seen, since = -1, time.monotonic()
@@ -390,23 +381,14 @@ class GuestCounters:
         return GuestStats.parse(raw, self._names)
 
 
-class ProgressPoller:
+class ProgressPoller(Background):
     """Calls ``report`` every ``every`` seconds with a FuzzProgress, from a thread of its own."""
 
     def __init__(self, counters: GuestCounters, watch: HypercallWatch, target: int, every: float,
                  report: Callable[[FuzzProgress], None]) -> None:
+        super().__init__("vmikit-fuzz-progress")
         self._counters, self._watch, self._target, self._every, self._report = counters, watch, target, every, report
-        self._done = threading.Event()
         self._start = time.perf_counter()
-        self._thread = threading.Thread(target=self._loop, daemon=True)
-
-    def __enter__(self) -> ProgressPoller:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._done.set()
-        self._thread.join()
 
     def sample(self) -> FuzzProgress | None:
         stats = self._counters.read()

@@ -6,7 +6,6 @@ later, the hypercall port) register port handlers with ``on_out``/``on_in``.
 
 from __future__ import annotations
 
-import threading
 import time
 import traceback
 from collections.abc import Callable
@@ -14,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 
+from vmikit.background import Background
 from vmikit.engine import BootState, Engine, Exit, ExitKind, StopRun, Vcpu, WatchdogExpired, open_engine
 from vmikit.errors import GuestCrash, GuestHang, UsageError
 from vmikit.machine import layout
@@ -30,33 +30,24 @@ MAX_TIMEOUT_S = 86400.0  # a day: the watchdog's limit is a bound, not a way to 
 WATCHDOG_GRACE_S = 2.0  # after the limit, how long the VMM may stay busy outside the guest
 
 
-class Watchdog:
+class Watchdog(Background):
     """Stops a run at its time limit: first a kick that ends the next KVM_RUN, then, if the VMM
     is stuck outside the guest (a handler that does not return, console output nobody reads),
     hard kicks every grace period until the run loop has returned."""
 
     def __init__(self, vcpu: Vcpu, limit: float) -> None:
+        super().__init__("vmikit-watchdog")
         self._vcpu = vcpu
         self._limit = limit
-        self._done = threading.Event()
         self.hard = False  # a hard kick was needed
-        self._thread = threading.Thread(target=self._watch, name="vmikit-watchdog", daemon=True)
 
-    def _watch(self) -> None:
+    def _loop(self) -> None:
         if self._done.wait(self._limit):
             return
         self._vcpu.kick()
         while not self._done.wait(WATCHDOG_GRACE_S):
             self.hard = True
             self._vcpu.kick(hard=True)
-
-    def __enter__(self) -> Watchdog:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._done.set()
-        self._thread.join()
 
 
 @dataclass
