@@ -238,3 +238,14 @@ def test_bug_descriptor_writes_must_not_land_in_a_page_table() -> None:
     status, _ = call(pair, SPEC.by_name("Segmentation.WriteGDTEntry").call_id(), 5, 0x00CF92000000FFFF, 0)
     assert (loaded != 0 or status != 0) and m.memory.read(table(3), 0x1000) == before  # type: ignore[attr-defined]
     assert m.audit() == []  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("rom", ["full", "none"])
+def test_the_fuzz_guest_refuses_a_board_that_does_not_validate(kvm: str, rom: str) -> None:
+    """`vmikit run fuzz` with the default --paging native (no validation: its attacks would wreck
+    the guest's own tables) triple-faulted under a ROM; now the guest says in one line what it
+    needs and exits 2, as it does without a ROM."""
+    proc = vmikit("run", "fuzz", "--rom", rom, "--timeout", "60")
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "FUZZ-SETUP failed: needs a ROM and --paging direct or shadow" in proc.stdout
+    assert "triple fault" not in proc.stderr

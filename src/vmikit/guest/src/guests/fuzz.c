@@ -1477,6 +1477,10 @@ static int setup(void)
 		s |= vmi_set_pte((uint64_t *)(uintptr_t)(pool[3] + 8 * i), data[i] | (i & 1 ? LEAF_RW : LEAF_RO_));
 	if (s)
 		return 0;
+	/* A validating hypervisor (direct, shadow paging) refuses a writable mapping of a table;
+	 * one that does not validate (native paging) would let the attacks below wreck these tables. */
+	if (vmi_set_pte((uint64_t *)(uintptr_t)(pool[4] + 8 * 511), pool[0] | LEAF_RW) != VMI_ERR_PERMISSION)
+		return 0;
 
 	/* A private GDT: the boot entries, then room for the fuzzer's descriptors. */
 	/* sgdt/sidt would give the hypervisor's tables at ring 3: ask for the guest's own. */
