@@ -164,8 +164,7 @@ def console_sink(raw: bool = False) -> Callable[[bytes], None]:
     return sink
 
 
-# The multiboot command line the loader copies into the guest: 255 bytes and a NUL.
-CMDLINE_MAX_BYTES = 255
+CMDLINE_MAX_BYTES = layout.MAX_CMDLINE_BYTES  # the loader refuses more too
 
 
 class _Cmdline(click.ParamType):

@@ -15,8 +15,8 @@ from pathlib import Path
 import click
 
 from vmikit.errors import UsageError
+from vmikit.machine import layout
 
-MAX_TIMEOUT_S = 86400.0  # one day: beyond that a watchdog is no longer a watchdog
 
 
 def check_writable(path: Path, option: str) -> Path:
@@ -65,8 +65,8 @@ class Timeout(click.ParamType):
             seconds = float(value)  # type: ignore[arg-type]
         except (TypeError, ValueError):
             self.fail(f"{value!r} is not a number of seconds", param, ctx)
-        if not math.isfinite(seconds) or not 0 < seconds <= MAX_TIMEOUT_S:
-            self.fail(f"{value} is not a time limit in (0, {MAX_TIMEOUT_S:.0f}] seconds", param, ctx)
+        if not math.isfinite(seconds) or not 0 < seconds <= layout.MAX_TIMEOUT_S:
+            self.fail(f"{value} is not a time limit in (0, {layout.MAX_TIMEOUT_S:.0f}] seconds", param, ctx)
         return seconds
 
 

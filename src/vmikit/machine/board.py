@@ -26,7 +26,6 @@ InHandler = Callable[[int, int], int]  # (port, size) -> value
 ConsoleSink = Callable[[bytes], None]
 
 CONSOLE_CAPTURE_LIMIT = 4 << 20  # bytes kept for the run result; the rest is counted, not stored
-MAX_TIMEOUT_S = 86400.0  # a day: the watchdog's limit is a bound, not a way to switch it off
 WATCHDOG_GRACE_S = 2.0  # after the limit, how long the VMM may stay busy outside the guest
 
 
@@ -115,9 +114,9 @@ class Machine:
         if not layout.MIN_MEMORY_MIB <= memory_mib <= layout.MAX_MEMORY_MIB:
             raise UsageError(f"--memory {memory_mib} MiB is out of range",
                              f"choose {layout.MIN_MEMORY_MIB} to {layout.MAX_MEMORY_MIB} MiB")
-        if not 0 < timeout <= MAX_TIMEOUT_S:  # also refuses nan
+        if not 0 < timeout <= layout.MAX_TIMEOUT_S:  # also refuses nan
             raise UsageError(f"--timeout {timeout} is out of range",
-                             f"give the guest a time limit in seconds, more than 0 and at most {MAX_TIMEOUT_S:g}")
+                             f"give the guest a time limit in seconds, more than 0 and at most {layout.MAX_TIMEOUT_S:g}")
         self.timeout = timeout
         self.ram_end = memory_mib * layout.MiB
         self.memory = GuestMemory()

@@ -31,6 +31,8 @@ DATA_POOL_SIZE = 0x0200_0000
 SHADOW_BASE = 0xE000_0000  # shadow paging: the hypervisor's tables, above any guest RAM, not in the memory map
 SHADOW_SIZE = 0x0100_0000
 HIGH_RAM_BASE = 0x100000  # kernels are linked here (1 MiB)
+MAX_CMDLINE_BYTES = 255  # the multiboot command line's room in the info block, without its NUL
+MAX_TIMEOUT_S = 86400.0  # a day: the watchdog's limit is a bound, not a way to switch it off
 MIN_MEMORY_MIB = 4
 MAX_MEMORY_MIB = 3072  # stay below the 32-bit PCI hole: one flat high RAM slot
 

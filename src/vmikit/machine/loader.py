@@ -35,7 +35,6 @@ MBI_FLAG_MMAP = 1 << 6
 MBI_FLAG_LOADER_NAME = 1 << 9
 
 MAX_IMAGE_BYTES = 512 << 20  # more than any kernel that fits in guest RAM, with room for debug info
-MAX_CMDLINE_BYTES = 255  # the command line's room in the multiboot info block, without its NUL
 
 EM_386 = "EM_386"
 EM_X86_64 = "EM_X86_64"
@@ -170,8 +169,8 @@ def encode_cmdline(cmdline: str) -> bytes:
         cmd = cmdline.encode("utf-8", "surrogateescape")
     except UnicodeEncodeError:
         raise UsageError("--cmdline holds characters that are not text", "pass plain text or UTF-8") from None
-    if len(cmd) > MAX_CMDLINE_BYTES:
-        raise UsageError(f"--cmdline is {len(cmd)} bytes, more than the {MAX_CMDLINE_BYTES} a multiboot "
+    if len(cmd) > layout.MAX_CMDLINE_BYTES:
+        raise UsageError(f"--cmdline is {len(cmd)} bytes, more than the {layout.MAX_CMDLINE_BYTES} a multiboot "
                          "command line holds here", "shorten the command line")
     if b"\0" in cmd:
         raise UsageError("--cmdline holds a NUL byte, which would end it early", "drop the NUL byte")
@@ -207,7 +206,7 @@ def write_multiboot_info(memory: GuestMemory, ram_end: int, cmdline: bytes) -> i
     ]
     mmap = b"".join(struct.pack("<IQQI", 20, addr, length, kind) for addr, length, kind in entries)
     cmdline_addr = mmap_addr + len(mmap)
-    if len(cmdline) > MAX_CMDLINE_BYTES or b"\0" in cmdline:
+    if len(cmdline) > layout.MAX_CMDLINE_BYTES or b"\0" in cmdline:
         raise ValueError("the command line does not fit; encode_cmdline checks it")
     cmd = cmdline + b"\0"
     name_addr = cmdline_addr + len(cmd)
