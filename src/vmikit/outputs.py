@@ -18,7 +18,6 @@ from vmikit.errors import UsageError
 from vmikit.machine import layout
 
 
-
 def check_writable(path: Path, option: str) -> Path:
     """``path`` if a file could be written there now; UsageError naming the path and the fix otherwise.
 

@@ -42,6 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from vmikit.cache import FILE_MODE, cache_error, make_dirs
 from vmikit.toolchain import find_tool, first_error, tool_version
 from vmikit.errors import HostError, UsageError
 
@@ -184,32 +185,6 @@ def default_cache_dir() -> Path:
     return base / "vmikit" / "guests"
 
 
-# Cache entries are build outputs: readable by everyone whatever the umask (a cache made by root,
-# or shared by a group, must still be usable), writable by their owner.
-FILE_MODE = 0o644
-DIR_MODE = 0o755
-
-
-def _cache_error(root: Path, err: OSError) -> HostError:
-    """One line naming the cache directory, what failed, and how to get a usable cache."""
-    what = f"{err.strerror or err}" + (f": {err.filename}" if err.filename else "")
-    return HostError(f"cannot use the guest cache {root} ({what})",
-                     "make it yours or readable (chmod -R a+rX DIR), or set VMIKIT_CACHE_DIR to a writable directory")
-
-
-def _make_dirs(path: Path, top: Path) -> None:
-    """``mkdir -p path``, the directories it creates at or below ``top`` made DIR_MODE (not the umask's)."""
-    created = []
-    here = path
-    while not here.exists() and here != here.parent:
-        created.append(here)
-        here = here.parent
-    path.mkdir(parents=True, exist_ok=True)
-    for directory in created:
-        if directory == top or top in directory.parents:
-            os.chmod(directory, DIR_MODE)
-
-
 def vmi_header_text(spec: Spec | Path | None = None) -> str:
     """The guest C header generated from ``spec`` (default: the packaged spec; what ``vmikit spec header`` prints)."""
     from vmikit.abi import load_spec
@@ -234,9 +209,9 @@ def vmi_header_dir(cache_dir: Path | None = None, spec: Spec | Path | None = Non
         if target.is_file() and target.read_bytes() == data:
             return directory
     except OSError as err:  # e.g. a cache made by root whose header is 0600
-        raise _cache_error(root, err) from None
+        raise cache_error("guest", root, err) from None
     try:
-        _make_dirs(directory, root.parent)
+        make_dirs(directory, root.parent)
         fd, tmp = tempfile.mkstemp(prefix=".vmi_spec-", dir=directory)
         with os.fdopen(fd, "wb") as f:
             os.fchmod(f.fileno(), FILE_MODE)  # mkstemp makes it 0600
@@ -389,7 +364,7 @@ def _run_toolchain(plan: _Plan, gcc: str, objcopy: str, workdir: Path, log_path:
         log_parts.append("$ " + " ".join(cmd) + "\n" + proc.stdout + proc.stderr)
         if proc.returncode != 0:
             try:
-                _make_dirs(log_path.parent, log_path.parent.parent)
+                make_dirs(log_path.parent, log_path.parent.parent)
                 log_path.write_text("\n".join(log_parts))
                 os.chmod(log_path, FILE_MODE)
             except OSError as err:
@@ -446,10 +421,10 @@ def build_guest(
         if final.is_file():
             return final
     except OSError as err:
-        raise _cache_error(root, err) from None
+        raise cache_error("guest", root, err) from None
 
     try:
-        _make_dirs(final.parent, root.parent)
+        make_dirs(final.parent, root.parent)
         workdir = Path(tempfile.mkdtemp(prefix=f".build-{name}-", dir=root))
     except OSError as err:
         raise HostError(f"cannot create guest cache directory {root}: {err}", "set VMIKIT_CACHE_DIR to a writable directory") from err
@@ -460,7 +435,7 @@ def build_guest(
         os.replace(image.with_suffix(".json"), final.with_suffix(".json"))  # the record first: the image marks completion
         os.replace(image, final)  # atomic: a racing builder's identical image is simply replaced
     except OSError as err:
-        raise _cache_error(root, err) from None
+        raise cache_error("guest", root, err) from None
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     return final

@@ -19,6 +19,7 @@ from pathlib import Path
 from vmikit.abi import cheader
 from vmikit.abi.model import Spec, unsafe_char
 from vmikit.abi.spec import load_spec
+from vmikit.cache import DIR_MODE, FILE_MODE, cache_error, make_dirs
 from vmikit.toolchain import find_tool, first_error, tool_version
 from vmikit.errors import HostError
 from vmikit.rom import generate
@@ -33,12 +34,6 @@ CFLAGS: tuple[str, ...] = (
 )
 LDFLAGS: tuple[str, ...] = ("-nostdlib", "-static", "-no-pie", "-Wl,--build-id=none", "-Wl,-z,noexecstack")
 IMAGE_SECTION = ".rom"
-
-
-def _cache_error(root: Path, err: OSError) -> HostError:
-    what = f"{err.strerror or err}" + (f": {err.filename}" if err.filename else "")
-    return HostError(f"cannot use the ROM cache {root} ({what})",
-                     "make it yours or readable (chmod -R a+rX DIR), or set VMIKIT_CACHE_DIR to a writable directory")
 
 
 def default_cache_dir() -> Path:
@@ -136,23 +131,21 @@ def build_rom(profile: RomProfile = RomProfile.FULL, *, honour_annotations: bool
     try:
         cached = image_path.is_file()
     except OSError as err:  # a cache another user made, not readable by this one
-        raise _cache_error(root, err) from None
+        raise cache_error("ROM", root, err) from None
     if not cached:
         try:
-            if not root.is_dir():
-                root.mkdir(parents=True, exist_ok=True)
-                os.chmod(root, 0o755)
+            make_dirs(root, root)
             workdir = Path(tempfile.mkdtemp(prefix=".build-rom-", dir=root))
         except OSError as err:
-            raise _cache_error(root, err) from None
+            raise cache_error("ROM", root, err) from None
         try:
             image = finalize(_compile(workdir, files, gcc, objcopy, root / "logs" / f"rom-{digest[:16]}.log"))
             parse_rom(image, spec)  # never cache an image the guest would reject
             (workdir / "rom.bin").write_bytes(image)
             # Build outputs, readable by all whatever the umask (mkdtemp makes the directory 0700).
             for output in workdir.iterdir():
-                os.chmod(output, 0o644)
-            os.chmod(workdir, 0o755)
+                os.chmod(output, FILE_MODE)
+            os.chmod(workdir, DIR_MODE)
             try:
                 os.rename(workdir, final)  # atomic; fails if a racing builder got there first
             except OSError:
@@ -165,6 +158,6 @@ def build_rom(profile: RomProfile = RomProfile.FULL, *, honour_annotations: bool
     try:
         data = image_path.read_bytes()
     except OSError as err:
-        raise _cache_error(root, err) from None
+        raise cache_error("ROM", root, err) from None
     parsed = parse_rom(data, spec)
     return RomImage(parsed.data, profile, honour_annotations, parsed.entries, parsed.raw_entry)

@@ -1,0 +1,35 @@
+"""The build cache's entries (guests, their headers, the ROM): modes and errors shared by the builders.
+
+Cache entries are build outputs: readable by everyone whatever the umask (a cache made by root, or
+shared by a group, must still be usable), writable by their owner.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from vmikit.errors import HostError
+
+FILE_MODE = 0o644
+DIR_MODE = 0o755
+
+
+def cache_error(what: str, root: Path, err: OSError) -> HostError:
+    """One line naming the cache directory, what failed, and how to get a usable cache."""
+    detail = f"{err.strerror or err}" + (f": {err.filename}" if err.filename else "")
+    return HostError(f"cannot use the {what} cache {root} ({detail})",
+                     "make it yours or readable (chmod -R a+rX DIR), or set VMIKIT_CACHE_DIR to a writable directory")
+
+
+def make_dirs(path: Path, top: Path) -> None:
+    """``mkdir -p path``, the directories it creates at or below ``top`` made DIR_MODE (not the umask's)."""
+    created = []
+    here = path
+    while not here.exists() and here != here.parent:
+        created.append(here)
+        here = here.parent
+    path.mkdir(parents=True, exist_ok=True)
+    for directory in created:
+        if directory == top or top in directory.parents:
+            os.chmod(directory, DIR_MODE)
