@@ -14,13 +14,14 @@ from types import TracebackType
 from vmikit.abi.model import Spec
 from vmikit.errors import UsageError
 from vmikit.hypervisor import ExperimentalCalls, Hypervisor
+from vmikit.hypervisor.core import FAILURES_KEPT, keep_first
 from vmikit.hypervisor.execution import PRIVILEGES
 from vmikit.hypervisor.mmu import PAGING_STYLES, DirectMmu, Mmu, ShadowMmu, TrapMmu
 from vmikit.machine import layout
 from vmikit.machine.board import ConsoleSink, Machine, RunResult, release_frames
 
 ROM_CHOICES = ("full", "minimal", "none")
-AUDIT_PROBLEMS_KEPT = 100  # audit findings kept for the summary (all are counted)
+AUDIT_PROBLEMS_KEPT = FAILURES_KEPT  # audit findings kept for the summary (all are counted)
 ANNOTATION_CHOICES = ("honour", "ignore")
 
 
@@ -138,7 +139,7 @@ class Session:
     def _note_problems(self, problems: list[str]) -> None:
         # One store can break an invariant that every later audit reports again: keep a bounded few.
         self.audit_problem_count += len(problems)
-        self.audit_problems += problems[:AUDIT_PROBLEMS_KEPT - len(self.audit_problems)]
+        keep_first(self.audit_problems, problems, AUDIT_PROBLEMS_KEPT)
 
     def run(self) -> SessionResult:
         result = self.machine.run()

@@ -35,12 +35,18 @@ KEY_MASK = 0xFFFF_FF00  # family, call and reserved byte: a non-zero reserved by
 BUCKET_BAD_SIZE = -1
 BUCKET_UNKNOWN = -2
 BUCKET_RESERVED = -3
-FAILURES_KEPT = 100  # handler failures kept for the report
-FAILURES_PRINTED = 10  # ... and printed to stderr
-FAILURE_TEXT_MAX = 500  # characters of one failure's note (an exception's text can be huge)
 BUCKET_NAMES = {BUCKET_BAD_SIZE: "refused: access not 32 bits wide (INVALID_ARGUMENT)",
                 BUCKET_UNKNOWN: "refused: unknown call IDs (NOT_SUPPORTED)",
                 BUCKET_RESERVED: "refused: reserved bits set (RESERVED_BITS)"}
+
+FAILURES_KEPT = 100  # handler failures (and audit findings) kept for the report
+FAILURES_PRINTED = 10  # ... and printed to stderr
+FAILURE_TEXT_MAX = 500  # characters of one failure's note (an exception's text can be huge)
+
+
+def keep_first(kept: list[str], new: list[str], limit: int = FAILURES_KEPT) -> None:
+    """Append to ``kept`` what fits under ``limit``: findings a guest can repeat at will stay bounded."""
+    kept += new[:max(0, limit - len(kept))]
 
 
 @dataclass(frozen=True)
@@ -156,7 +162,7 @@ class Hypervisor:
         self.audits += 1
         problems = self.mmu.audit()
         self.audit_problem_count += len(problems)
-        self.audit_problems += problems[:FAILURES_KEPT - len(self.audit_problems)]
+        keep_first(self.audit_problems, problems)
 
     def on_hypercall(self, port: int, size: int, value: int) -> None:
         ctx = self._ctx
@@ -213,8 +219,7 @@ class Hypervisor:
     def _handler_failed(self, note: str) -> None:
         # A guest can make a broken handler fail on every call: keep and print a bounded few.
         self.handler_failure_count += 1
-        if len(self.handler_failures) < FAILURES_KEPT:
-            self.handler_failures.append(note)
+        keep_first(self.handler_failures, [note])
         if self.handler_failure_count <= FAILURES_PRINTED:
             print(f"vmikit: warning: hypercall handler {note}; the guest got INVALID_ARGUMENT", file=sys.stderr)
         elif self.handler_failure_count == FAILURES_PRINTED + 1:
