@@ -19,6 +19,8 @@ from collections import Counter
 
 import numpy as np
 
+from vmikit.hypervisor import batchkernel
+from vmikit.hypervisor.batchkernel import BatchKernel, ShadowArrays
 from vmikit.hypervisor.context import CallContext, HypercallError
 from vmikit.hypervisor.pagetables import ADDR_MASK, ERRORS, EVERYTHING, Auditor, PAGE, PCD, PS, PWT, U64, A, D, P, PageTables, is_leaf
 from vmikit.hypervisor.registry import FamilyHandlers
@@ -93,6 +95,11 @@ class Mmu:
         changed) when the general check must decide, which names the first failing entry."""
         return False
 
+    def kernel(self) -> BatchKernel | None:
+        """The C batch kernel FlushQueue tries first (batchkernel.py), None when this style has
+        none or it is off."""
+        return None
+
     def close(self) -> None:
         pass
 
@@ -137,12 +144,19 @@ class DirectMmu(Mmu):
 
     style = "direct"
 
-    def __init__(self, memory: GuestMemory, phys_bits: int = 48, pool: tuple[int, int] | None = None) -> None:
+    def __init__(self, memory: GuestMemory, phys_bits: int = 48, pool: tuple[int, int] | None = None,
+                 batch_kernel: bool | None = None) -> None:
         super().__init__(memory)
         self.tables = PageTables(memory, phys_bits, set_accessed_dirty=True)
         # Tables must come from the pool: only there is a page read-only to the guest whatever its
         # own (unvalidated boot) mappings say. None: any RAM page (the validator's unit tests).
         self.pool = pool
+        # The C batch kernel (None: as VMIKIT_BATCH_KERNEL says). Built and loaded now, so that a
+        # missing compiler is a setup error; its context is made at the first batch.
+        self._use_kernel = batchkernel.enabled_by_default() if batch_kernel is None else batch_kernel
+        if self._use_kernel:
+            batchkernel.load()
+        self._kernel: BatchKernel | None = None
 
     def check_pte(self, ptep: int, value: int) -> str | None:
         if ptep % 8:
@@ -192,7 +206,18 @@ class DirectMmu(Mmu):
             Mmu.apply_batch(self, pteps.view(U64), values.view(U64))
         return True
 
+    def kernel(self) -> BatchKernel | None:
+        if self._kernel is None and self._use_kernel:
+            self._kernel = self._make_kernel()
+        return self._kernel
+
+    def _make_kernel(self) -> BatchKernel:
+        return BatchKernel(self.tables, ENTRY_WORDS)
+
     def close(self) -> None:
+        if self._kernel is not None:
+            self._kernel.close()
+        self._use_kernel, self._kernel = False, None
         self.tables.close()
 
     def allocation_error(self, table: int, level: int) -> str | None:
@@ -240,8 +265,9 @@ class ShadowMmu(DirectMmu):
     style = "shadow"
 
     def __init__(self, memory: GuestMemory, shadow_base: int, shadow_size: int, phys_bits: int = 48,
-                 pool: tuple[int, int] | None = None) -> None:
-        super().__init__(memory, phys_bits, pool)
+                 pool: tuple[int, int] | None = None, batch_kernel: bool | None = None) -> None:
+        super().__init__(memory, phys_bits, pool, batch_kernel)
+        self.shadow_size = shadow_size
         self.shadow: dict[int, int] = {}  # guest table -> shadow page
         self.shadow_of = np.zeros(len(self.tables.level_of), U64)  # by guest frame: its shadow page
         self.shadow_base = shadow_base
@@ -356,6 +382,12 @@ class ShadowMmu(DirectMmu):
         else:  # 4 KiB leaves: stored with A and D, as a shadow is; an empty entry shadows as 0
             shadows[where] = stored * (values & P)
         return True
+
+    def _make_kernel(self) -> BatchKernel:
+        region = self.memory.region_for(self.shadow_base, self.shadow_size)
+        return BatchKernel(self.tables, ENTRY_WORDS, ShadowArrays(
+            region.host_addr + self.shadow_base - region.gpa, self.shadow_size >> 3, self.shadow_base,
+            self._shadow_slot, self.shadow_of, self.guest_of))
 
     def close(self) -> None:
         super().close()
@@ -543,11 +575,21 @@ def flush_queue(ctx: CallContext, batch: int, count: int, _: int) -> tuple[int, 
         raise HypercallError("INVALID_ARGUMENT")
     if count == 0:
         return (0,)
+    kernel = hv.mmu.kernel()
+    if kernel is not None:  # C: one call checks and applies a uniform, wholly valid batch
+        call_id = kernel.flush(hv.queueable_keys(), batch, count)
+        if call_id is not None:
+            hv.calls[call_id] += count
+            if hv.audit:
+                hv.run_audit()
+            return (count,)
+        # Declined, nothing written: the general path decides and names the first bad entry.
     words = ctx.memory.ram_words(batch, count * ENTRY_WORDS)  # a copy: what is checked is what is applied
     if words is None:
         raise HypercallError("BAD_ADDRESS")
     entries = words.reshape(count, ENTRY_WORDS)  # call_id | reserved << 32, a0, a1, a2
-    if count >= VECTOR_MIN and _apply_uniform(ctx, entries):
+    # The numpy fast path accepts no batch the C kernel declines: tried only without it.
+    if kernel is None and count >= VECTOR_MIN and _apply_uniform(ctx, entries):
         return (count,)
     raw = words.tobytes()
     # Check every entry before applying any; the first failing index is reported.
