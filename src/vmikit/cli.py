@@ -225,9 +225,15 @@ PAGING_HELP = ("How page tables are virtualized: native (the guest owns them; no
 @click.option("--raw-console", is_flag=True,
               help="Pass the guest's console to a terminal unchanged (by default control bytes are shown as "
                    "\\xNN there; pipes and files always get the exact bytes).")
+@click.option("--trace", "trace_file", type=OUTPUT,
+              help="Write a Chrome/Perfetto trace-event timeline of every exit and call here (docs/observe.md).")
+@click.option("--gdb", "gdb_address", metavar="[HOST:]PORT",
+              help="Wait for gdb on this TCP address (host default 127.0.0.1, port 0: any) with the guest stopped "
+                   "before its first instruction; the watchdog then defaults to a day (docs/observe.md).")
 def run(guest: str, memory_mib: int, timeout: float, rom: str | None, paging: str, audit: bool, cmdline: str,
         spec_name: str | None, annotations: str, privilege: str | None, extensions: tuple[Path, ...], stats: bool,
-        json_file: Path | None, raw_console: bool) -> None:
+        json_file: Path | None, raw_console: bool, trace_file: Path | None = None,
+        gdb_address: str | None = None) -> None:
     """Run GUEST (a bundled guest name or an ELF path), streaming its serial console to stdout,
     and exit with its status."""
     from vmikit.hypervisor.experimental import ExperimentalCalls, load_extension
@@ -243,10 +249,20 @@ def run(guest: str, memory_mib: int, timeout: float, rom: str | None, paging: st
     for extension in extensions:
         load_extension(extension, calls)
     image = resolve_image(guest)
-    with Session(image, rom=rom, annotations=annotations, paging=paging, memory_mib=memory_mib, timeout=timeout,
-                 console=console_sink(raw_console), experimental=calls, audit=audit, cmdline=cmdline, spec=spec,
-                 privilege=privilege) as session:
-        result = session.run()
+    from vmikit.observe import trace
+
+    gdb = None
+    if gdb_address is not None:
+        from vmikit.observe.gdbstub import GdbStub, parse_address
+
+        gdb = parse_address(gdb_address)
+        if click.get_current_context().get_parameter_source("timeout") is click.core.ParameterSource.DEFAULT:
+            timeout = layout.MAX_TIMEOUT_S  # a debugging session is as long as the person at gdb wants
+    with trace.recording(trace_file), \
+            Session(image, rom=rom, annotations=annotations, paging=paging, memory_mib=memory_mib, timeout=timeout,
+                    console=console_sink(raw_console), experimental=calls, audit=audit, cmdline=cmdline, spec=spec,
+                    privilege=privilege) as session:
+        result = session.run() if gdb is None else GdbStub(session, gdb, image).run()
     summary = {"guest": guest, "image": str(image), "memory_mib": memory_mib, **result.summary()}
     if stats:
         _print_stats(summary)
@@ -310,6 +326,7 @@ SUBCOMMANDS = {
     "bench": ("vmikit.bench.cli", "bench"),
     "fuzz": ("vmikit.fuzz.cli", "fuzz"),
     "compat": ("vmikit.compat.cli", "compat"),
+    "kvm-unit-tests": ("vmikit.kut.cli", "kvm_unit_tests"),
 }
 
 

@@ -7,6 +7,7 @@ import errno
 import signal
 import threading
 import time
+from typing import Protocol
 
 from vmikit.engine.base import BootState, ControlState, CrashRun, DescriptorTable, Exit, ExitKind, Segment, StopRun, VcpuOps, WatchdogExpired
 from vmikit.errors import HostError
@@ -16,6 +17,23 @@ from vmikit.kvm.api import (
 )
 from vmikit.kvm.structs import KVM_SYNC_X86_REGS, KvmSegment
 from vmikit.memory import Region
+
+
+class ExitTracer(Protocol):
+    """vmikit.observe.trace's per-vCPU recorder, called around every KVM_RUN."""
+
+    def enter(self) -> None: ...
+
+    def leave(self, reason: int) -> None: ...
+
+    def finish(self) -> None: ...
+
+
+class DebugHook(Protocol):
+    """vmikit.observe.gdbstub: called for KVM_EXIT_DEBUG, for an internal error (True: it was the
+    debugger's breakpoint, run on) and after interrupt(); it returns when the debugger resumes."""
+
+    def on_exit(self, reason: int) -> bool: ...
 
 KICK_SIGNAL = signal.SIGUSR1
 # Guest-physical pages KVM needs for itself on Intel hosts (unused on AMD): just below 4 GiB,
@@ -78,6 +96,8 @@ def _install_kick_handler() -> None:
     signal.signal(KICK_SIGNAL, _on_kick)
 
 
+HALTED_FOR_GOOD = "the guest executed HLT with interrupts disabled, and nothing can wake it"
+RFLAGS_IF = 1 << 9
 _CPUID_SIGNIFICANT_INDEX = 1 << 0
 MSR_MTRR_DEF_TYPE = 0x2FF
 MTRR_ENABLE = 1 << 11
@@ -115,11 +135,17 @@ class KvmVcpuEngine:
         self._fd = vcpu.fd
         self._counts: dict[int, int] = {}
         self._kicked = False
+        self._probing = False  # a halt probe's kick: not the guest's exit, not the watchdog's
+        self._probe_total = -1  # exits seen at the last probe
         self._armed = False  # run() is running: a hard kick may raise WatchdogExpired
         self._thread_id: int | None = None
         # The VMM's own time (bench): from each KVM_RUN return to the next call, when asked for.
         self.time_outside = False
         self.outside_ns = 0
+        # vmikit.observe hooks, read once per run(): None (the default) costs one test per exit.
+        self.tracer: ExitTracer | None = None
+        self.debugger: DebugHook | None = None
+        self._debug_interrupt = False  # interrupt() asked for the debugger, not the watchdog
 
     @property
     def regs(self) -> ks.KvmRegs:
@@ -162,20 +188,34 @@ class KvmVcpuEngine:
         counts = self._counts
         self._thread_id = threading.get_ident()
         timing, returned = self.time_outside, 0
+        tracer, debugger = self.tracer, self.debugger
         self._armed = True
         try:
             while True:
                 if returned:
                     self.outside_ns += time.perf_counter_ns() - returned
+                if tracer is not None:
+                    tracer.enter()
                 ran = _ioctl(fd, KVM_RUN, None) >= 0
+                if tracer is not None:
+                    tracer.leave(run.exit_reason if ran else ks.KVM_EXIT_INTR)
                 if timing:
                     returned = time.perf_counter_ns() if ran else 0
                 if not ran:
                     err = ctypes.get_errno()
                     if err in (errno.EINTR, errno.EAGAIN):
-                        counts[ks.KVM_EXIT_INTR] = counts.get(ks.KVM_EXIT_INTR, 0) + 1
                         if self._kicked:
                             return Exit(ExitKind.KICKED, "stopped by the watchdog")
+                        if self._debug_interrupt and debugger is not None:
+                            self._debug_interrupt = False
+                            run.immediate_exit = 0
+                            debugger.on_exit(ks.KVM_EXIT_INTR)
+                            continue
+                        if self._probing:
+                            if self._halted_for_good():
+                                return Exit(ExitKind.HALT, HALTED_FOR_GOOD)
+                            continue
+                        counts[ks.KVM_EXIT_INTR] = counts.get(ks.KVM_EXIT_INTR, 0) + 1
                         continue
                     return Exit(ExitKind.INTERNAL_ERROR, f"KVM_RUN failed: {errno.errorcode.get(err, err)}", err)
                 reason = run.exit_reason
@@ -205,6 +245,10 @@ class KvmVcpuEngine:
                 elif reason == ks.KVM_EXIT_FAIL_ENTRY:
                     code = run.exit.fail_entry.hardware_entry_failure_reason
                     return Exit(ExitKind.FAIL_ENTRY, f"hardware entry failure reason {code:#x}", code)
+                elif reason == ks.KVM_EXIT_DEBUG and debugger is not None:
+                    debugger.on_exit(reason)
+                elif reason == ks.KVM_EXIT_INTERNAL_ERROR and debugger is not None and debugger.on_exit(reason):
+                    pass  # the debugger's breakpoint: int3 at ring 0, which KVM here cannot emulate
                 elif reason == ks.KVM_EXIT_INTERNAL_ERROR:
                     sub = run.exit.internal.suberror
                     what = _INTERNAL_SUBERRORS.get(sub, f"suberror {sub}")
@@ -212,6 +256,8 @@ class KvmVcpuEngine:
                 elif reason == ks.KVM_EXIT_INTR:
                     if self._kicked:
                         return Exit(ExitKind.KICKED, "stopped by the watchdog")
+                    if self._probing and self._halted_for_good():
+                        return Exit(ExitKind.HALT, HALTED_FOR_GOOD)
                 else:
                     name = ks.EXIT_REASON_NAMES.get(reason, str(reason))
                     return Exit(ExitKind.UNHANDLED, f"unhandled KVM exit reason {name}", reason)
@@ -223,6 +269,8 @@ class KvmVcpuEngine:
             return Exit(ExitKind.KICKED, "stopped by the watchdog while the VMM was busy outside the guest")
         finally:
             self._armed = False  # first: a hard kick landing after this raises nothing
+            if tracer is not None:
+                tracer.finish()
             if _hard_kicked is self:
                 _hard_kicked = None
             run.immediate_exit = 0
@@ -240,6 +288,53 @@ class KvmVcpuEngine:
                 signal.pthread_kill(tid, KICK_SIGNAL)
             except ProcessLookupError:
                 pass
+
+    def interrupt(self) -> None:
+        """Thread-safe (the debugger's Ctrl-C): end the current KVM_RUN and call debugger.on_exit
+        with KVM_EXIT_INTR; unlike kick(), the run goes on afterwards."""
+        self._debug_interrupt = True
+        self._run.immediate_exit = 1  # covers an interrupt that lands between two KVM_RUNs
+        tid = self._thread_id
+        if tid is not None:
+            try:
+                signal.pthread_kill(tid, KICK_SIGNAL)
+            except ProcessLookupError:
+                pass
+
+    @property
+    def kvm_vcpu(self) -> KvmVcpu:
+        """The KVM vCPU itself (the gdb stub: KVM_SET_GUEST_DEBUG, the exit's debug fields)."""
+        return self._vcpu
+
+    def probe_halt(self) -> None:
+        """Thread-safe, called a few times a second: with the in-kernel LAPIC, KVM sleeps a halted
+        vCPU inside KVM_RUN, so a guest that halts with interrupts off (nothing can wake it: this
+        board sends no NMI) would sleep until the watchdog. If the vCPU made no exit since the last
+        probe, interrupt KVM_RUN and look."""
+        total = sum(self._counts.values())
+        if total != self._probe_total:
+            self._probe_total = total
+            return
+        tid = self._thread_id
+        if tid is not None:
+            self._probing = True
+            try:
+                signal.pthread_kill(tid, KICK_SIGNAL)
+            except ProcessLookupError:
+                pass
+
+    def _halted_for_good(self) -> bool:
+        self._probing = False
+        if self._vcpu.mp_state() != ks.KVM_MP_STATE_HALTED:
+            return False
+        return not self._vcpu.get_regs().rflags & RFLAGS_IF
+
+    def mp_state(self) -> int:
+        return self._vcpu.mp_state()
+
+    def lapic_registers(self) -> bytes:
+        """The in-kernel LAPIC's register page (1 KiB), as the guest would read it at 0xFEE00000."""
+        return self._vcpu.get_lapic()
 
     def exit_counts(self) -> dict[str, int]:
         return {ks.EXIT_REASON_NAMES.get(r, str(r)): n for r, n in sorted(self._counts.items())}
@@ -348,6 +443,13 @@ class KvmVmEngine:
         self._regions: list[Region] = []
         vm.set_tss_addr(KVM_TSS_ADDR)
         vm.set_identity_map_addr(KVM_IDENTITY_MAP_ADDR)
+        # The PC's interrupt controllers and timer, in the kernel as QEMU's default PC has them:
+        # the guest programs them with no exit to Python, and a halted vCPU sleeps in the kernel.
+        vm.create_irqchip()
+        vm.create_pit()
+
+    def irq_line(self, irq: int, level: bool) -> None:
+        self._vm.irq_line(irq, level)
 
     def add_memory(self, region: Region) -> None:
         self._vm.set_memory_region(region.gpa, region.size, region.host_addr, region.readonly)

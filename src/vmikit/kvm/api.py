@@ -16,8 +16,8 @@ from vmikit.errors import HostError
 from vmikit.kvm import ioctl as ioc
 from vmikit.kvm.structs import (
     KVM_MEM_READONLY, KVM_SYNC_X86_EVENTS, KVM_SYNC_X86_REGS, KVM_SYNC_X86_SREGS,
-    KvmCpuid2, KvmDebugregs, KvmDtable, KvmMsrs, KvmRegs, KvmRun, KvmSregs, KvmUserspaceMemoryRegion,
-    KvmVcpuEvents, cpuid2_buffer, msrs_buffer,
+    KvmCpuid2, KvmDebugregs, KvmDtable, KvmGuestDebug, KvmIrqLevel, KvmLapicState, KvmMpState, KvmMsrs, KvmPitConfig, KvmRegs,
+    KvmRun, KvmSregs, KvmUserspaceMemoryRegion, KvmVcpuEvents, cpuid2_buffer, msrs_buffer,
 )
 
 KVM_API_VERSION_EXPECTED: Final = 12
@@ -33,6 +33,9 @@ KVM_CREATE_VCPU = ioc.io(0x41)
 KVM_SET_USER_MEMORY_REGION = ioc.iow(0x46, KvmUserspaceMemoryRegion)
 KVM_SET_TSS_ADDR = ioc.io(0x47)
 KVM_SET_IDENTITY_MAP_ADDR = ioc.iow(0x48, ctypes.c_uint64)
+KVM_CREATE_IRQCHIP = ioc.io(0x60)
+KVM_IRQ_LINE = ioc.iow(0x61, KvmIrqLevel)
+KVM_CREATE_PIT2 = ioc.iow(0x77, KvmPitConfig)
 # vCPU ioctls.
 KVM_RUN = ioc.io(0x80)
 KVM_GET_REGS = ioc.ior(0x81, KvmRegs)
@@ -42,12 +45,16 @@ KVM_SET_SREGS = ioc.iow(0x84, KvmSregs)
 KVM_GET_MSRS = ioc.iowr(0x88, KvmMsrs)
 KVM_SET_MSRS = ioc.iow(0x89, KvmMsrs)
 KVM_SET_CPUID2 = ioc.iow(0x90, KvmCpuid2)
+KVM_GET_LAPIC = ioc.ior(0x8E, KvmLapicState)
+KVM_GET_MP_STATE = ioc.ior(0x98, KvmMpState)
 KVM_GET_VCPU_EVENTS = ioc.ior(0x9F, KvmVcpuEvents)
 KVM_GET_DEBUGREGS = ioc.ior(0xA1, KvmDebugregs)
 KVM_SET_DEBUGREGS = ioc.iow(0xA2, KvmDebugregs)
 KVM_GET_TSC_KHZ = ioc.io(0xA3)
+KVM_SET_GUEST_DEBUG = ioc.iow(0x9B, KvmGuestDebug)
 
 # Capabilities vmikit needs (KVM_CHECK_EXTENSION numbers).
+KVM_CAP_IRQCHIP = 0
 KVM_CAP_USER_MEMORY = 3
 KVM_CAP_SET_TSS_ADDR = 4
 KVM_CAP_EXT_CPUID = 7
@@ -55,7 +62,9 @@ KVM_CAP_NR_MEMSLOTS = 10
 KVM_CAP_GET_TSC_KHZ = 61
 KVM_CAP_SYNC_REGS = 74
 KVM_CAP_READONLY_MEM = 81
+KVM_CAP_PIT2 = 33
 KVM_CAP_IMMEDIATE_EXIT = 136
+KVM_CAP_SET_GUEST_DEBUG = 23
 
 REQUIRED_CAPS: Final = {
     "USER_MEMORY": KVM_CAP_USER_MEMORY,
@@ -63,6 +72,8 @@ REQUIRED_CAPS: Final = {
     "SYNC_REGS": KVM_CAP_SYNC_REGS,
     "READONLY_MEM": KVM_CAP_READONLY_MEM,
     "IMMEDIATE_EXIT": KVM_CAP_IMMEDIATE_EXIT,
+    "IRQCHIP": KVM_CAP_IRQCHIP,  # the board's LAPIC, IOAPIC and PICs
+    "PIT2": KVM_CAP_PIT2,
 }
 OPTIONAL_CAPS: Final = {"SET_TSS_ADDR": KVM_CAP_SET_TSS_ADDR, "GET_TSC_KHZ": KVM_CAP_GET_TSC_KHZ}
 
@@ -196,6 +207,18 @@ class KvmVm:
     def set_identity_map_addr(self, addr: int) -> None:
         kvm_ioctl(self.fd, KVM_SET_IDENTITY_MAP_ADDR, ctypes.c_uint64(addr))
 
+    def create_irqchip(self) -> None:
+        """KVM's own LAPIC (per vCPU, at 0xFEE00000), IOAPIC (0xFEC00000) and the two 8259 PICs,
+        with the default routing: GSI 0-15 to both the PICs and IOAPIC pins 0-15. Before any vCPU."""
+        kvm_ioctl(self.fd, KVM_CREATE_IRQCHIP)
+
+    def create_pit(self) -> None:
+        """KVM's 8254 PIT on ports 0x40-0x43 (and the speaker gate at 0x61), wired to GSI 0."""
+        kvm_ioctl(self.fd, KVM_CREATE_PIT2, KvmPitConfig(flags=0))
+
+    def irq_line(self, irq: int, level: bool) -> None:
+        kvm_ioctl(self.fd, KVM_IRQ_LINE, KvmIrqLevel(irq=irq, level=int(level)))
+
     def create_vcpu(self, index: int) -> KvmVcpu:
         return KvmVcpu(self, kvm_ioctl(self.fd, KVM_CREATE_VCPU, index))
 
@@ -254,6 +277,16 @@ class KvmVcpu:
         kvm_ioctl(self.fd, KVM_GET_VCPU_EVENTS, events)
         return events
 
+    def mp_state(self) -> int:
+        state = KvmMpState()
+        kvm_ioctl(self.fd, KVM_GET_MP_STATE, state)
+        return int(state.mp_state)
+
+    def get_lapic(self) -> bytes:
+        state = KvmLapicState()
+        kvm_ioctl(self.fd, KVM_GET_LAPIC, state)
+        return bytes(state.regs)
+
     def get_debugregs(self) -> KvmDebugregs:
         dregs = KvmDebugregs()
         kvm_ioctl(self.fd, KVM_GET_DEBUGREGS, dregs)
@@ -264,6 +297,13 @@ class KvmVcpu:
 
     def tsc_khz(self) -> int:
         return kvm_ioctl(self.fd, KVM_GET_TSC_KHZ)
+
+    def set_guest_debug(self, control: int, debugreg: tuple[int, ...] = ()) -> None:
+        """KVM_SET_GUEST_DEBUG: ``control`` is KVM_GUESTDBG_* flags, ``debugreg`` DR0-DR7 (hardware breakpoints)."""
+        dbg = KvmGuestDebug(control=control)
+        for i, value in enumerate(debugreg[:8]):
+            dbg.debugreg[i] = value
+        kvm_ioctl(self.fd, KVM_SET_GUEST_DEBUG, dbg)
 
     def close(self) -> None:
         if self.fd >= 0:

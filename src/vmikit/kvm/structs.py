@@ -79,6 +79,18 @@ class KvmDebugregs(ctypes.Structure):
     _fields_ = [("db", u64 * 4), ("dr6", u64), ("dr7", u64), ("flags", u64), ("reserved", u64 * 9)]
 
 
+class KvmGuestDebug(ctypes.Structure):
+    """struct kvm_guest_debug (KVM_SET_GUEST_DEBUG): KVM_GUESTDBG_* flags and DR0-DR7 for hardware breakpoints."""
+
+    _fields_ = [("control", u32), ("pad", u32), ("debugreg", u64 * 8)]
+
+
+KVM_GUESTDBG_ENABLE = 0x1
+KVM_GUESTDBG_SINGLESTEP = 0x2
+KVM_GUESTDBG_USE_SW_BP = 0x10000
+KVM_GUESTDBG_USE_HW_BP = 0x20000
+
+
 class KvmUserspaceMemoryRegion(ctypes.Structure):
     _fields_ = [
         ("slot", u32), ("flags", u32), ("guest_phys_addr", u64),
@@ -130,6 +142,31 @@ def msrs_buffer(indices: list[int]) -> tuple[ctypes.Array[c_char], ctypes.Array[
     return buf, entries
 
 
+# --- in-kernel interrupt controllers and PIT ---------------------------------
+
+
+class KvmIrqLevel(ctypes.Structure):
+    _fields_ = [("irq", u32), ("level", u32)]
+
+
+class KvmPitConfig(ctypes.Structure):
+    _fields_ = [("flags", u32), ("pad", u32 * 15)]
+
+
+class KvmMpState(ctypes.Structure):
+    _fields_ = [("mp_state", u32)]
+
+
+KVM_MP_STATE_RUNNABLE = 0
+KVM_MP_STATE_HALTED = 3
+
+KVM_LAPIC_REGS_SIZE = 0x400
+
+
+class KvmLapicState(ctypes.Structure):
+    _fields_ = [("regs", c_char * KVM_LAPIC_REGS_SIZE)]
+
+
 # --- struct kvm_run -------------------------------------------------------
 
 
@@ -149,10 +186,17 @@ class _ExitInternal(ctypes.Structure):
     _fields_ = [("suberror", u32), ("ndata", u32), ("data", u64 * 16)]
 
 
+class _ExitDebug(ctypes.Structure):
+    """struct kvm_debug_exit_arch (KVM_EXIT_DEBUG): the exception (1 = #DB, 3 = #BP), its RIP, DR6, DR7."""
+
+    _fields_ = [("exception", u32), ("pad", u32), ("pc", u64), ("dr6", u64), ("dr7", u64)]
+
+
 class _ExitUnion(ctypes.Union):
     _fields_ = [
         ("io", _ExitIo), ("mmio", _ExitMmio), ("fail_entry", _ExitFailEntry),
         ("internal", _ExitInternal), ("padding", c_char * 256),
+        ("debug", _ExitDebug),
     ]
 
 

@@ -17,20 +17,25 @@ from vmikit.background import Background
 from vmikit.engine import BootState, Engine, Exit, ExitKind, StopRun, Vcpu, WatchdogExpired, open_engine
 from vmikit.errors import GuestCrash, GuestHang, UsageError
 from vmikit.machine import layout
+from vmikit.machine.acpi import build_tables
+from vmikit.machine.chipset import Chipset
 from vmikit.machine.crash import FRAME_SIZE, GuestException, format_registers
 from vmikit.machine.loader import MULTIBOOT_BOOTLOADER_MAGIC, LoadedKernel, load_multiboot
+from vmikit.machine.fwcfg import FwCfg
+from vmikit.machine.ports import InHandler, OutHandler
+from vmikit.machine.testdev import TestDev
+from vmikit.machine.uart import HostInput, Uart16550
 from vmikit.memory import GuestMemory, GuestMemoryError, Region
 
-OutHandler = Callable[[int, int, int], None]  # (port, size, value)
-InHandler = Callable[[int, int], int]  # (port, size) -> value
 ConsoleSink = Callable[[bytes], None]
 
 CONSOLE_CAPTURE_LIMIT = 4 << 20  # bytes kept for the run result; the rest is counted, not stored
 WATCHDOG_GRACE_S = 2.0  # after the limit, how long the VMM may stay busy outside the guest
+HALT_PROBE_S = 0.1  # how often the watchdog looks for a vCPU halted for good (engine probe_halt)
 
 
 class Watchdog(Background):
-    """Stops a run at its time limit: first a kick that ends the next KVM_RUN, then, if the VMM
+    """Looks for a vCPU halted for good while the run lasts; stops a run at its time limit: first a kick that ends the next KVM_RUN, then, if the VMM
     is stuck outside the guest (a handler that does not return, console output nobody reads),
     hard kicks every grace period until the run loop has returned."""
 
@@ -41,8 +46,11 @@ class Watchdog(Background):
         self.hard = False  # a hard kick was needed
 
     def _loop(self) -> None:
-        if self._done.wait(self._limit):
-            return
+        deadline = time.monotonic() + self._limit
+        while (left := deadline - time.monotonic()) > 0:
+            if self._done.wait(min(left, HALT_PROBE_S)):
+                return
+            self._vcpu.probe_halt()
         self._vcpu.kick()
         while not self._done.wait(WATCHDOG_GRACE_S):
             self.hard = True
@@ -59,6 +67,7 @@ class RunResult:
     ports: dict[str, int] = field(default_factory=dict)
     rom_writes: int = 0  # guest writes to the read-only ROM, refused
     mmio_unmapped: int = 0  # accesses to guest-physical addresses nothing decodes
+    reset: str | None = None  # the guest reset the machine, which ended the run: through what
 
     @property
     def exits_total(self) -> int:
@@ -72,6 +81,7 @@ class RunResult:
             "console_bytes_dropped": self.console_dropped,
             "rom_writes_refused": self.rom_writes,
             "mmio_unmapped": self.mmio_unmapped,
+            "reset": self.reset,
         }
 
 
@@ -110,7 +120,7 @@ class Machine:
     def __init__(self, image: Path, *, memory_mib: int = 128, engine: Engine | None = None,
                  console: ConsoleSink | None = None, timeout: float = 30.0, cmdline: str = "",
                  rom: bytes | None = None, pool_readonly: bool = False,
-                 private: tuple[int, int] | None = None) -> None:
+                 private: tuple[int, int] | None = None, console_input: int | None = None) -> None:
         if not layout.MIN_MEMORY_MIB <= memory_mib <= layout.MAX_MEMORY_MIB:
             raise UsageError(f"--memory {memory_mib} MiB is out of range",
                              f"choose {layout.MIN_MEMORY_MIB} to {layout.MAX_MEMORY_MIB} MiB")
@@ -129,6 +139,9 @@ class Machine:
         self.rom: Region | None = None
         self.monitor: Region | None = None
         self._mmio_writers: list[tuple[int, int, OutHandler]] = []
+        self._mmio: list[tuple[int, int, InHandler, OutHandler]] = []
+        self.reset_by: str | None = None
+        self._input: HostInput | None = None
         self.rom_writes = 0
         self.mmio_unmapped = 0
         self._own_engine = engine is None
@@ -136,6 +149,9 @@ class Machine:
         self.vm = self.engine.create_vm()
         try:
             self._build(image, cmdline, rom, pool_readonly, private)
+            if console_input is not None:
+                self._input = HostInput(console_input, self.uart)
+                self._input.__enter__()
         except BaseException:
             self.close()
             raise
@@ -164,16 +180,21 @@ class Machine:
             # kernel runs on them), read-only to the guest like the ROM.
             self.monitor = Region(layout.MONITOR_BASE, layout.MONITOR_SIZE, readonly=True, name="monitor", kind="rom")
             regions += [self.rom, self.monitor, Region(layout.ROM_DATA_BASE, layout.ROM_DATA_SIZE, name="rom-data")]
+        # The firmware area: the ACPI tables a PC guest looks for, read-only like a BIOS image.
+        regions.append(Region(layout.BIOS_BASE, layout.BIOS_SIZE, readonly=True, name="bios", kind="rom"))
         for region in regions:
             self.memory.add(region)
             self.vm.add_memory(region)
         if rom is not None:
             self.memory.write(layout.ROM_BASE, rom)
+        self.memory.write(layout.BIOS_BASE, build_tables(cpus=1))
         self.kernel: LoadedKernel = load_multiboot(image, self.memory, self.ram_end, cmdline)
         self.vcpu = self.vm.create_vcpu(BootState(entry=self.kernel.entry, rax=MULTIBOOT_BOOTLOADER_MAGIC,
                                                   rbx=self.kernel.info_addr))
-        self.on_out(layout.PORT_SERIAL, lambda port, size, value: self.console.put(value & 0xFF))
-        self.on_in(layout.PORT_SERIAL_LSR, lambda port, size: 0x60)  # THR empty, transmitter idle
+        self.uart = Uart16550(self.console.put)
+        self.fw_cfg = FwCfg(self.ram_end, cpus=1)
+        for device in (self.uart, self.fw_cfg, Chipset(self._reset), TestDev(self._flush_page)):
+            device.attach(self)
         self.on_out(layout.PORT_EXIT, self._exit_port)
         self.on_out(layout.PORT_PANIC, self._panic_port)
 
@@ -184,6 +205,19 @@ class Machine:
 
     def on_in(self, port: int, handler: InHandler) -> None:
         self._in[port] = handler
+
+    def on_mmio(self, base: int, size: int, read: InHandler, write: OutHandler) -> None:
+        self._mmio.append((base, base + size, read, write))
+
+    def irq_line(self, irq: int, level: bool) -> None:
+        self.vm.irq_line(irq, level)
+
+    def _reset(self, how: str) -> None:
+        self.reset_by = how
+        raise StopRun(0)
+
+    def _flush_page(self, gpa: int) -> None:
+        self.vm.flush_translations([(gpa, layout.PAGE_SIZE)])
 
     def on_mmio_write(self, base: int, size: int, handler: OutHandler) -> None:
         """Guest writes into [base, base+size) that exit (read-only slots) go to handler(addr, size, value)."""
@@ -213,10 +247,17 @@ class Machine:
         return handler(port, size) if handler is not None else (1 << (8 * size)) - 1
 
     def mmio_read(self, addr: int, size: int) -> int:
+        for base, end, read, _ in self._mmio:
+            if base <= addr < end:
+                return read(addr, size)
         self.mmio_unmapped += 1
         return (1 << (8 * size)) - 1  # unmapped: the bus floats high
 
     def mmio_write(self, addr: int, size: int, value: int) -> None:
+        for base, end, _, write in self._mmio:
+            if base <= addr < end:
+                write(addr, size, value)
+                return
         for base, end, handler in self._mmio_writers:
             if base <= addr < end:
                 handler(addr, size, value)
@@ -272,7 +313,7 @@ class Machine:
             exit_status=status, console=self.console.text(), exits_by_reason=self.vcpu.exit_counts(),
             wall_seconds=wall, console_dropped=self.console.dropped,
             ports={f"{p:#x}": n for p, n in sorted(self._port_counts.items())},
-            rom_writes=self.rom_writes, mmio_unmapped=self.mmio_unmapped,
+            rom_writes=self.rom_writes, mmio_unmapped=self.mmio_unmapped, reset=self.reset_by,
         )
 
     def close(self) -> None:
@@ -280,6 +321,8 @@ class Machine:
         the engine, then guest memory. Every step runs even if one before it failed."""
         if self.vm is None:
             return
+        if self._input is not None:
+            self._input.__exit__()
         vm, self.vm = self.vm, None  # type: ignore[assignment]
         try:
             vm.close()

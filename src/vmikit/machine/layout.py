@@ -30,7 +30,13 @@ DATA_POOL_BASE = 0x0400_0000  # frames the mmu workload maps (a workload convent
 DATA_POOL_SIZE = 0x0200_0000
 SHADOW_BASE = 0xE000_0000  # shadow paging: the hypervisor's tables, above any guest RAM, not in the memory map
 SHADOW_SIZE = 0x0100_0000
+BIOS_BASE = 0xE0000  # the firmware area: ACPI tables (guests scan 0xE0000-0xFFFFF for the RSDP), read-only
+BIOS_SIZE = 0x20000
 HIGH_RAM_BASE = 0x100000  # kernels are linked here (1 MiB)
+IOAPIC_BASE = 0xFEC00000  # KVM's in-kernel IOAPIC (24 pins; the MADT says so)
+LAPIC_BASE = 0xFEE00000  # KVM's in-kernel local APIC, the architectural default base
+TESTDEV_IOMEM_BASE = 0xFF000000  # pc-testdev's MMIO RAM (kvm-unit-tests' IORAM_BASE_PHYS): every access exits
+TESTDEV_IOMEM_SIZE = 0x10000
 MAX_CMDLINE_BYTES = 255  # the multiboot command line's room in the info block, without its NUL
 MAX_TIMEOUT_S = 86400.0  # a day: the watchdog's limit is a bound, not a way to switch it off
 MIN_MEMORY_MIB = 4
@@ -38,12 +44,21 @@ MAX_MEMORY_MIB = 3072  # stay below the 32-bit PCI hole: one flat high RAM slot
 
 # KVM's own pages on Intel hosts sit at 0xFFFBC000-0xFFFBFFFF (engine/kvm.py), above any RAM here.
 
-# I/O ports.
-PORT_SERIAL = 0x3F8  # COM1 transmit holding register
-PORT_SERIAL_LSR = 0x3FD  # line status: always "transmitter empty"
+# I/O ports. KVM decodes the PICs (0x20-0x21, 0xA0-0xA1, ELCR 0x4D0-0x4D1) and the PIT (0x40-0x43, 0x61)
+# itself; these are the board's own.
+PORT_SERIAL = 0x3F8  # COM1: a 16550A, registers 0x3F8-0x3FF (machine/uart.py)
+PORT_SERIAL_LSR = 0x3FD  # its line status register
+IRQ_SERIAL = 4  # COM1's ISA interrupt line
+PORT_KBC_STATUS = 0x64  # keyboard controller: status (read), command (write; 0xFE pulses reset)
+PORT_RESET_CONTROL = 0xCF9  # the PCI reset control register: write 0x06 (or 0x0E) to reset
+PORT_FW_CFG = 0x510  # QEMU's fw_cfg: selector (16-bit write) at 0x510, data (byte reads) at 0x511
+PORT_PM_TIMER = 0x608  # the ACPI PM timer (32-bit, 3.579545 MHz), where the FADT says
+PORT_TESTDEV = 0xE0  # QEMU's pc-testdev: a 4-byte register that reads back what was written (not under bench)
+PORT_TESTDEV_FLUSH_PAGE = 0xE4  # pc-testdev: outl(gpa) drops cached translations of that page
+PORT_TESTDEV_IRQ = 0x2000  # pc-testdev: outb(level, 0x2000 + line) drives interrupt line 0-23
 PORT_EXIT = 0xF4  # QEMU isa-debug-exit convention: outl(code)
 PORT_PANIC = 0xF9  # outl(gpa of a struct exception_frame); clear of isa-debug-exit at 0xF4-0xF7 (iosize=4)
-PORT_BENCH = 0xE0  # vmikit bench: the guest marks the start and end of a timed section
+PORT_BENCH = 0xE0  # vmikit bench: the guest marks the start and end of a timed section (replaces pc-testdev's)
 PORT_HYPERCALL = 0xF8  # VMI hypercalls from the ROM (see hypervisor/)
 PORT_EVENT = 0xFA  # the hypervisor's trap and syscall stubs (deprivileged kernels): never a guest's port
 

@@ -1,0 +1,1 @@
+"""Run the public kvm-unit-tests x86 suite under QEMU-KVM and under vmikit, and compare."""

@@ -1,0 +1,88 @@
+"""`vmikit kvm-unit-tests TREE`: the suite under QEMU-KVM and under vmikit, side by side."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from vmikit.errors import UsageError
+from vmikit.kut.runner import qemu_command, run_case, vmikit_command
+from vmikit.kut.suite import Case, Outcome, load_cases, uniprocessor
+from vmikit.outputs import OUTPUT, TIMEOUT
+
+
+def _row(case: Case, qemu: Outcome | None, vmikit: Outcome | None) -> dict[str, object]:
+    row: dict[str, object] = {"test": case.name, "image": case.image.name, "args": case.cmdline}
+    for side, outcome in (("qemu", qemu), ("vmikit", vmikit)):
+        if outcome is not None:
+            row[side] = outcome.__dict__
+    if qemu is not None and vmikit is not None:
+        row["same"] = qemu.same_result(vmikit)
+    return row
+
+
+def _markdown(rows: list[dict[str, object]]) -> str:
+    lines = ["| test | QEMU-KVM | s | vmikit | s | same |", "|---|---|---|---|---|---|"]
+    for row in rows:
+        cells = [f"`{row['test']}`"]
+        for side in ("qemu", "vmikit"):
+            outcome = row.get(side)
+            if isinstance(outcome, dict):
+                cells += [str(outcome["summary"]).replace("|", "\\|"), f"{outcome['seconds']:.0f}"]
+            else:
+                cells += ["not run", ""]
+        cells.append({True: "yes", False: "**no**"}.get(row.get("same"), ""))  # type: ignore[arg-type]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+@click.command("kvm-unit-tests", short_help="Compare kvm-unit-tests x86 results under QEMU-KVM and vmikit.")
+@click.argument("tree", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--test", "names", multiple=True, metavar="NAME", help="Only this case of x86/unittests.cfg (repeatable).")
+@click.option("--machine", type=click.Choice(["both", "qemu", "vmikit"]), default="both", show_default=True,
+              help="Which machines to run each case on.")
+@click.option("--timeout", type=TIMEOUT, default=None,
+              help="Seconds per case and machine (default: the case's own, or 300).")
+@click.option("--json", "json_file", type=OUTPUT, help="Write every outcome here.")
+@click.option("--markdown", "markdown_file", type=OUTPUT, help="Write the comparison table here (Markdown).")
+def kvm_unit_tests(tree: Path, names: tuple[str, ...], machine: str, timeout: float | None,
+                   json_file: Path | None, markdown_file: Path | None) -> None:
+    """Run the uniprocessor x86 cases of a built kvm-unit-tests TREE (./configure && make) under
+    QEMU with KVM and under vmikit's bare board (--rom none), and show whether each reaches the
+    same SUMMARY with the same PASS/FAIL/SKIP counts. Exit 1 if a case QEMU finishes differs."""
+    from rich.console import Console
+    from rich.table import Table
+
+    cases = uniprocessor(load_cases(tree))
+    if names:
+        unknown = sorted(set(names) - {c.name for c in cases})
+        if unknown:
+            raise UsageError(f"no uniprocessor case named {', '.join(unknown)} in {tree}",
+                             "choose names from x86/unittests.cfg (smp = 1)")
+        cases = [c for c in cases if c.name in names]
+    rows = []
+    console = Console(stderr=True)
+    for case in cases:
+        limit = timeout or case.timeout
+        qemu = run_case(qemu_command(case), limit) if machine in ("both", "qemu") else None
+        vmikit = run_case(vmikit_command(case, limit), limit + 30) if machine in ("both", "vmikit") else None
+        rows.append(_row(case, qemu, vmikit))
+        console.print(f"{case.name}: qemu: {qemu.summary if qemu else '-'} | vmikit: {vmikit.summary if vmikit else '-'}")
+    table = Table(title="kvm-unit-tests x86, uniprocessor")
+    for column in ("test", "QEMU-KVM", "vmikit", "same"):
+        table.add_column(column)
+    for row in rows:
+        q, v = row.get("qemu"), row.get("vmikit")
+        table.add_row(str(row["test"]), str(q["summary"]) if isinstance(q, dict) else "-",
+                      str(v["summary"]) if isinstance(v, dict) else "-",
+                      {True: "yes", False: "no"}.get(row.get("same"), "-"))  # type: ignore[arg-type]
+    Console().print(table)
+    if json_file is not None:
+        json_file.write_text(json.dumps(rows, indent=2) + "\n")
+    if markdown_file is not None:
+        markdown_file.write_text(_markdown(rows))
+    differs = [r for r in rows if r.get("same") is False and isinstance(r.get("qemu"), dict)
+               and r["qemu"]["status"] == "summary"]  # type: ignore[index]
+    raise SystemExit(1 if differs else 0)

@@ -1,0 +1,112 @@
+"""One case, two machines: QEMU with KVM (the suite's own reference flags) and vmikit's bare board.
+
+The QEMU flags are those of the suite's ``x86/run`` for a uniprocessor test, with ``-cpu qemu64``
+in place of ``max``/``host`` (which this host's KVM refuses) and the case's own CPU flags kept.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+
+from vmikit.kut.suite import Case, Outcome, parse_output
+
+QEMU = "qemu-system-x86_64"
+QEMU_BASE = ("-nodefaults", "-device", "pc-testdev", "-device", "isa-debug-exit,iobase=0xf4,iosize=0x4",
+             "-display", "none", "-serial", "stdio", "-machine", "accel=kvm", "--no-reboot",
+             "-global", "kvm-pit.lost_tick_policy=discard")
+OUTPUT_LIMIT = 8 << 20  # a test that floods its console is cut here, not held in memory
+
+
+def _qemu_params(params: Sequence[str]) -> list[str]:
+    """The case's QEMU parameters with its CPU model replaced by qemu64 (flags after the model kept)."""
+    out: list[str] = []
+    items = list(params)
+    has_cpu = False
+    while items:
+        item = items.pop(0)
+        if item == "-cpu" and items:
+            model, _, flags = items.pop(0).partition(",")
+            out += ["-cpu", "qemu64" + ("," + flags if flags else "")]
+            has_cpu = True
+        else:
+            out.append(item)
+    return out if has_cpu else ["-cpu", "qemu64", *out]
+
+
+def memory_mib(case: Case) -> int:
+    """The case's RAM (QEMU's -m, default 128 MiB, as both machines get)."""
+    params = list(case.qemu_params)
+    for i, item in enumerate(params[:-1]):
+        if item == "-m":
+            size = params[i + 1].upper().rstrip("M")
+            if size.endswith("G") and size[:-1].isdigit():
+                return int(size[:-1]) * 1024
+            if size.isdigit():
+                return int(size)
+    return 128
+
+
+def qemu_command(case: Case) -> list[str]:
+    cmd = [QEMU, *QEMU_BASE, "-m", str(memory_mib(case)), "-kernel", str(case.image)]
+    cmd += [p for p in _qemu_params(case.qemu_params) if p]
+    if case.test_args:
+        cmd += ["-append", case.cmdline]
+    return _dedupe_memory(cmd)
+
+
+def _dedupe_memory(cmd: list[str]) -> list[str]:
+    """Keep one -m (the case's own, parsed into memory_mib already)."""
+    out: list[str] = []
+    seen = False
+    i = 0
+    while i < len(cmd):
+        if cmd[i] == "-m" and i + 1 < len(cmd):
+            if not seen:
+                out += cmd[i:i + 2]
+                seen = True
+            i += 2
+            continue
+        out.append(cmd[i])
+        i += 1
+    return out
+
+
+def vmikit_command(case: Case, timeout: float) -> list[str]:
+    cmd = [sys.executable, "-m", "vmikit", "run", str(case.image), "--rom", "none", "--paging", "native",
+           "--memory", str(memory_mib(case)), "--timeout", f"{timeout:g}"]
+    if case.test_args:
+        cmd += ["--cmdline", case.cmdline]
+    return cmd
+
+
+def run_case(cmd: list[str], timeout: float) -> Outcome:
+    """Run one machine to its end (or kill it after ``timeout`` s) and read its SUMMARY."""
+    start = time.monotonic()
+    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    timed_out = False
+    try:
+        data, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        timed_out = True
+        os.killpg(proc.pid, signal.SIGKILL)
+        data, _ = proc.communicate()
+    seconds = time.monotonic() - start
+    text = data[:OUTPUT_LIMIT].decode("utf-8", errors="replace")
+    summary, passed, failed, skipped = parse_output(text)
+    if summary is not None:
+        status = "summary"
+    elif timed_out:
+        status, summary = "timeout", f"no SUMMARY within {timeout:g} s"
+    elif "vmikit: error:" in text:
+        status = "crash"
+        summary = next(line for line in text.splitlines() if line.startswith("vmikit: error:"))
+    else:
+        status, summary = "no-summary", f"ended (status {proc.returncode}) without a SUMMARY"
+    return Outcome(status=status, summary=summary, passed=passed, failed=failed, skipped=skipped,
+                   seconds=round(seconds, 1), exit_code=None if timed_out else proc.returncode)
