@@ -19,6 +19,7 @@ from vmikit.hypervisor.execution import PRIVILEGES
 from vmikit.hypervisor.mmu import PAGING_STYLES, DirectMmu, Mmu, ShadowMmu, TrapMmu
 from vmikit.machine import layout
 from vmikit.machine.board import ConsoleSink, Machine, RunResult, release_frames
+from vmikit.observe import trace
 
 ROM_CHOICES = ("full", "minimal", "none")
 AUDIT_PROBLEMS_KEPT = FAILURES_KEPT  # audit findings kept for the summary (all are counted)
@@ -116,6 +117,7 @@ class Session:
         self.audit_problem_count = 0
         if isinstance(self.mmu, DirectMmu):  # trap, direct, shadow: stores into the read-only pool exit here
             self.machine.on_mmio_write(layout.PT_POOL_BASE, layout.PT_POOL_SIZE, self._guest_store)
+        trace.attach_active(self, f"{image.name} paging={paging} privilege={privilege} rom={rom}")  # --trace
 
     def _make_mmu(self, paging: str) -> Mmu:
         memory = self.machine.memory

@@ -11,6 +11,7 @@ import sys
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 
@@ -47,6 +48,12 @@ FAILURE_TEXT_MAX = 500  # characters of one failure's note (an exception's text 
 def keep_first(kept: list[str], new: list[str], limit: int = FAILURES_KEPT) -> None:
     """Append to ``kept`` what fits under ``limit``: findings a guest can repeat at will stay bounded."""
     kept += new[:max(0, limit - len(kept))]
+
+
+class CallTracer(Protocol):
+    def now(self) -> int: ...
+
+    def call(self, call_id: int, status: int, results: tuple[int, ...], start_ns: int) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -89,6 +96,7 @@ class Hypervisor:
         self._vcpu: Vcpu | None = None
         self.privilege = privilege
         self.execution: ExecutionModel | None = None  # after attach()
+        self.tracer: CallTracer | None = None  # vmikit.observe.trace: each call's name, status and VMM time
 
     # --- tables ------------------------------------------------------------
 
@@ -168,6 +176,8 @@ class Hypervisor:
         ctx = self._ctx
         assert ctx is not None and self._vcpu is not None, "attach() first"
         regs = self._vcpu.regs
+        tracer = self.tracer
+        start = tracer.now() if tracer is not None else 0
         results: tuple[int, ...] = ()
         if size != 4:
             status = self._errors["INVALID_ARGUMENT"]
@@ -201,6 +211,8 @@ class Hypervisor:
         else:
             regs.r8 = regs.r9 = regs.r10 = regs.r11 = 0
         self._vcpu.mark_regs_dirty()
+        if tracer is not None:
+            tracer.call(value if size == 4 else BUCKET_BAD_SIZE, status, results, start)
 
     def invoke(self, route: Route, ctx: CallContext, a0: int, a1: int, a2: int) -> tuple[int, tuple[int, ...]]:
         """(status, results) of one call; also used for batch entries."""

@@ -1,0 +1,1 @@
+"""Seeing inside a run: a trace-event timeline (trace.py, summary.py, plot.py) and a gdb stub (gdbstub.py)."""
