@@ -9,8 +9,9 @@ extras=""
 [[ "${1:-}" == "--test" ]] && extras="[test]"
 
 # gcc/binutils build the guests and the ROM; linux-libc-dev gives <linux/kvm.h> for the struct
-# checks; QEMU is the bare machine that proves the same guest binary runs without vmikit.
-packages=(gcc binutils linux-libc-dev qemu-system-x86)
+# checks; QEMU is the bare machine that proves the same guest binary runs without vmikit; gdb is
+# the client the --gdb stub is tested against (tests/test_gdb.py).
+packages=(gcc binutils linux-libc-dev qemu-system-x86 gdb)
 missing=()
 for pkg in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")

@@ -326,6 +326,7 @@ SUBCOMMANDS = {
     "bench": ("vmikit.bench.cli", "bench"),
     "fuzz": ("vmikit.fuzz.cli", "fuzz"),
     "compat": ("vmikit.compat.cli", "compat"),
+    "trace": ("vmikit.observe.cli", "trace_group"),
     "kvm-unit-tests": ("vmikit.kut.cli", "kvm_unit_tests"),
 }
 

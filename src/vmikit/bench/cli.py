@@ -51,10 +51,13 @@ def _split(values: tuple[str, ...], choices: tuple[str, ...], what: str) -> tupl
 @click.option("--json", "json_file", type=OUTPUT,
               help="Write all results here (after Ctrl-C: what was measured, marked \"partial\": true).")
 @click.option("--plot", "plot_file", type=OUTPUT, help="Write a chart (PNG) here.")
+@click.option("--trace", "trace_file", type=OUTPUT,
+              help="Write a trace-event timeline of every session's exits and calls here (one process track per "
+                   "profile; docs/observe.md). Tracing costs time per exit: its figures are not the untraced ones.")
 def bench(quick: bool, workloads: tuple[str, ...], profiles: tuple[str, ...], pagings: tuple[str, ...],
           pages: int | None,
           switches: int | None, calls: int | None, reps: int | None, no_c_reference: bool, no_memory: bool,
-          json_file: Path | None, plot_file: Path | None) -> None:
+          json_file: Path | None, plot_file: Path | None, trace_file: Path | None = None) -> None:
     """Measure what each VMI call costs under every paging profile and both privileges (the kernel
     deprivileged at ring 3, and its -ring0 twin), against native and a C reference VMM."""
     from rich.console import Console
@@ -86,8 +89,10 @@ def bench(quick: bool, workloads: tuple[str, ...], profiles: tuple[str, ...], pa
     total = len(config.workloads) * len(config.profiles) * sizes.reps
     columns = (TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
                TimeElapsedColumn())
+    from vmikit.observe import trace
+
     try:
-        with Progress(*columns, console=console, transient=True) as progress:
+        with trace.recording(trace_file), Progress(*columns, console=console, transient=True) as progress:
             task = progress.add_task("bench", total=total)
             results = run_bench(
                 config,

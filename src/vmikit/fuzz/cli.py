@@ -42,11 +42,14 @@ from vmikit.outputs import EXTENSION, OUTPUT, TIMEOUT
 @click.option("--timeout", type=TIMEOUT, default=None,
               help="Watchdog limit in seconds, at most a day (default: scaled with --calls).")
 @click.option("--json", "json_file", type=OUTPUT, help="Write the report here.")
+@click.option("--trace", "trace_file", type=OUTPUT,
+              help="Write a trace-event timeline of every exit and call here (the newest events, bounded; "
+                   "docs/observe.md).")
 # Leaves out the batches across the page-table pool's boundaries (an open finding, docs/fuzz.md).
 @click.option("--straddle/--no-straddle", default=True, hidden=True)
 def fuzz(calls: int, seed: int, paging: str, annotations: str, privilege: str, stores: bool, audit_every: int,
          extensions: tuple[Path, ...], stall: float, timeout: float | None, json_file: Path | None,
-         straddle: bool) -> None:
+         straddle: bool, trace_file: Path | None = None) -> None:
     """Fuzz the hypercall surface; exit 0 only if the hypervisor held."""
     from vmikit.abi import load_spec
     from vmikit.fuzz.runner import FuzzInterrupted, run_fuzz
@@ -59,8 +62,10 @@ def fuzz(calls: int, seed: int, paging: str, annotations: str, privilege: str, s
                         audit_every=audit_every, timeout=timeout, experimental=experimental, stall=stall,
                         straddle=straddle)
     errors = load_spec().errors
+    from vmikit.observe import trace
+
     try:
-        with _progress(calls) as (show, every):
+        with trace.recording(trace_file), _progress(calls) as (show, every):
             report = run_fuzz(config, progress=show, progress_every=every)
     except FuzzInterrupted as interrupted:  # what was measured so far, then the CLI's one line and 130
         if json_file is not None:
