@@ -235,11 +235,12 @@ def test_batch_apply_equals_applying_one_by_one(entries: list[tuple[int, int, in
                 min_size=1, max_size=40))
 @settings(max_examples=150, deadline=None)
 def test_small_and_large_batch_paths_agree(entries: list[tuple[int, int, int, int, int]]) -> None:
-    """FlushQueue checks small batches entry by entry and large ones as arrays: same outcome."""
+    """FlushQueue checks small batches entry by entry and large ones as arrays, and tries the C
+    batch kernel first when it is on: the same outcome every way."""
     outcomes = []
-    for vector_min in (10_000, 0):
+    for vector_min, kernel in ((10_000, False), (0, False), (0, True)):
         mem = memory()
-        m = DirectMmu(mem)
+        m = DirectMmu(mem, batch_kernel=kernel)
         for n, level in enumerate((4, 3, 2, 1)):
             assert m.allocate(table(n), level) is None
         hv = Hypervisor(SPEC, mmu=m)
@@ -273,9 +274,11 @@ def _flush(m: DirectMmu, entries: list[tuple[int, int, int]]) -> tuple[Hyperviso
     return hv, status, results
 
 
-def _fresh(style: str) -> DirectMmu:
+def _fresh(style: str, kernel: bool | None = None) -> DirectMmu:
+    """Tables of levels 4, 3, 2, 1, 1, 2; ``kernel``: FlushQueue's C batch kernel on or off
+    (None: as VMIKIT_BATCH_KERNEL says)."""
     mem = memory()
-    m = ShadowMmu(mem, SHADOW, 0x100000) if style == "shadow" else DirectMmu(mem)
+    m = ShadowMmu(mem, SHADOW, 0x100000, batch_kernel=kernel) if style == "shadow" else DirectMmu(mem, batch_kernel=kernel)
     for n, level in enumerate((4, 3, 2, 1, 1, 2)):
         assert m.allocate(table(n), level) is None
     return m
@@ -290,15 +293,16 @@ def _state(m: DirectMmu) -> tuple[bytes, list[int], dict[int, list[int]], object
 @given(style=st.sampled_from(["direct", "shadow"]),
        entries=st.lists(st.tuples(st.sampled_from([0, 1, 2, 3, 4, 5]), st.integers(0, 3) | st.integers(0, 511),
                                   VALUES), min_size=mmu_module.VECTOR_MIN, max_size=80),
-       data=st.data())
+       data=st.data(), kernel=st.booleans())
 @settings(max_examples=150, deadline=None)
 def test_fast_path_equals_applying_one_by_one(style: str, entries: list[tuple[int, int, int]],
-                                             data: st.DataObject) -> None:
+                                             data: st.DataObject, kernel: bool) -> None:
     """Random batches, valid and invalid, duplicates included, flushed twice (the second round
     gives the same entries new values, replacing present ones): the fast path's outcome is the
     one-by-one outcome, and it takes a batch exactly when every entry is valid and none is a
-    large leaf."""
-    fast, slow = _fresh(style), _fresh(style)
+    large leaf. With the C batch kernel on, FlushQueue goes through it first (check_fast is
+    still asked directly)."""
+    fast, slow = _fresh(style, kernel), _fresh(style, False)
     rounds = [[v for _, _, v in entries], data.draw(st.lists(VALUES, min_size=len(entries), max_size=len(entries)))]
     for values in rounds:
         batch = [(SET_PTE_QUEUED, table(n) + 8 * i, v) for (n, i, _), v in zip(entries, values)]
@@ -322,6 +326,7 @@ def test_fast_path_equals_applying_one_by_one(style: str, entries: list[tuple[in
         assert fast.audit() == []
 
 
+@pytest.mark.parametrize("kernel", [True, False], ids=["c", "python"])
 @pytest.mark.parametrize("style", ["direct", "shadow"])
 @pytest.mark.parametrize("what,index,value,error", BROKEN + [
     ("misaligned entry address", -1, 0x300000 | P, "BAD_ADDRESS"),
@@ -329,13 +334,13 @@ def test_fast_path_equals_applying_one_by_one(style: str, entries: list[tuple[in
     ("non-present entry in a released table", -3, 0, "NOT_PAGE_TABLE"),
 ], ids=[b[0] for b in BROKEN] + ["misaligned", "not a table", "released table"])
 def test_a_full_batch_with_one_broken_entry_applies_nothing_and_names_it(style: str, what: str, index: int,
-                                                                          value: int, error: str) -> None:
+                                                                          value: int, error: str, kernel: bool) -> None:
     """Every rule, as the one bad entry at a random place of a 256-entry batch that is otherwise
     the fast path's favourite (fresh 4 KiB leaves in order): BATCH_INVALID, its index, its error,
     nothing written; the same batch without it is applied whole."""
     import random
 
-    m = _fresh(style)
+    m = _fresh(style, kernel)
     assert m.release(table(5)) is None
     good = [(SET_PTE_QUEUED, table(3) + 8 * k, (0x300000 + 0x1000 * k) | P | RW) for k in range(256)]
     at = random.Random(what).randrange(256)
@@ -354,10 +359,11 @@ def test_a_full_batch_with_one_broken_entry_applies_nothing_and_names_it(style: 
     assert m.audit() == []
 
 
-def test_a_batch_mixing_call_ids_is_checked_by_the_general_path() -> None:
+@pytest.mark.parametrize("kernel", [True, False], ids=["c", "python"])
+def test_a_batch_mixing_call_ids_is_checked_by_the_general_path(kernel: bool) -> None:
     """Entries with another queueable ID (SetLongPTE) or another annotation are still applied;
     an ID that cannot be queued is refused at its index."""
-    m = _fresh("direct")
+    m = _fresh("direct", kernel)
     batch = [(SET_PTE_QUEUED, table(3) + 8 * k, (0x300000 + 0x1000 * k) | P) for k in range(64)]
     batch[10] = (SPEC.by_name("MMU.SetLongPTE").call_id(), batch[10][1], batch[10][2])
     batch[11] = (SET_PTE_QUEUED & ~0xFF, batch[11][1], batch[11][2])
@@ -369,10 +375,11 @@ def test_a_batch_mixing_call_ids_is_checked_by_the_general_path() -> None:
     assert (status, results[:2]) == (ERR["BATCH_INVALID"], (20, ERR["NOT_SUPPORTED"]))
 
 
+@pytest.mark.parametrize("kernel", [True, False], ids=["c", "python"])
 @pytest.mark.parametrize("style", ["direct", "shadow"])
-def test_a_batch_writing_one_entry_twice_is_applied_in_order(style: str) -> None:
+def test_a_batch_writing_one_entry_twice_is_applied_in_order(style: str, kernel: bool) -> None:
     """The second of two writes to one entry wins, and the counts see the first come and go."""
-    fast, slow = _fresh(style), _fresh(style)
+    fast, slow = _fresh(style, kernel), _fresh(style, False)
     batch = [(SET_PTE_QUEUED, table(3) + 8 * k, (0x300000 + 0x1000 * k) | P | RW) for k in range(64)]
     batch[40] = (SET_PTE_QUEUED, batch[7][1], 0x500000 | P)  # entry 7 again, read-only elsewhere
     _, status, _ = _flush(fast, batch)
