@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import stat
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -164,6 +165,16 @@ def console_sink(raw: bool = False) -> Callable[[bytes], None]:
     return sink
 
 
+def console_input() -> int | None:
+    """The guest's COM1 input: stdin when it is a terminal or a pipe (not a file or /dev/null,
+    which a guest waiting for a line would read to its end at once, or never)."""
+    try:
+        fd = sys.stdin.fileno()
+        return fd if os.isatty(fd) or stat.S_ISFIFO(os.fstat(fd).st_mode) else None
+    except (AttributeError, OSError, ValueError):  # no stdin, or a replaced one (CliRunner)
+        return None
+
+
 CMDLINE_MAX_BYTES = layout.MAX_CMDLINE_BYTES  # the loader refuses more too
 
 
@@ -261,9 +272,12 @@ def run(guest: str, memory_mib: int, timeout: float, rom: str | None, paging: st
     with trace.recording(trace_file), \
             Session(image, rom=rom, annotations=annotations, paging=paging, memory_mib=memory_mib, timeout=timeout,
                     console=console_sink(raw_console), experimental=calls, audit=audit, cmdline=cmdline, spec=spec,
-                    privilege=privilege) as session:
+                    privilege=privilege, console_input=console_input()) as session:
         result = session.run() if gdb is None else GdbStub(session, gdb, image).run()
     summary = {"guest": guest, "image": str(image), "memory_mib": memory_mib, **result.summary()}
+    if result.run.reset is not None:  # not an error: said, so that an early end is not a mystery
+        click.echo(f"vmikit: the guest reset the machine ({result.run.reset}); the run ends there, as with QEMU's "
+                   "-no-reboot", err=True)
     if stats:
         _print_stats(summary)
     if json_file is not None:

@@ -60,7 +60,8 @@ class Session:
     def __init__(self, image: Path, *, rom: str | None = None, annotations: str = "honour", paging: str = "native",
                  memory_mib: int = 128, timeout: float = 30.0, console: ConsoleSink | None = None,
                  experimental: ExperimentalCalls | None = None, audit: bool = False, cmdline: str = "",
-                 spec: Spec | None = None, privilege: str | None = None) -> None:
+                 spec: Spec | None = None, privilege: str | None = None, console_input: int | None = None) -> None:
+        # console_input: a host file descriptor whose bytes COM1 receives (machine/uart.py).
         # spec: the interface version the ROM and hypervisor implement (default: the packaged one);
         # an older spec stands for an older hypervisor (vmikit compat).
         if paging not in PAGING_STYLES:
@@ -101,7 +102,8 @@ class Session:
                                   deprivileged=privilege == "deprivileged").data
         self.machine = Machine(image, memory_mib=memory_mib, timeout=timeout, console=console, rom=rom_bytes,
                                cmdline=cmdline, pool_readonly=paging != "native",
-                               private=(layout.SHADOW_BASE, layout.SHADOW_SIZE) if paging == "shadow" else None)
+                               private=(layout.SHADOW_BASE, layout.SHADOW_SIZE) if paging == "shadow" else None,
+                               console_input=console_input)
         self.mmu = self._make_mmu(paging)
         self.hypervisor: Hypervisor | None = None
         if rom != "none":  # a bare machine has no hypervisor to call
