@@ -705,7 +705,7 @@ class GdbStub:
             sregs = self._kvm.get_sregs()
             execution = self._execution
             model = "none (no ROM)" if execution is None else (
-                "deprivileged (kernel at ring 3)" if execution.deprivileged else f"{execution.privilege}, not yet deprivileged")
+                "deprivileged (kernel at ring 3)" if execution.deprivileged else f"{execution.privilege} (the kernel is not deprivileged yet)")
             return (f"cpl {sregs.cs.dpl}  cr0 {sregs.cr0:#x}  cr3 {sregs.cr3:#x}  cr4 {sregs.cr4:#x}  efer {sregs.efer:#x}\n"
                     f"execution model: {model}; software breakpoints: {len(self._sw)}, hardware: {len(self._hw)}\n")
         raise ValueError(f"unknown monitor command {' '.join(words)!r} (try: monitor help)")
