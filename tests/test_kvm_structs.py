@@ -31,9 +31,14 @@ IOCTLS = [
     ("KVM_GET_VCPU_EVENTS", structs.KvmVcpuEvents),
     ("KVM_GET_DEBUGREGS", structs.KvmDebugregs),
     ("KVM_SET_DEBUGREGS", structs.KvmDebugregs),
+    ("KVM_IRQ_LINE", structs.KvmIrqLevel),
+    ("KVM_CREATE_PIT2", structs.KvmPitConfig),
+    ("KVM_GET_MP_STATE", structs.KvmMpState),
+    ("KVM_GET_LAPIC", structs.KvmLapicState),
+    ("KVM_SET_GUEST_DEBUG", structs.KvmGuestDebug),
 ]
 PLAIN_IOCTLS = ["KVM_GET_API_VERSION", "KVM_CREATE_VM", "KVM_CHECK_EXTENSION", "KVM_GET_VCPU_MMAP_SIZE",
-                "KVM_CREATE_VCPU", "KVM_SET_TSS_ADDR", "KVM_RUN", "KVM_GET_TSC_KHZ"]
+                "KVM_CREATE_VCPU", "KVM_SET_TSS_ADDR", "KVM_RUN", "KVM_GET_TSC_KHZ", "KVM_CREATE_IRQCHIP"]
 
 # Published request numbers (x86-64), as a witness that needs no compiler.
 KNOWN = {
@@ -48,6 +53,12 @@ KNOWN = {
     "KVM_GET_MSRS": 0xC008AE88,
     "KVM_SET_MSRS": 0x4008AE89,
     "KVM_GET_VCPU_EVENTS": 0x8040AE9F,
+    "KVM_CREATE_IRQCHIP": 0xAE60,
+    "KVM_IRQ_LINE": 0x4008AE61,
+    "KVM_CREATE_PIT2": 0x4040AE77,
+    "KVM_GET_MP_STATE": 0x8004AE98,
+    "KVM_GET_LAPIC": 0x8400AE8E,
+    "KVM_SET_GUEST_DEBUG": 0x4048AE9B,
 }
 
 STRUCT_SIZES = {  # C name -> ctypes struct
@@ -56,6 +67,8 @@ STRUCT_SIZES = {  # C name -> ctypes struct
     "kvm_sync_regs": structs.KvmSyncRegs, "kvm_userspace_memory_region": structs.KvmUserspaceMemoryRegion,
     "kvm_cpuid2": structs.KvmCpuid2, "kvm_cpuid_entry2": structs.KvmCpuidEntry2,
     "kvm_msrs": structs.KvmMsrs, "kvm_debugregs": structs.KvmDebugregs, "kvm_msr_entry": structs.KvmMsrEntry, "kvm_run": structs.KvmRun,
+    "kvm_irq_level": structs.KvmIrqLevel, "kvm_pit_config": structs.KvmPitConfig, "kvm_mp_state": structs.KvmMpState,
+    "kvm_lapic_state": structs.KvmLapicState, "kvm_guest_debug": structs.KvmGuestDebug,
 }
 RUN_OFFSETS = ["immediate_exit", "exit_reason", "kvm_valid_regs", "kvm_dirty_regs", "s"]
 

@@ -19,7 +19,7 @@ PROGRESS_ENV = "VMIKIT_FUZZ_PROGRESS_SECONDS"
 from vmikit.outputs import EXTENSION, OUTPUT, TIMEOUT
 
 
-@click.command()
+@click.command(short_help="Fuzz the hypercall surface; exit 0 if the VMM held.")
 @click.option("--calls", type=click.IntRange(1), default=20000, show_default=True, help="Fuzzed calls to make.")
 @click.option("--seed", type=click.IntRange(0, 2**64 - 1), default=1, show_default=True,
               help="PRNG seed: the same seed replays the same calls.")

@@ -23,6 +23,11 @@ def _row(case: Case, qemu: Outcome | None, vmikit: Outcome | None) -> dict[str, 
     return row
 
 
+def _same(row: dict[str, object], no: str) -> str:
+    same = row.get("same")
+    return "" if same is None else "yes" if same else no
+
+
 def _markdown(rows: list[dict[str, object]]) -> str:
     lines = ["| test | QEMU-KVM | s | vmikit | s | same |", "|---|---|---|---|---|---|"]
     for row in rows:
@@ -33,12 +38,12 @@ def _markdown(rows: list[dict[str, object]]) -> str:
                 cells += [str(outcome["summary"]).replace("|", "\\|"), f"{outcome['seconds']:.0f}"]
             else:
                 cells += ["not run", ""]
-        cells.append({True: "yes", False: "**no**"}.get(row.get("same"), ""))  # type: ignore[arg-type]
+        cells.append(_same(row, "**no**"))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
-@click.command("kvm-unit-tests", short_help="Compare kvm-unit-tests x86 results under QEMU-KVM and vmikit.")
+@click.command("kvm-unit-tests", short_help="Run kvm-unit-tests under QEMU-KVM and vmikit.")
 @click.argument("tree", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--test", "names", multiple=True, metavar="NAME", help="Only this case of x86/unittests.cfg (repeatable).")
 @click.option("--machine", type=click.Choice(["both", "qemu", "vmikit"]), default="both", show_default=True,
@@ -77,7 +82,7 @@ def kvm_unit_tests(tree: Path, names: tuple[str, ...], machine: str, timeout: fl
         q, v = row.get("qemu"), row.get("vmikit")
         table.add_row(str(row["test"]), str(q["summary"]) if isinstance(q, dict) else "-",
                       str(v["summary"]) if isinstance(v, dict) else "-",
-                      {True: "yes", False: "no"}.get(row.get("same"), "-"))  # type: ignore[arg-type]
+                      _same(row, "no") or "-")
     Console().print(table)
     if json_file is not None:
         json_file.write_text(json.dumps(rows, indent=2) + "\n")

@@ -27,7 +27,7 @@ SCI_IRQ = 9
 TABLE_ALIGN = 16
 
 
-def checksum(data: bytes) -> int:
+def checksum(data: bytes | bytearray) -> int:
     """The byte that makes ``data`` sum to zero modulo 256."""
     return (-sum(data)) & 0xFF
 

@@ -10,7 +10,8 @@
  *   - COM1 as a 16550A: scratch register, loopback through the FIFO, LSR's data-ready and
  *     overrun bits, IIR, and its IRQ 4 through the IOAPIC.
  * Deprivileged under a ROM it refuses (exit 2): it needs ring 0. Command line: `echo` reads one line from COM1 (host stdin), interrupt-driven, and prints it;
- * `reset=cf9|kbc|92` resets the machine that way at the end; `halt` ends with cli; hlt.
+ * `sleep=MS` halts through MS of LAPIC ticks at the end; `reset=cf9|kbc|92` resets the machine
+ * that way at the end; `halt` ends with cli; hlt (nothing can wake it).
  */
 #include "lib.h"
 #include "vmi.h"
@@ -456,6 +457,15 @@ void kmain(uint32_t magic, uint32_t mbinfo)
 			outb(0x01, 0x92);
 		printf("FAIL: still running after the reset\n");
 		exit(1);
+	}
+	uint64_t sleep_ms = cmdline_u64("sleep", 0);
+	if (sleep_ms) { /* halt through sleep_ms / PERIOD_MS LAPIC ticks: the host should idle */
+		lapic_ticks = 0;
+		*lapic(LAPIC_LVT_TIMER) = VEC_LAPIC_TIMER | LVT_PERIODIC;
+		*lapic(LAPIC_TIMER_ICR) = PERIOD_MS * 1000 * 1000;
+		wait_ticks(&lapic_ticks, (unsigned)(sleep_ms / PERIOD_MS));
+		*lapic(LAPIC_LVT_TIMER) = LVT_MASKED;
+		printf("SLEPT: %lu ms in %u ticks\n", (unsigned long)sleep_ms, lapic_ticks);
 	}
 	if (cmdline_has("halt")) {
 		cli();

@@ -1,0 +1,94 @@
+"""The kvm-unit-tests comparison runner (vmikit kvm-unit-tests): reading a tree, the two machines'
+command lines, and judging outcomes. The comparison itself runs against a built tree
+(docs/kvm-unit-tests.md); here a small tree stands in for one."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from vmikit.cli import main
+from vmikit.errors import UsageError
+from vmikit.kut.runner import memory_mib, qemu_command, run_case, vmikit_command
+from vmikit.kut.suite import Outcome, load_cases, parse_output, uniprocessor
+
+CFG = """\
+# a comment
+[one]
+file = one.flat
+
+[args]
+file = one.flat
+test_args = 'cpuid'
+qemu_params = -cpu max,+x2apic -m 2048
+timeout = 90s
+
+[two_cpus]
+file = one.flat
+smp = 2
+
+[i386_only]
+file = one.flat
+arch = i386
+
+[not_built]
+file = missing.flat
+"""
+
+
+@pytest.fixture()
+def tree(tmp_path: Path) -> Path:
+    (tmp_path / "x86").mkdir()
+    (tmp_path / "x86" / "unittests.cfg").write_text(CFG)
+    (tmp_path / "x86" / "one.flat").write_bytes(b"\x7fELF")
+    return tmp_path
+
+
+def test_cases_read_from_the_tree_and_filtered_to_uniprocessor_64_bit(tree: Path) -> None:
+    cases = load_cases(tree)
+    assert [c.name for c in cases] == ["one", "args", "two_cpus", "i386_only"]  # not_built left out
+    assert [c.name for c in uniprocessor(cases)] == ["one", "args"]
+    args = cases[1]
+    assert args.cmdline == "cpuid" and args.timeout == 90 and memory_mib(args) == 2048
+
+
+def test_qemu_gets_qemu64_with_the_case_flags_and_vmikit_the_bare_board(tree: Path) -> None:
+    args = load_cases(tree)[1]
+    cmd = qemu_command(args)
+    assert cmd[cmd.index("-cpu") + 1] == "qemu64,+x2apic"  # max/host fail on this host
+    assert cmd.count("-m") == 1 and cmd[cmd.index("-m") + 1] == "2048"
+    assert cmd[cmd.index("-append") + 1] == "cpuid" and "pc-testdev" in cmd
+    assert qemu_command(load_cases(tree)[0])[-2:] == ["-cpu", "qemu64"]
+    ours = vmikit_command(args, 90)
+    assert ours[ours.index("--rom") + 1] == "none" and ours[ours.index("--cmdline") + 1] == "cpuid"
+
+
+def test_a_tree_without_a_config_is_refused_in_one_line(tmp_path: Path) -> None:
+    with pytest.raises(UsageError, match="unittests.cfg"):
+        load_cases(tmp_path)
+    result = CliRunner().invoke(main, ["kvm-unit-tests", str(tmp_path)])
+    assert result.exit_code == 2 and "unittests.cfg" in result.output
+
+
+def test_output_parsing_and_judging() -> None:
+    text = "PASS: a\nFAIL: b\nSKIP: c\nPASS: d\nSUMMARY: 3 tests, 1 unexpected failures, 1 skipped\n"
+    assert parse_output(text) == ("3 tests, 1 unexpected failures, 1 skipped", 2, 1, 1)
+    assert parse_output("no summary here\n") == (None, 0, 0, 0)
+    a = Outcome("summary", "3 tests", 3, 0, 0, 1.0, 1)
+    assert a.same_result(Outcome("summary", "3 tests", 3, 0, 0, 9.0, 1))
+    assert not a.same_result(Outcome("summary", "3 tests", 2, 1, 0, 1.0, 3))
+    assert not a.same_result(Outcome("timeout", "no SUMMARY", 0, 0, 0, 300.0, None))
+    bench = Outcome("no-summary", "ended", 0, 0, 0, 1.0, 1)
+    assert bench.same_result(Outcome("no-summary", "ended", 0, 0, 0, 2.0, 1))
+    assert not bench.same_result(Outcome("no-summary", "ended", 0, 0, 0, 2.0, 3))
+
+
+def test_run_case_reads_a_summary_and_kills_a_machine_that_overruns() -> None:
+    printer = [sys.executable, "-c", "print('PASS: x'); print('SUMMARY: 1 tests')"]
+    done = run_case(printer, 30)
+    assert (done.status, done.summary, done.passed, done.exit_code) == ("summary", "1 tests", 1, 0)
+    stuck = run_case([sys.executable, "-c", "import time; print('PASS: x', flush=True); time.sleep(60)"], 1)
+    assert stuck.status == "timeout" and stuck.exit_code is None and stuck.seconds < 30
