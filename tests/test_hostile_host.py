@@ -116,4 +116,4 @@ def test_a_non_utf8_command_line(kvm: str) -> None:
     from vmikit.machine.board import Machine
 
     with Machine(build_guest("hello"), cmdline=os.fsdecode(b"k=\xff\xfe")) as machine:
-        assert machine.memory.read(machine.kernel.info_addr + 0x100 + 3 * 24, 6) == b"k=\xff\xfe\0v"
+        assert machine.memory.read(machine.kernel.info_addr + 0x100 + 3 * 24, 16) == b"hello.elf k=\xff\xfe\0v"

@@ -92,3 +92,23 @@ def test_run_case_reads_a_summary_and_kills_a_machine_that_overruns() -> None:
     assert (done.status, done.summary, done.passed, done.exit_code) == ("summary", "1 tests", 1, 0)
     stuck = run_case([sys.executable, "-c", "import time; print('PASS: x', flush=True); time.sleep(60)"], 1)
     assert stuck.status == "timeout" and stuck.exit_code is None and stuck.seconds < 30
+
+
+def test_qemu_statuses_are_decoded_and_earlier_results_reused(tree: Path, tmp_path: Path) -> None:
+    from vmikit.kut.runner import guest_status
+
+    assert guest_status(1, True) == 0 and guest_status(3, True) == 1 and guest_status(2, True) == 2
+    assert guest_status(3, False) == 3
+    bad = tmp_path / "bad.json"
+    bad.write_text('[{"test": "one", "qemu": {"status": 1}}]')
+    result = CliRunner().invoke(main, ["kvm-unit-tests", str(tree), "--qemu-results", str(bad), "--test", "one",
+                                       "--machine", "qemu"])
+    assert result.exit_code == 2 and "cannot read QEMU results" in result.output
+    good = tmp_path / "good.json"
+    good.write_text('[{"test": "one", "qemu": {"status": "summary", "summary": "1 tests", "passed": 1, '
+                    '"failed": 0, "skipped": 0, "seconds": 1.0, "exit_code": 0}}]')
+    out = tmp_path / "out.json"
+    result = CliRunner().invoke(main, ["kvm-unit-tests", str(tree), "--qemu-results", str(good), "--test", "one",
+                                       "--machine", "qemu", "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    assert '"summary": "1 tests"' in out.read_text()  # taken from the file: one.flat is no kernel

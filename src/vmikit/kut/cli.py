@@ -23,6 +23,16 @@ def _row(case: Case, qemu: Outcome | None, vmikit: Outcome | None) -> dict[str, 
     return row
 
 
+def load_reference(path: Path) -> dict[str, Outcome]:
+    """QEMU's outcomes by case name from an earlier ``--json``; a file that is not one is refused."""
+    fix = "give a file written by `vmikit kvm-unit-tests ... --json`"
+    try:
+        rows = json.loads(path.read_text())
+        return {str(row["test"]): Outcome(**row["qemu"]) for row in rows if "qemu" in row}
+    except (OSError, UnicodeDecodeError, ValueError, TypeError, KeyError) as exc:
+        raise UsageError(f"cannot read QEMU results from {path} ({type(exc).__name__})", fix) from None
+
+
 def _same(row: dict[str, object], no: str) -> str:
     same = row.get("same")
     return "" if same is None else "yes" if same else no
@@ -50,10 +60,13 @@ def _markdown(rows: list[dict[str, object]]) -> str:
               help="Which machines to run each case on.")
 @click.option("--timeout", type=TIMEOUT, default=None,
               help="Seconds per case and machine (default: the case's own, or 300).")
+@click.option("--qemu-results", "qemu_results", type=click.Path(dir_okay=False, exists=True, path_type=Path),
+              help="Take QEMU's outcomes from this earlier --json instead of running QEMU again (the reference "
+                   "does not change with vmikit).")
 @click.option("--json", "json_file", type=OUTPUT, help="Write every outcome here.")
 @click.option("--markdown", "markdown_file", type=OUTPUT, help="Write the comparison table here (Markdown).")
 def kvm_unit_tests(tree: Path, names: tuple[str, ...], machine: str, timeout: float | None,
-                   json_file: Path | None, markdown_file: Path | None) -> None:
+                   qemu_results: Path | None, json_file: Path | None, markdown_file: Path | None) -> None:
     """Run the uniprocessor x86 cases of a built kvm-unit-tests TREE (./configure && make) under
     QEMU with KVM and under vmikit's bare board (--rom none), and show whether each reaches the
     same SUMMARY with the same PASS/FAIL/SKIP counts. Exit 1 if a case QEMU finishes differs."""
@@ -67,11 +80,13 @@ def kvm_unit_tests(tree: Path, names: tuple[str, ...], machine: str, timeout: fl
             raise UsageError(f"no uniprocessor case named {', '.join(unknown)} in {tree}",
                              "choose names from x86/unittests.cfg (smp = 1)")
         cases = [c for c in cases if c.name in names]
+    reference = load_reference(qemu_results) if qemu_results is not None else {}
     rows = []
     console = Console(stderr=True)
     for case in cases:
         limit = timeout or case.timeout
-        qemu = run_case(qemu_command(case), limit) if machine in ("both", "qemu") else None
+        qemu = reference.get(case.name) or (run_case(qemu_command(case), limit, debug_exit=True)
+                                             if machine in ("both", "qemu") else None)
         vmikit = run_case(vmikit_command(case, limit), limit + 30) if machine in ("both", "vmikit") else None
         rows.append(_row(case, qemu, vmikit))
         console.print(f"{case.name}: qemu: {qemu.summary if qemu else '-'} | vmikit: {vmikit.summary if vmikit else '-'}")

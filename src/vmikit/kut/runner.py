@@ -84,8 +84,9 @@ def vmikit_command(case: Case, timeout: float) -> list[str]:
     return cmd
 
 
-def run_case(cmd: list[str], timeout: float) -> Outcome:
-    """Run one machine to its end (or kill it after ``timeout`` s) and read its SUMMARY."""
+def run_case(cmd: list[str], timeout: float, debug_exit: bool = False) -> Outcome:
+    """Run one machine to its end (or kill it after ``timeout`` s) and read its SUMMARY.
+    ``debug_exit``: the status is QEMU's, ``(code << 1) | 1`` for the guest's exit code."""
     start = time.monotonic()
     proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             start_new_session=True)
@@ -109,4 +110,9 @@ def run_case(cmd: list[str], timeout: float) -> Outcome:
     else:
         status, summary = "no-summary", f"ended (status {proc.returncode}) without a SUMMARY"
     return Outcome(status=status, summary=summary, passed=passed, failed=failed, skipped=skipped,
-                   seconds=round(seconds, 1), exit_code=None if timed_out else proc.returncode)
+                   seconds=round(seconds, 1), exit_code=None if timed_out else guest_status(proc.returncode, debug_exit))
+
+
+def guest_status(returncode: int, debug_exit: bool) -> int:
+    """The guest's own exit code: QEMU's isa-debug-exit makes it ``(code << 1) | 1``."""
+    return returncode >> 1 if debug_exit and returncode > 0 and returncode & 1 else returncode

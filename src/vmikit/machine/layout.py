@@ -38,6 +38,7 @@ LAPIC_BASE = 0xFEE00000  # KVM's in-kernel local APIC, the architectural default
 TESTDEV_IOMEM_BASE = 0xFF000000  # pc-testdev's MMIO RAM (kvm-unit-tests' IORAM_BASE_PHYS): every access exits
 TESTDEV_IOMEM_SIZE = 0x10000
 MAX_CMDLINE_BYTES = 255  # the multiboot command line's room in the info block, without its NUL
+MAX_IMAGE_NAME_BYTES = 255  # the kernel's file name, which starts the guest's command line (NAME_MAX)
 MAX_TIMEOUT_S = 86400.0  # a day: the watchdog's limit is a bound, not a way to switch it off
 MIN_MEMORY_MIB = 4
 MAX_MEMORY_MIB = 3072  # stay below the 32-bit PCI hole: one flat high RAM slot

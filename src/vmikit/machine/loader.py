@@ -107,7 +107,11 @@ def load_multiboot(path: Path, memory: GuestMemory, ram_end: int, cmdline: str =
     if needed > len(data):
         raise ImageError(f"{path} is truncated: its ELF header describes {needed} bytes but the file has {len(data)}",
                          "rebuild or re-copy the kernel image")
-    cmd = encode_cmdline(cmdline)
+    # As QEMU's -kernel and GRUB do, the guest's command line starts with the kernel's name, then
+    # the arguments: kvm-unit-tests, like a C program, takes the first word for argv[0].
+    name = os.fsencode(path.name)[:layout.MAX_IMAGE_NAME_BYTES].replace(b" ", b"_")
+    args = encode_cmdline(cmdline)
+    cmd = name + b" " + args if args else name
     header = find_multiboot_header(data)
     if header is None:
         raise ImageError(f"{path} is not a multiboot kernel: no multiboot v1 header in its first 8 KiB",
@@ -206,7 +210,7 @@ def write_multiboot_info(memory: GuestMemory, ram_end: int, cmdline: bytes) -> i
     ]
     mmap = b"".join(struct.pack("<IQQI", 20, addr, length, kind) for addr, length, kind in entries)
     cmdline_addr = mmap_addr + len(mmap)
-    if len(cmdline) > layout.MAX_CMDLINE_BYTES or b"\0" in cmdline:
+    if len(cmdline) > layout.MAX_IMAGE_NAME_BYTES + 1 + layout.MAX_CMDLINE_BYTES or b"\0" in cmdline:
         raise ValueError("the command line does not fit; encode_cmdline checks it")
     cmd = cmdline + b"\0"
     name_addr = cmdline_addr + len(cmd)
