@@ -205,11 +205,17 @@ class Hypervisor:
                 if stale:
                     execution.flush(stale)  # no stale translation survives the call that made it
         regs.rax = status
-        if results:
-            padded = (results + (0, 0, 0, 0))[:4]
-            regs.r8, regs.r9, regs.r10, regs.r11 = (r & U64_MASK for r in padded)
-        else:
+        # Written out, not through a generator: on this host every bytecode of the exit path is
+        # paid for cold (the tuple-and-genexpr form cost about 1 µs warm, this about 0.35).
+        if not results:
             regs.r8 = regs.r9 = regs.r10 = regs.r11 = 0
+        elif len(results) == 1:
+            regs.r8 = results[0] & U64_MASK
+            regs.r9 = regs.r10 = regs.r11 = 0
+        else:
+            padded = results + (0, 0, 0)
+            regs.r8, regs.r9 = padded[0] & U64_MASK, padded[1] & U64_MASK
+            regs.r10, regs.r11 = padded[2] & U64_MASK, padded[3] & U64_MASK
         self._vcpu.mark_regs_dirty()
         if tracer is not None:
             tracer.call(value if size == 4 else BUCKET_BAD_SIZE, status, results, start)
