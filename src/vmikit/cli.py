@@ -170,7 +170,10 @@ def console_input() -> int | None:
     which a guest waiting for a line would read to its end at once, or never)."""
     try:
         fd = sys.stdin.fileno()
-        return fd if os.isatty(fd) or stat.S_ISFIFO(os.fstat(fd).st_mode) else None
+        if os.isatty(fd):
+            # A background job reading its terminal would be stopped (SIGTTIN): only in the foreground.
+            return fd if os.tcgetpgrp(fd) == os.getpgrp() else None
+        return fd if stat.S_ISFIFO(os.fstat(fd).st_mode) else None
     except (AttributeError, OSError, ValueError):  # no stdin, or a replaced one (CliRunner)
         return None
 
