@@ -21,6 +21,10 @@ a whole batch is valid, and anything else (an invalid entry, a large leaf,
 reserved bits) goes to ``check_many``, which names the error and the index. The
 reference and writable-mapping counts it changes are folded in lazily, before
 anything reads them (``refs``, ``writable``).
+
+When the C batch kernel is on (``batchkernel.py``, the default), FlushQueue asks it
+first: it reads the same verdict and A/D tables and updates ``_refs``/``_writable`` in
+place, so these arrays are never replaced, only changed.
 """
 
 from __future__ import annotations
