@@ -258,7 +258,7 @@ def test_added_call_must_say_since_the_new_version(tmp_path: Path) -> None:
 
 def test_fixtures_follow_the_rules() -> None:
     versions = list(available_versions())
-    assert versions == [Version(1, 0), Version(1, 1), Version(1, 2), Version(1, 3)]
+    assert versions == [Version(1, 0), Version(1, 1), Version(1, 2), Version(1, 3), Version(1, 4)]
     for old, new in itertools.pairwise(versions):
         report = check(load_spec(version_path(old)), load_spec(version_path(new)))
         assert report.ok and report.bump == "minor", report.problems
@@ -294,7 +294,7 @@ def test_the_packaged_spec_is_the_newest_fixture() -> None:
     newest, path = list(available_versions().items())[-1]
     assert spec_path().read_bytes() == path.read_bytes(), f"copy vmi.toml to versions/{path.name}"
     report = check(load_spec(path), load_spec(spec_path()))
-    assert report.new == newest == Version(1, 3) and report.changes == [], [c.line() for c in report.changes]
+    assert report.new == newest == Version(1, 4) and report.changes == [], [c.line() for c in report.changes]
 
 
 def test_versions_by_name_on_the_command_line() -> None:

@@ -16,14 +16,14 @@ def spec():
 def test_loads_and_is_cached(spec) -> None:
     assert spec_path().name == "vmi.toml" and spec_path().is_file()
     assert load_spec() is spec
-    assert (spec.version.major, spec.version.minor) == (1, 3)
-    assert spec.version.packed == 0x00010003
+    assert (spec.version.major, spec.version.minor) == (1, 4)
+    assert spec.version.packed == 0x00010004
 
 
 def test_families(spec) -> None:
     names = {fid: f.name for fid, f in spec.families.items()}
     assert names == {0x00: "Legacy", 0x01: "CPU", 0x02: "Segmentation", 0x03: "MMU", 0x04: "Query",
-                     0x05: "EventChannel", 0xFF: "Experimental"}
+                     0x05: "EventChannel", 0x06: "Time", 0xFF: "Experimental"}
     assert not spec.families[0x00].calls and not spec.families[0xFF].calls
     assert spec.families[0xFF].runtime
 
@@ -139,7 +139,8 @@ def test_execution_model_calls(spec) -> None:
 
 def test_user_safe_calls(spec) -> None:
     user = {c.qualified_name for c in spec.calls() if c.user}
-    assert user == {"Query.GetVersion", "Query.HasFamily", "Query.QueryCall", "CPU.CPUID", "CPU.RDTSC", "CPU.IODelay"}
+    assert user == {"Query.GetVersion", "Query.HasFamily", "Query.QueryCall", "CPU.CPUID", "CPU.RDTSC", "CPU.IODelay",
+                    "Time.GetCycleFrequency", "Time.GetCycleCounter", "Time.GetWallclockTime"}
 
 
 def test_shared_page_layout(spec) -> None:
@@ -150,6 +151,8 @@ def test_shared_page_layout(spec) -> None:
         ("cr2", 0, "u64"), ("vif", 8, "u32"), ("pending", 12, "u32"), ("vpl", 16, "u32"),
         ("privilege", 20, "u32"), ("kernel_cs", 24, "u32"), ("kernel_ss", 28, "u32"),
         ("user_cs", 32, "u32"), ("user_ss", 36, "u32"), ("exceptions", 40, "u64"),
+        ("evtchn_pending", 48, "u64"), ("evtchn_mask", 56, "u64"), ("upcalls", 64, "u64"),
+        ("evtchn_dropped", 72, "u64"),
     ]
     assert page.offset("vif") == 8 and page.offset("EXCEPTIONS") == 40 and page.field("cr2").size == 8
     assert all(f.doc for f in page.fields) and page.doc

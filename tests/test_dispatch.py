@@ -121,7 +121,7 @@ def test_reserved_bits_give_the_documented_error(reserved: int, annotation: int)
     assert memory.read_u64(0x100) == 0  # and nothing happened
 
 
-@pytest.mark.parametrize("call_id", [0x06000000, 0x01FF0000, 0x03FE0000, 0x04200000, 0xFF010000, 0x00FF0000])
+@pytest.mark.parametrize("call_id", [0x07000000, 0x01FF0000, 0x03FE0000, 0x04200000, 0xFF010000, 0x00FF0000])
 def test_unknown_family_or_call_is_not_supported(hv: tuple[Hypervisor, StandInVcpu], call_id: int) -> None:
     assert call(hv, call_id)[0] == ERR["NOT_SUPPORTED"]
 

@@ -113,6 +113,7 @@ class Session:
             self.machine.on_out(layout.PORT_HYPERCALL, self.hypervisor.on_hypercall)
             assert self.hypervisor.execution is not None
             self.machine.on_out(layout.PORT_EVENT, self.hypervisor.execution.on_event)
+            self.machine.uart.on_host_input = self.hypervisor.console_input  # the console event source (1.4)
         self.audit = audit
         self.audits = 0
         self.audit_problems: list[str] = []  # the first AUDIT_PROBLEMS_KEPT (trap paging: one audit per store)
@@ -158,10 +159,14 @@ class Session:
             paging["audit"] = {"runs": (hv.audits if hv else 0) + self.audits + 1, "problems": self.audit_problems,
                                "problems_total": self.audit_problem_count}
         execution = self.hypervisor.execution.summary() if self.hypervisor and self.hypervisor.execution else None
+        if execution is not None and self.hypervisor is not None and self.hypervisor.events is not None:
+            execution["events"] = self.hypervisor.events.summary()
         failures = self.hypervisor.handler_failure_count if self.hypervisor else 0
         return SessionResult(result, by_call, self.rom, self.annotations, paging, self.privilege, execution, failures)
 
     def close(self) -> None:
+        if self.hypervisor is not None:
+            self.hypervisor.close()  # its alarm clock thread
         try:
             self.mmu.close()  # its array views pin guest memory
         finally:

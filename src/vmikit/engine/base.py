@@ -8,6 +8,7 @@ exits the board must decide on come back as a small ``Exit`` value.
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -162,6 +163,18 @@ class Vcpu(Protocol):
     def probe_halt(self) -> None:
         """Thread-safe, a few times a second: if the vCPU sleeps in HLT with interrupts disabled,
         make run() return ExitKind.HALT (nothing could ever wake it)."""
+        ...
+
+    def wake(self) -> None:
+        """Thread-safe: end the current (or next) KVM_RUN early and call ``on_wake`` from the run
+        loop's thread, then go on running (the hypervisor's alarms and console events)."""
+        ...
+
+    on_wake: Callable[[], None] | None
+
+    @property
+    def kicked(self) -> bool:
+        """Whether kick() asked the run to end (a VMM wait inside a handler must give up)."""
         ...
 
     def exit_counts(self) -> dict[str, int]: ...

@@ -7,6 +7,7 @@ import errno
 import signal
 import threading
 import time
+from collections.abc import Callable
 from typing import Protocol
 
 from vmikit.engine.base import BootState, ControlState, CrashRun, DescriptorTable, Exit, ExitKind, Segment, StopRun, VcpuOps, WatchdogExpired
@@ -146,6 +147,9 @@ class KvmVcpuEngine:
         self.tracer: ExitTracer | None = None
         self.debugger: DebugHook | None = None
         self._debug_interrupt = False  # interrupt() asked for the debugger, not the watchdog
+        self._woken = False  # wake() asked for on_wake
+        self.on_wake: Callable[[], None] | None = None  # the hypervisor's event delivery
+        self.wakeups = 0
 
     @property
     def regs(self) -> ks.KvmRegs:
@@ -211,6 +215,9 @@ class KvmVcpuEngine:
                             run.immediate_exit = 0
                             debugger.on_exit(ks.KVM_EXIT_INTR)
                             continue
+                        if self._woken:
+                            self._wake_up()
+                            continue
                         if self._probing:
                             if self._halted_for_good():
                                 return Exit(ExitKind.HALT, HALTED_FOR_GOOD)
@@ -256,6 +263,8 @@ class KvmVcpuEngine:
                 elif reason == ks.KVM_EXIT_INTR:
                     if self._kicked:
                         return Exit(ExitKind.KICKED, "stopped by the watchdog")
+                    if self._woken:
+                        self._wake_up()
                     if self._probing and self._halted_for_good():
                         return Exit(ExitKind.HALT, HALTED_FOR_GOOD)
                 else:
@@ -300,6 +309,31 @@ class KvmVcpuEngine:
                 signal.pthread_kill(tid, KICK_SIGNAL)
             except ProcessLookupError:
                 pass
+
+    def wake(self) -> None:
+        """Thread-safe: end the current KVM_RUN (or the next, if it lands between two) and call
+        on_wake from the run loop's thread; unlike kick(), the run goes on afterwards."""
+        self._woken = True
+        self._run.immediate_exit = 1
+        tid = self._thread_id
+        if tid is not None:
+            try:
+                signal.pthread_kill(tid, KICK_SIGNAL)
+            except ProcessLookupError:
+                pass
+
+    def _wake_up(self) -> None:
+        self._woken = False
+        if not self._kicked:  # a watchdog kick keeps immediate_exit: the run must end
+            self._run.immediate_exit = 0
+        self.wakeups += 1
+        hook = self.on_wake
+        if hook is not None:
+            hook()
+
+    @property
+    def kicked(self) -> bool:
+        return self._kicked
 
     @property
     def kvm_vcpu(self) -> KvmVcpu:

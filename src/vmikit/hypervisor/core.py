@@ -21,7 +21,8 @@ from vmikit.engine import StopRun, Vcpu
 from vmikit.hypervisor.context import CallContext, HypercallError
 from vmikit.hypervisor.execution import ExecutionModel
 from vmikit.hypervisor.experimental import EXPERIMENTAL_FAMILY, ExperimentalCalls
-from vmikit.hypervisor import cpu, eventchannel, mmu, query, segmentation
+from vmikit.hypervisor import clock, cpu, eventchannel, mmu, query, segmentation
+from vmikit.hypervisor.events import Events
 from vmikit.hypervisor.mmu import Mmu
 from vmikit.hypervisor.registry import FamilyHandlers, Handler
 from vmikit.memory import GuestMemory, GuestMemoryError
@@ -66,7 +67,8 @@ class Route:
 
 
 def _family_modules() -> list[FamilyHandlers]:
-    return [cpu.HANDLERS, segmentation.HANDLERS, mmu.HANDLERS, query.HANDLERS, eventchannel.HANDLERS]
+    return [cpu.HANDLERS, segmentation.HANDLERS, mmu.HANDLERS, query.HANDLERS, eventchannel.HANDLERS,
+            clock.HANDLERS]
 
 
 class Hypervisor:
@@ -96,6 +98,7 @@ class Hypervisor:
         self._vcpu: Vcpu | None = None
         self.privilege = privilege
         self.execution: ExecutionModel | None = None  # after attach()
+        self.events: Events | None = None  # after attach(), with an interface that has them (1.4)
         self.tracer: CallTracer | None = None  # vmikit.observe.trace: each call's name, status and VMM time
 
     # --- tables ------------------------------------------------------------
@@ -153,6 +156,22 @@ class Hypervisor:
         self._ctx = CallContext(self.spec, memory, vcpu, self)
         if self._mmu is None:
             self._mmu = Mmu(memory)
+        if self.spec.shared is not None and "TIME_ALARMS" in self.spec.constants:
+            self.events = Events(self.spec, memory, vcpu, self.execution)
+
+    def execution_model(self) -> ExecutionModel:
+        assert self.execution is not None, "attach() first"
+        return self.execution
+
+    def console_input(self) -> None:
+        """Any thread: host bytes arrived at COM1 (the console event source)."""
+        if self.events is not None:
+            self.events.console_input()
+
+    def close(self) -> None:
+        """Stop the helper threads (the alarm clock)."""
+        if self.events is not None:
+            self.events.close()
 
     @property
     def deprivileged(self) -> ExecutionModel | None:
@@ -216,6 +235,9 @@ class Hypervisor:
             padded = results + (0, 0, 0)
             regs.r8, regs.r9 = padded[0] & U64_MASK, padded[1] & U64_MASK
             regs.r10, regs.r11 = padded[2] & U64_MASK, padded[3] & U64_MASK
+        events = self.events
+        if events is not None and events.due():
+            events.deliver()  # an upcall saves rip/rflags and runs before the call "returns"
         self._vcpu.mark_regs_dirty()
         if tracer is not None:
             tracer.call(value if size == 4 else BUCKET_BAD_SIZE, status, results, start)

@@ -143,8 +143,12 @@ def wbinvd(ctx: CallContext, *_: int) -> tuple[int, ...]:
 
 @HANDLERS.call("Halt")
 def halt(ctx: CallContext, *_: int) -> tuple[int, ...]:
-    # This board has no interrupt sources, so "until the next interrupt" is now:
-    # Halt returns at once (callers loop on their condition, as with a spurious wakeup).
+    # Since 1.4: sleep until an event can be delivered (hypervisor/events.py). With nothing armed
+    # that could wake it (or before 1.4) Halt returns at once: callers loop on their condition,
+    # as after a spurious wake-up.
+    events = ctx.hypervisor.events
+    if events is not None:
+        events.halt()
     return ()
 
 
@@ -172,6 +176,10 @@ def set_dr(ctx: CallContext, reg: int, value: int, _: int) -> tuple[int, ...]:
 
 
 def _set_if(ctx: CallContext, enabled: bool) -> tuple[int, ...]:
+    events = ctx.hypervisor.events
+    if events is not None:
+        ctx.hypervisor.execution_model().set_vif(enabled)  # the events' mask, at either privilege
+        events.signal = enabled  # unmasking with an event pending: the return delivers it
     execution = ctx.hypervisor.deprivileged
     if execution is not None:  # the interrupt flag is virtual: the shared page's
         execution.set_vif(enabled)

@@ -1,4 +1,5 @@
-"""EventChannel family (0x05, since VMI 1.2): per-guest FIFO ports of 64-bit events.
+"""EventChannel family (0x05, since VMI 1.2): per-guest FIFO ports of 64-bit events; since 1.4
+also sources bound to ports, port masks and the upcall callback (hypervisor/events.py).
 
 Routed only when the hypervisor's spec names the family (a 1.1 hypervisor has none), so
 Query.HasFamily/QueryCall report it like any other family. The ports' state belongs to
@@ -11,6 +12,7 @@ from collections import deque
 
 from vmikit.abi.model import U64_MASK, Spec
 from vmikit.hypervisor.context import CallContext, HypercallError
+from vmikit.hypervisor.events import Events
 from vmikit.hypervisor.registry import FamilyHandlers
 
 HANDLERS = FamilyHandlers("EventChannel")
@@ -71,9 +73,44 @@ def channel(ctx: CallContext) -> EventChannel:
 
 @HANDLERS.call("Send")
 def send(ctx: CallContext, port: int, value: int, _: int) -> tuple[int, ...]:
-    return channel(ctx).send(port, value)
+    result = channel(ctx).send(port, value)
+    events = ctx.hypervisor.events
+    if events is not None:
+        events.send(port)  # a guest in upcall mode (1.4) also gets the port's bit
+    return result
 
 
 @HANDLERS.call("Poll")
 def poll(ctx: CallContext, port: int, *_: int) -> tuple[int, ...]:
     return channel(ctx).poll(port)
+
+
+def _events(ctx: CallContext) -> Events:
+    found = ctx.hypervisor.events
+    if found is None:
+        raise HypercallError("NOT_SUPPORTED")
+    return found
+
+
+@HANDLERS.call("Bind")
+def bind(ctx: CallContext, source: int, port: int, _: int) -> tuple[int, ...]:
+    _events(ctx).bind(source, port)
+    return ()
+
+
+@HANDLERS.call("Mask")
+def mask(ctx: CallContext, port: int, *_: int) -> tuple[int, ...]:
+    _events(ctx).set_mask(port, True)
+    return ()
+
+
+@HANDLERS.call("Unmask")
+def unmask(ctx: CallContext, port: int, *_: int) -> tuple[int, ...]:
+    _events(ctx).set_mask(port, False)  # the hypercall's return delivers a pending bit
+    return ()
+
+
+@HANDLERS.call("SetCallback")
+def set_callback(ctx: CallContext, entry: int, *_: int) -> tuple[int, ...]:
+    _events(ctx).set_callback(entry)
+    return ()

@@ -152,6 +152,9 @@ class ExecutionModel:
     def set_vif(self, enabled: bool) -> None:
         self._put("vif", int(enabled))
 
+    def set_pending(self, pending: bool) -> None:
+        self._put("pending", int(pending))
+
     def put_cr2(self, value: int) -> None:
         self._put("cr2", value)
 
@@ -202,6 +205,8 @@ class ExecutionModel:
             raise HypercallError("NOT_SUPPORTED")
         if self.privilege == "ring0" or self.deprivileged:
             self._put("privilege", 3 if self.deprivileged else 0)
+            if not self.deprivileged:  # the events' mask starts as the kernel's own IF
+                self._put("vif", int(bool(self.vcpu.regs.rflags & RFLAGS_IF)))
             return (3 if self.deprivileged else 0), layout.SHARED_PAGE
         if self.vcpu.cpl() != 0:
             raise HypercallError("PERMISSION")  # only a ring-0 kernel has anything to give up

@@ -84,6 +84,7 @@ class Uart16550:
         self._level = False
         self.transmitted = 0
         self.received = 0
+        self.on_host_input: Callable[[], None] | None = None  # the hypervisor's console event source
 
     def attach(self, board: Ports) -> None:
         self._board = board
@@ -104,6 +105,9 @@ class Uart16550:
             self._host.extend(data)
             self._refill()
             self._update_irq()
+        listener = self.on_host_input
+        if listener is not None:
+            listener()
 
     # --- registers -------------------------------------------------------
 

@@ -22,6 +22,7 @@ QUEUE_ANNOTATION = "queue"
 # CPUID is not here: what CPUID says is the hypervisor's to decide.
 NATIVE = {
     "CPU.RDTSC": "vmi_native_rdtsc",
+    "Time.GetCycleCounter": "vmi_native_rdtsc",  # the cycle counter is the TSC (VMI 1.4)
     "CPU.RDPMC": "vmi_native_rdpmc",
     "CPU.IODelay": "vmi_native_iodelay",
     "CPU.EnableInterrupts": "vmi_native_sti",
@@ -33,6 +34,7 @@ NATIVE = {
 # need ring 0 are replaced by shared-page code (the interrupt flag, CR2) or by plain hypercalls.
 NATIVE_DEPRIVILEGED = {
     "CPU.RDTSC": "vmi_native_rdtsc",
+    "Time.GetCycleCounter": "vmi_native_rdtsc",
     "CPU.IODelay": "vmi_native_iodelay",
     "CPU.EnableInterrupts": "vmi_shared_sti",
     "CPU.DisableInterrupts": "vmi_shared_cli",
@@ -108,7 +110,7 @@ def layout_header(spec: Spec, profile: RomProfile, honour_annotations: bool, dep
             "ROM_SHARED_PRIVILEGE": spec.shared.offset("privilege"),
             **{f"ROM_CALL_{name.upper()}": spec.by_name(f"CPU.{name}").call_id()
                for name in ("EnableInterrupts", "DisableInterrupts", "GetInterruptMask", "SetInterruptMask", "GetCR2")}}
-           if deprivileged and spec.shared is not None else {}),
+           if spec.shared is not None else {}),  # ring 0 too: sti/cli keep the events' vif (1.4)
         "FLUSH_TLB": spec.constants["FLUSH_TLB"].value,
         "FLUSH_GLOBAL": spec.constants["FLUSH_GLOBAL"].value,
         "CR4_PGE": 1 << 7,

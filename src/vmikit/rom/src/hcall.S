@@ -181,13 +181,27 @@ vmi_native_iodelay:		/* no port-0x80 write: that would be an exit, the very cost
 #endif
 #if ROM_NATIVE_CALLS && !ROM_DEPRIVILEGED
 
+/* With a shared page (1.3+), the kernel's IF is also the vif that masks the hypervisor's events
+ * (upcalls, VMI 1.4): kept equal to it, and unmasking with an event pending takes it with one
+ * CPU.EnableInterrupts hypercall, as in the deprivileged ROM. */
 vmi_native_sti:
 	sti
+#ifdef ROM_SHARED_VIF
+	movl	$1, SHARED_PAGE + ROM_SHARED_VIF
+	cmpl	$0, SHARED_PAGE + ROM_SHARED_PENDING
+	je	1f
+	movl	$ROM_CALL_ENABLEINTERRUPTS, %eax
+	jmp	vmi_hcall
+1:
+#endif
 	xorl	%r8d, %r8d
 	jmp	vmi_ret1
 
 vmi_native_cli:
 	cli
+#ifdef ROM_SHARED_VIF
+	movl	$0, SHARED_PAGE + ROM_SHARED_VIF
+#endif
 	xorl	%r8d, %r8d
 	jmp	vmi_ret1
 
@@ -199,10 +213,6 @@ vmi_native_get_if:		/* spec: RFLAGS with only IF (bit 9) meaningful; the hypervi
 
 vmi_native_set_if:		/* spec: IF from flags bit 9 */
 	testl	$RFLAGS_IF, %edi
-	jz	1f
-	sti
-	jmp	2f
-1:	cli
-2:	xorl	%r8d, %r8d
-	jmp	vmi_ret1
+	jnz	vmi_native_sti
+	jmp	vmi_native_cli
 #endif /* ROM_NATIVE_CALLS */

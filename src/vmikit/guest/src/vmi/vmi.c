@@ -184,6 +184,13 @@ int vmi_init(void)
 				vmi_table[VMI__BASE_EVTCHN + i] = NULL;
 	}
 #endif
+#ifdef VMI_FAMILY_TIME
+	resolve(VMI_FAMILY_TIME, VMI_FAMILY_TIME_NCALLS);
+	uint64_t has_time = 0;
+	if (vmi_has_family(VMI_FAMILY_TIME, &has_time) != VMI_ERR_OK || !has_time)
+		for (uint32_t i = 0; i < VMI_FAMILY_TIME_NCALLS; i++)
+			vmi_table[VMI__BASE_TIME + i] = NULL;
+#endif
 	if (rom->raw)
 		rom_raw = (vmi_raw_t)((uintptr_t)rom + rom->raw);
 	vmi_enter_model();
@@ -248,7 +255,8 @@ static long rom_result(vmi_entry_t e, uint64_t a0, uint64_t *out)
 #define MSR_STAR     0xC0000081u
 
 static int deprivileged;
-static volatile void *shared;
+volatile void *vmi__shared; /* not static: the upcall entry (asm) reads it */
+#define shared vmi__shared
 
 int vmi_deprivileged(void) { return deprivileged; }
 
@@ -471,12 +479,15 @@ static int shared_if(int set, int value)
 #endif
 }
 
+/* At ring 0 under a hypervisor with a shared page the real IF is also the events' vif. */
 long vmi_enable_interrupts(void)
 {
 	ROM_CALL(VMI_CALL_CPU_ENABLEINTERRUPTS, 0, 0, 0, NULL);
 	if (deprivileged)
 		return shared_if(1, 1), VMI_ERR_OK;
 	sti();
+	if (shared)
+		shared_if(1, 1);
 	return VMI_ERR_OK;
 }
 
@@ -486,6 +497,8 @@ long vmi_disable_interrupts(void)
 	if (deprivileged)
 		return shared_if(1, 0), VMI_ERR_OK;
 	cli();
+	if (shared)
+		shared_if(1, 0);
 	return VMI_ERR_OK;
 }
 
@@ -501,6 +514,8 @@ long vmi_set_interrupt_mask(uint64_t flags)
 	if (deprivileged)
 		return shared_if(1, (flags & RFLAGS_IF) != 0), VMI_ERR_OK;
 	write_rflags((read_rflags() & ~RFLAGS_IF) | (flags & RFLAGS_IF));
+	if (shared)
+		shared_if(1, (flags & RFLAGS_IF) != 0);
 	return VMI_ERR_OK;
 }
 
@@ -796,5 +811,119 @@ long vmi_evtchn_poll(uint32_t port, uint64_t *value, uint32_t *pending)
 	fifo[port].head = (fifo[port].head + 1) % VMI_EVTCHN_DEPTH;
 	*pending = --fifo[port].count;
 	return VMI_ERR_OK;
+}
+#endif
+
+/* --- EventChannel 1.4: sources, masks, upcalls ------------------------------------------ */
+
+#ifdef VMI_CALL_EVENTCHANNEL_BIND
+#define VMI__STR_(x) #x
+#define VMI__STR(x) VMI__STR_(x)
+static vmi_event_handler_t event_handler;
+
+int vmi_events_present(void) { return entry_of(VMI_CALL_EVENTCHANNEL_SETCALLBACK) != NULL && shared != NULL; }
+
+long vmi_evtchn_bind(uint32_t source, uint32_t port)
+{
+	ROM_CALL(VMI_CALL_EVENTCHANNEL_BIND, source, port, 0, NULL);
+	return VMI_ERR_NOT_SUPPORTED;
+}
+
+long vmi_evtchn_mask(uint32_t port)
+{
+	ROM_CALL(VMI_CALL_EVENTCHANNEL_MASK, port, 0, 0, NULL);
+	return VMI_ERR_NOT_SUPPORTED;
+}
+
+long vmi_evtchn_unmask(uint32_t port)
+{
+	ROM_CALL(VMI_CALL_EVENTCHANNEL_UNMASK, port, 0, 0, NULL);
+	return VMI_ERR_NOT_SUPPORTED;
+}
+
+uint64_t vmi_upcalls(void)
+{
+	return shared ? *(volatile uint64_t *)((volatile char *)shared + VMI_SHARED_UPCALLS) : 0;
+}
+
+/* Called by the entry below with vif = 0: take the pending unmasked ports (masked ones keep
+ * their bits until unmasked) and hand them to the handler. */
+void vmi__upcall_dispatch(void);
+void vmi__upcall_dispatch(void)
+{
+	volatile char *page = (volatile char *)shared;
+	uint64_t mask = *(volatile uint64_t *)(page + VMI_SHARED_EVTCHN_MASK);
+	uint64_t old = __atomic_fetch_and((uint64_t *)(page + VMI_SHARED_EVTCHN_PENDING), mask, __ATOMIC_SEQ_CST);
+	uint64_t ports = old & ~mask;
+	if (ports && event_handler)
+		event_handler(ports);
+}
+
+/* The upcall entry (docs/events.md): the hypervisor pushed rflags at [rsp], rip at [rsp + 8],
+ * and cleared vif. Save the caller-saved registers (and rbx, used to realign the stack),
+ * dispatch, then set vif again; an event that arrived meanwhile set `pending` (the hypervisor
+ * could not deliver it), which is taken here with no exit. `popfq; ret` resumes the code. */
+void vmi__upcall_entry(void);
+__asm__(
+	"	.text\n"
+	"	.globl vmi__upcall_entry\n"
+	"vmi__upcall_entry:\n"
+	"	pushq %rax\n	pushq %rcx\n	pushq %rdx\n	pushq %rsi\n	pushq %rdi\n"
+	"	pushq %r8\n	pushq %r9\n	pushq %r10\n	pushq %r11\n	pushq %rbx\n"
+	"	movq %rsp, %rbx\n"
+	"	andq $-16, %rsp\n"
+	"1:	call vmi__upcall_dispatch\n"
+	"	movq vmi__shared(%rip), %rax\n"
+	"	movl $1, " VMI__STR(VMI_SHARED_VIF) "(%rax)\n"
+	"	cmpl $0, " VMI__STR(VMI_SHARED_PENDING) "(%rax)\n"
+	"	je 2f\n"
+	"	movl $0, " VMI__STR(VMI_SHARED_VIF) "(%rax)\n"
+	"	movl $0, " VMI__STR(VMI_SHARED_PENDING) "(%rax)\n"
+	"	jmp 1b\n"
+	"2:	movq %rbx, %rsp\n"
+	"	popq %rbx\n	popq %r11\n	popq %r10\n	popq %r9\n	popq %r8\n"
+	"	popq %rdi\n	popq %rsi\n	popq %rdx\n	popq %rcx\n	popq %rax\n"
+	"	popfq\n"
+	"	ret\n");
+
+long vmi_evtchn_set_handler(vmi_event_handler_t handler)
+{
+	if (!vmi_events_present())
+		return VMI_ERR_NOT_SUPPORTED;
+	event_handler = handler;
+	return entry_of(VMI_CALL_EVENTCHANNEL_SETCALLBACK)(handler ? (uint64_t)(uintptr_t)vmi__upcall_entry : 0,
+							  0, 0, NULL);
+}
+#endif
+
+/* --- Time (since 1.4) ------------------------------------------------------------------- */
+
+#ifdef VMI_FAMILY_TIME
+int vmi_time_present(void) { return entry_of(VMI_CALL_TIME_SETALARM) != NULL; }
+
+uint64_t vmi_cycle_counter(void) { ROM_GET(VMI_CALL_TIME_GETCYCLECOUNTER, 0, rdtsc()); }
+
+long vmi_cycle_frequency(uint64_t *hz)
+{
+	vmi_entry_t e = entry_of(VMI_CALL_TIME_GETCYCLEFREQUENCY);
+	return e ? rom_result(e, 0, hz) : VMI_ERR_NOT_SUPPORTED;
+}
+
+long vmi_wallclock(uint64_t *ns)
+{
+	vmi_entry_t e = entry_of(VMI_CALL_TIME_GETWALLCLOCKTIME);
+	return e ? rom_result(e, 0, ns) : VMI_ERR_NOT_SUPPORTED;
+}
+
+long vmi_set_alarm(uint32_t alarm, uint64_t expiry, uint64_t period)
+{
+	ROM_CALL(VMI_CALL_TIME_SETALARM, alarm, expiry, period, NULL);
+	return VMI_ERR_NOT_SUPPORTED;
+}
+
+long vmi_cancel_alarm(uint32_t alarm, uint64_t *fired)
+{
+	vmi_entry_t e = entry_of(VMI_CALL_TIME_CANCELALARM);
+	return e ? rom_result(e, alarm, fired) : VMI_ERR_NOT_SUPPORTED;
 }
 #endif

@@ -50,6 +50,11 @@ _Static_assert((VMI_MIN_VERSION >> 16) == VMI_VERSION_MAJOR && VMI_MIN_VERSION <
 #else
 #define VMI__EVTCHN_NCALLS 0
 #endif
+#ifdef VMI_FAMILY_TIME_NCALLS
+#define VMI__TIME_NCALLS VMI_FAMILY_TIME_NCALLS
+#else
+#define VMI__TIME_NCALLS 0
+#endif
 #ifdef VMI_ANN_QUEUE
 #define VMI__ANN_QUEUE VMI_ANN_QUEUE
 #else
@@ -57,6 +62,7 @@ _Static_assert((VMI_MIN_VERSION >> 16) == VMI_VERSION_MAJOR && VMI_MIN_VERSION <
 #endif
 #define VMI__FAMILY_QUERY_ID  0x04u
 #define VMI__FAMILY_EVTCHN_ID 0x05u
+#define VMI__FAMILY_TIME_ID   0x06u
 
 /* A ROM entry: long entry(u64 a0, u64 a1, u64 a2, u64 *res), res NULL or u64[4]. */
 typedef long (*vmi_entry_t)(uint64_t a0, uint64_t a1, uint64_t a2, uint64_t *res);
@@ -67,13 +73,15 @@ typedef long (*vmi_entry_t)(uint64_t a0, uint64_t a1, uint64_t a2, uint64_t *res
 #define VMI__BASE_MMU    (VMI__BASE_SEG + VMI_FAMILY_SEGMENTATION_NCALLS)
 #define VMI__BASE_QUERY  (VMI__BASE_MMU + VMI_FAMILY_MMU_NCALLS)
 #define VMI__BASE_EVTCHN (VMI__BASE_QUERY + VMI__QUERY_NCALLS)
-#define VMI__BASE_QUEUED (VMI__BASE_EVTCHN + VMI__EVTCHN_NCALLS)
+#define VMI__BASE_TIME   (VMI__BASE_EVTCHN + VMI__EVTCHN_NCALLS)
+#define VMI__BASE_QUEUED (VMI__BASE_TIME + VMI__TIME_NCALLS)
 #define VMI_NSLOTS       (VMI__BASE_QUEUED + VMI_FAMILY_MMU_NCALLS)
 #define VMI__FAMILY_BASE(f)                                                  \
 	((f) == VMI_FAMILY_CPU ? VMI__BASE_CPU :                             \
 	 (f) == VMI_FAMILY_SEGMENTATION ? VMI__BASE_SEG :                    \
 	 (f) == VMI_FAMILY_MMU ? VMI__BASE_MMU :                             \
-	 (f) == VMI__FAMILY_EVTCHN_ID ? VMI__BASE_EVTCHN : VMI__BASE_QUERY)
+	 (f) == VMI__FAMILY_EVTCHN_ID ? VMI__BASE_EVTCHN :                   \
+	 (f) == VMI__FAMILY_TIME_ID ? VMI__BASE_TIME : VMI__BASE_QUERY)
 /* Slot of a call ID; the only annotated slots are MMU calls with VMI_ANN_QUEUE. */
 #define VMI_SLOT(id)                                                             \
 	((VMI_CALLID_FAMILY(id) == VMI_FAMILY_MMU && (VMI_CALLID_ANNOTATION(id) & VMI__ANN_QUEUE)) \
@@ -174,6 +182,33 @@ long vmi_query_call(uint32_t call_id, uint64_t *info);
 long vmi_evtchn_send(uint32_t port, uint64_t value);
 long vmi_evtchn_poll(uint32_t port, uint64_t *value, uint32_t *pending);
 int vmi_evtchn_native(void);     /* 1 when the guest's own FIFO is in use */
+#endif
+
+#ifdef VMI_CALL_EVENTCHANNEL_BIND
+/* --- EventChannel 1.4: sources, port masks and upcalls (docs/events.md) ------------------
+ * vmi_events_present(): the hypervisor binds sources and makes upcalls (else every call below
+ * is VMI_ERR_NOT_SUPPORTED and the guest uses the board's interrupts). The layer owns the
+ * upcall entry: it saves every register, acknowledges the pending unmasked ports (clearing
+ * their bits in the shared page), calls the handler with them, sets vif again (taking, with no
+ * exit, what arrived meanwhile) and resumes the interrupted code. The handler runs with vif = 0. */
+typedef void (*vmi_event_handler_t)(uint64_t ports);
+int vmi_events_present(void);
+long vmi_evtchn_bind(uint32_t source, uint32_t port);   /* VMI_EVTCHN_SOURCE_*, VMI_EVTCHN_UNBOUND */
+long vmi_evtchn_mask(uint32_t port);
+long vmi_evtchn_unmask(uint32_t port);
+long vmi_evtchn_set_handler(vmi_event_handler_t handler); /* NULL: no upcalls */
+uint64_t vmi_upcalls(void);      /* upcalls the hypervisor made (shared page), 0 without */
+#endif
+
+#ifdef VMI_FAMILY_TIME
+/* --- Time (since 1.4): through the hypervisor when Query.HasFamily says it is there; else the
+ * counter is the native TSC and the rest is VMI_ERR_NOT_SUPPORTED (use the board's timers). */
+int vmi_time_present(void);
+uint64_t vmi_cycle_counter(void);                 /* Time.GetCycleCounter, else rdtsc */
+long vmi_cycle_frequency(uint64_t *hz);
+long vmi_wallclock(uint64_t *ns);                 /* ns since the Unix epoch */
+long vmi_set_alarm(uint32_t alarm, uint64_t expiry, uint64_t period); /* in cycles; period 0: once */
+long vmi_cancel_alarm(uint32_t alarm, uint64_t *fired);
 #endif
 
 /* Any call ID through the ROM's raw entry (experimental calls, malformed IDs). */

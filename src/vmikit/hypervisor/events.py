@@ -1,0 +1,344 @@
+"""Asynchronous events (VMI 1.4, docs/events.md): alarms, console input and Send raise events on
+ports; the hypervisor marks them in the shared page's ``evtchn_pending`` bitmap and, when the
+guest's virtual interrupt flag allows, enters its registered callback (an upcall).
+
+Threads: the vCPU's thread (the run loop, hypercalls, every write into guest memory) and two
+helpers that only *wake* it: the alarm clock below (a thread that sleeps until the earliest
+deadline) and the UART's host-input thread (``console_input``). Both call ``vcpu.wake()``,
+which ends KVM_RUN with EINTR and calls ``deliver`` in the vCPU's thread, and set ``_wake``,
+which ends a Halt's sleep. Nothing else crosses threads, so the shared page is only ever
+written while the guest is stopped (one vCPU).
+
+Bounds: ports and alarms are the spec's fixed counts; a firing is a bit, never a queue entry
+(several firings before the guest acknowledges are one bit, the rest counted); a periodic
+alarm the guest cannot keep up with fires once for the periods it missed; no period is
+shorter than TIME_MIN_PERIOD_NS. A guest can therefore neither grow the VMM nor make it spin.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+
+from vmikit.abi.model import U64_MASK, Spec
+from vmikit.background import Background
+from vmikit.engine import Vcpu
+from vmikit.engine.base import CrashRun
+from vmikit.hypervisor.context import HypercallError
+from vmikit.hypervisor.execution import ExecutionModel
+from vmikit.hypervisor.walk import is_canonical, translate
+from vmikit.machine import layout
+from vmikit.memory import GuestMemory, GuestMemoryError
+
+MSR_TSC = 0x10
+NEVER = 1 << 62  # a deadline (monotonic ns) that never comes
+HALT_SLICE_S = 0.25  # a Halt with nothing armed re-checks for the end of the run this often
+REKICK_S = 0.05  # the clock re-kicks a vCPU that has not taken a due alarm within this
+
+
+@dataclass
+class Alarm:
+    deadline_ns: int  # host monotonic
+    period_ns: int  # 0: one-shot
+    fired: int = 0
+
+
+@dataclass
+class EventStats:
+    upcalls: int = 0
+    alarm_fires: int = 0
+    alarm_missed: int = 0  # periods a periodic alarm skipped because the guest had not kept up
+    console_events: int = 0
+    sends: int = 0
+    dropped: int = 0  # source events with no port bound
+    deferred: int = 0  # deliveries left pending (vif = 0, user mode, masked)
+    halts: int = 0
+    halt_seconds: float = 0.0
+    by_port: dict[int, int] = field(default_factory=dict)
+
+    def summary(self) -> dict[str, object]:
+        return {"upcalls": self.upcalls, "alarm_fires": self.alarm_fires, "alarm_missed": self.alarm_missed,
+                "console_events": self.console_events, "sends": self.sends, "dropped": self.dropped,
+                "deferred": self.deferred, "halts": self.halts, "halt_seconds": round(self.halt_seconds, 6),
+                "by_port": {str(p): n for p, n in sorted(self.by_port.items())}}
+
+
+class AlarmClock(Background):
+    """Sleeps until the earliest deadline, then wakes the vCPU; waits for the vCPU to take the
+    alarm (the deadline moves) before sleeping again, re-kicking at most every REKICK_S."""
+
+    def __init__(self, events: Events) -> None:
+        super().__init__("vmikit-alarm-clock")
+        self._events = events
+
+    def _loop(self) -> None:
+        ev = self._events
+        while not self._done.is_set():
+            with ev.cond:
+                deadline = ev.next_deadline
+                delay = (deadline - time.monotonic_ns()) / 1e9
+                if delay > 0:
+                    ev.cond.wait(min(delay, 1.0))
+                    continue
+                ev.kick()
+                ev.cond.wait(REKICK_S)  # until deliver() moves the deadline (notify), or re-kick
+
+    def __exit__(self, *exc: object) -> None:
+        self._done.set()
+        with self._events.cond:
+            self._events.cond.notify_all()
+        self._thread.join()
+
+
+class Events:
+    """One vCPU's event state (bindings, masks, callback, alarms) and its delivery."""
+
+    def __init__(self, spec: Spec, memory: GuestMemory, vcpu: Vcpu, execution: ExecutionModel) -> None:
+        c = spec.constants
+        self.ports = c["EVTCHN_PORTS"].value
+        self.alarm_count = c["TIME_ALARMS"].value
+        self.min_period_ns = c["TIME_MIN_PERIOD_NS"].value
+        self.source_console = c["EVTCHN_SOURCE_CONSOLE"].value
+        self.source_alarm = c["EVTCHN_SOURCE_ALARM"].value
+        self.unbound = c["EVTCHN_UNBOUND"].value
+        self.frame_size = c["UPCALL_FRAME_SIZE"].value
+        shared = spec.shared
+        assert shared is not None
+        self._pending_gpa = layout.SHARED_PAGE + shared.offset("evtchn_pending")
+        self._mask_gpa = layout.SHARED_PAGE + shared.offset("evtchn_mask")
+        self._upcalls_gpa = layout.SHARED_PAGE + shared.offset("upcalls")
+        self._dropped_gpa = layout.SHARED_PAGE + shared.offset("evtchn_dropped")
+        self.memory = memory
+        self.vcpu = vcpu
+        self.execution = execution
+        self.bindings: dict[int, int] = {}  # source -> port
+        self.mask = 0
+        self.callback = 0
+        self.aware = False  # the guest used a 1.4 call: the page's 1.4 fields are its to read
+        self.alarms: list[Alarm | None] = [None] * self.alarm_count
+        self.stats = EventStats()
+        self.cond = threading.Condition()  # guards next_deadline between the vCPU and the clock
+        self.next_deadline = NEVER
+        self.signal = False  # something may be deliverable: the next hypercall return looks
+        self._console = False  # console input arrived (latched until a port is bound to it)
+        self._wake = threading.Event()  # ends a Halt's sleep
+        self._clock: AlarmClock | None = None
+        self._tsc_hz = 0
+        vcpu.on_wake = self.deliver
+
+    @property
+    def tsc_hz(self) -> int:
+        """The guest TSC's frequency (KVM_GET_TSC_KHZ), asked once."""
+        if not self._tsc_hz:
+            self._tsc_hz = (self.vcpu.tsc_khz() or 0) * 1000 or 1_000_000_000
+        return self._tsc_hz
+
+    # --- other threads ------------------------------------------------------------
+
+    def kick(self) -> None:
+        """Any thread: make the vCPU look at its events soon (and end a Halt)."""
+        self._wake.set()
+        self.vcpu.wake()
+
+    def console_input(self) -> None:
+        """The UART's host-input thread: bytes arrived for COM1."""
+        self._console = True
+        self.signal = True
+        if self.source_console in self.bindings:
+            self.kick()
+
+    def close(self) -> None:
+        if self._clock is not None:
+            self._clock.__exit__()
+            self._clock = None
+        if self.vcpu.on_wake == self.deliver:
+            self.vcpu.on_wake = None
+
+    # --- the guest's calls ---------------------------------------------------------
+
+    def check_port(self, port: int) -> None:
+        if not 0 <= port < self.ports:
+            raise HypercallError("INVALID_ARGUMENT")
+
+    def bind(self, source: int, port: int) -> None:
+        known = source == self.source_console or 0 <= source - self.source_alarm < self.alarm_count
+        if not known:
+            raise HypercallError("INVALID_ARGUMENT")
+        self.aware = True
+        if port == self.unbound:
+            self.bindings.pop(source, None)
+            return
+        self.check_port(port)
+        self.bindings[source] = port
+        self.signal = True  # console input latched before the bind is delivered now
+
+    def set_mask(self, port: int, masked: bool) -> None:
+        self.check_port(port)
+        self.aware = True
+        self.mask = self.mask | (1 << port) if masked else self.mask & ~(1 << port)
+        self.memory.write_u64(self._mask_gpa, self.mask)
+        self.signal = True
+
+    def set_callback(self, entry: int) -> None:
+        if entry and not self._code_ok(entry):
+            raise HypercallError("BAD_ADDRESS")
+        self.aware = True
+        self.callback = entry
+        self.signal = True
+
+    def _code_ok(self, entry: int) -> bool:
+        """Whether ``entry`` is guest RAM, mapped in the current tables and not a page table: code
+        the kernel itself could jump to. Checked again at every upcall (tables change)."""
+        if not is_canonical(entry):
+            return False
+        control = self.vcpu.get_control()
+        gpa = translate(self.memory, control.cr0, control.cr3, entry)
+        if gpa is None or not self.memory.is_ram(gpa):
+            return False
+        if self.execution._is_table(gpa & ~0xFFF):
+            raise HypercallError("PERMISSION")
+        return True
+
+    def send(self, port: int) -> None:
+        """EventChannel.Send queued a value on ``port``: in upcall mode it is an event too."""
+        self.stats.sends += 1
+        if self.aware:
+            self._raise(port)
+            self.signal = True
+
+    def guest_tsc(self) -> int:
+        tsc = self.vcpu.get_msr(MSR_TSC)
+        if tsc is None:
+            raise HypercallError("NOT_SUPPORTED")
+        return tsc
+
+    def set_alarm(self, alarm: int, expiry: int, period: int) -> None:
+        if not 0 <= alarm < self.alarm_count:
+            raise HypercallError("INVALID_ARGUMENT")
+        period_ns = period * 1_000_000_000 // self.tsc_hz if period else 0
+        if period and period_ns < self.min_period_ns:
+            raise HypercallError("INVALID_ARGUMENT")
+        now_tsc, now_ns = self.guest_tsc(), time.monotonic_ns()
+        ahead = expiry - now_tsc
+        delay_ns = ahead * 1_000_000_000 // self.tsc_hz if ahead > 0 else 0
+        self.aware = True
+        self.alarms[alarm] = Alarm(now_ns + min(delay_ns, NEVER // 2), period_ns)
+        if self._clock is None:
+            self._clock = AlarmClock(self)
+            self._clock.__enter__()
+        self._reschedule()
+
+    def cancel_alarm(self, alarm: int) -> int:
+        if not 0 <= alarm < self.alarm_count:
+            raise HypercallError("INVALID_ARGUMENT")
+        found = self.alarms[alarm]
+        self.alarms[alarm] = None
+        self._reschedule()
+        return found.fired if found is not None else 0
+
+    # --- firing and delivery (the vCPU's thread) ---------------------------------------
+
+    def _reschedule(self) -> None:
+        deadline = min((a.deadline_ns for a in self.alarms if a is not None), default=NEVER)
+        with self.cond:
+            self.next_deadline = deadline
+            self.cond.notify_all()
+
+    def due(self) -> bool:
+        return self.signal or time.monotonic_ns() >= self.next_deadline
+
+    def _raise(self, port: int) -> None:
+        bits = self.memory.read_u64(self._pending_gpa)
+        self.memory.write_u64(self._pending_gpa, bits | 1 << port)
+        self.stats.by_port[port] = self.stats.by_port.get(port, 0) + 1
+
+    def _source(self, source: int) -> None:
+        port = self.bindings.get(source)
+        if port is None:
+            self.stats.dropped += 1
+            self.memory.write_u64(self._dropped_gpa, self.stats.dropped)
+            return
+        self._raise(port)
+
+    def collect(self) -> None:
+        """Turn due alarms and arrived console input into pending bits."""
+        self.signal = False
+        now = time.monotonic_ns()
+        if now >= self.next_deadline:
+            for n, a in enumerate(self.alarms):
+                if a is None or a.deadline_ns > now:
+                    continue
+                a.fired += 1
+                self.stats.alarm_fires += 1
+                self._source(self.source_alarm + n)
+                if a.period_ns:
+                    missed = (now - a.deadline_ns) // a.period_ns
+                    self.stats.alarm_missed += missed
+                    a.deadline_ns += (missed + 1) * a.period_ns
+                else:
+                    self.alarms[n] = None
+            self._reschedule()
+        if self._console and self.source_console in self.bindings:
+            self._console = False
+            self.stats.console_events += 1
+            self._source(self.source_console)
+
+    def deliverable(self) -> int:
+        """Pending, unmasked ports (the guest may have cleared bits since)."""
+        return self.memory.read_u64(self._pending_gpa) & ~self.mask & U64_MASK
+
+    def deliver(self) -> None:
+        """At a hypercall's return or a wake-up: collect, then make the upcall if the guest can take it."""
+        self.collect()
+        if not self.callback or not self.deliverable():
+            return
+        execution = self.execution
+        if not execution.vif or execution.user_mode():
+            execution.set_pending(True)
+            self.stats.deferred += 1
+            return
+        self._upcall()
+
+    def _upcall(self) -> None:
+        regs = self.vcpu.regs
+        top = (regs.rsp - self.frame_size) & U64_MASK
+        if not self._code_ok(self.callback):
+            raise CrashRun(f"cannot make an upcall: the callback {self.callback:#x} is no longer mapped")
+        try:
+            # Written where the kernel itself could write (its stack), never into a table or the ROM.
+            for offset, value in ((0, regs.rflags), (8, regs.rip)):
+                self.memory.write_u64(self.execution._translate(top + offset, 8), value)
+        except (HypercallError, GuestMemoryError):
+            raise CrashRun(f"cannot make an upcall: the kernel stack at {top:#x} is not writable RAM") from None
+        self.execution.set_vif(False)
+        self.execution.set_pending(False)
+        self.stats.upcalls += 1
+        self.memory.write_u64(self._upcalls_gpa, self.stats.upcalls)
+        regs.rsp, regs.rip = top, self.callback
+        self.vcpu.mark_regs_dirty()
+
+    # --- Halt ---------------------------------------------------------------------------
+
+    def halt(self) -> None:
+        """CPU.Halt: sleep (no host CPU) until a port can be delivered, or the run must end."""
+        self.stats.halts += 1
+        start = time.perf_counter()
+        # Nothing armed that could wake it (no alarm, no console binding): return at once, as
+        # Halt always did, rather than sleep until the watchdog.
+        while self.next_deadline != NEVER or self.source_console in self.bindings:
+            self._wake.clear()
+            self.collect()
+            if self.deliverable() or self.vcpu.kicked:
+                break
+            with self.cond:
+                left = (self.next_deadline - time.monotonic_ns()) / 1e9
+            if left > 0:
+                self._wake.wait(min(left, HALT_SLICE_S))
+        self.stats.halt_seconds += time.perf_counter() - start
+        self.signal = True  # the hypercall's return delivers it
+
+    def summary(self) -> dict[str, object]:
+        return {**self.stats.summary(), "callback": self.callback,
+                "bound": {str(s): p for s, p in sorted(self.bindings.items())},
+                "wakeups": getattr(self.vcpu, "wakeups", 0)}
