@@ -208,6 +208,8 @@ def test_a_kernel_that_does_not_build_is_one_line(tmp_path: Path) -> None:
         batchkernel.build(tmp_path / "cache", broken)
     assert "building the FlushQueue batch kernel failed" in str(err.value) and "\n" not in str(err.value)
     assert batchkernel.ENV in str(err.value)
+    with pytest.raises(HostError, match="cannot read the FlushQueue batch kernel's source"):
+        batchkernel.build(tmp_path / "cache", tmp_path / "missing.c")
 
 
 def test_hostile_pteps_and_values_never_reach_past_the_arrays() -> None:

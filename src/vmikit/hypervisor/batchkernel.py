@@ -72,7 +72,11 @@ def _digest(source: str, gcc: str) -> str:
 def build(cache_dir: Path | None = None, source_path: Path = SOURCE) -> Path:
     """The path of the built shared object (built now if the cache has none for this source)."""
     gcc = find_tool("gcc", "build the FlushQueue batch kernel")
-    source = source_path.read_text()
+    try:
+        source = source_path.read_text()
+    except OSError as err:  # an install without the package's C sources
+        raise HostError(f"cannot read the FlushQueue batch kernel's source {source_path} ({err.strerror or err})",
+                        f"reinstall vmikit with its sources (pip install -e .), or set {ENV}=python") from None
     digest = _digest(source, gcc)
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     final = root / digest

@@ -9,7 +9,9 @@ decode arguments and call it. Styles:
   that is read-only to the guest, like the pool);
 - ``trap`` (no ROM): ``TrapMmu`` validates and emulates the guest's trapped stores.
 
-A batch (FlushQueue) is checked entry by entry before any entry is applied.
+A batch (FlushQueue) is checked entry by entry before any entry is applied: first by the C
+batch kernel (batchkernel.py) when it is on, which applies a uniform, wholly valid batch in one
+call and declines anything else untouched; then by the Python paths, which name the bad entry.
 """
 
 from __future__ import annotations

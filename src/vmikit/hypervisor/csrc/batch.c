@@ -189,7 +189,7 @@ int64_t vmk_flush(struct vmk_ctx *c, uint64_t gpa, uint64_t n)
     for (uint64_t i = 0; i < n; i++) {
         const int64_t *row = e + i * ew;
         uint64_t ptep = (uint64_t)row[1], v = (uint64_t)row[2];
-        uint64_t frame = ptep >> 12;
+        uint64_t frame = clip(ptep >> 12, c->nfast);  /* as checked above (never clipped here) */
         int64_t lv = c->fast_level[frame];
         int64_t level = lv >> 12;
         uint64_t index = (uint64_t)lv | (uint64_t)c->fast_facts[clip((v & ADDR_MASK) >> 12, c->nfast)]
