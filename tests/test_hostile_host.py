@@ -117,3 +117,20 @@ def test_a_non_utf8_command_line(kvm: str) -> None:
 
     with Machine(build_guest("hello"), cmdline=os.fsdecode(b"k=\xff\xfe")) as machine:
         assert machine.memory.read(machine.kernel.info_addr + 0x100 + 3 * 24, 16) == b"hello.elf k=\xff\xfe\0v"
+
+
+def test_a_kernel_linked_over_the_info_block_gets_it_elsewhere(kvm: str, tmp_path: Path) -> None:
+    """kvm-unit-tests' realmode test is linked at 0x8000, where the multiboot info goes: the loader
+    puts the info block at its other place; a kernel covering both places is refused in one line."""
+    from vmikit.machine.board import Machine
+
+    low = tmp_path / "at8000.elf"
+    low.write_bytes(elf32(layout.MULTIBOOT_INFO_ADDR, 0x2000, 0x2000))
+    with Machine(low, timeout=10) as machine:
+        assert machine.kernel.info_addr == layout.MULTIBOOT_INFO_PLACES[1]
+        assert machine.memory.read(machine.kernel.info_addr, 4) != b"\0\0\0\0"  # the flags word
+        assert machine.memory.read(layout.MULTIBOOT_INFO_ADDR, 4) == struct.pack("<I", MULTIBOOT_MAGIC)
+    both = tmp_path / "both.elf"
+    both.write_bytes(elf32(layout.MULTIBOOT_INFO_ADDR, 0x1000, layout.LOW_RAM_END - layout.MULTIBOOT_INFO_ADDR))
+    line = one_line_error(vmikit("run", str(both), "--rom", "none"))
+    assert "overlaps every place for the multiboot info block" in line

@@ -14,6 +14,7 @@ PAGE_SIZE = 4096
 LOW_RAM_END = 0x9F000  # conventional memory, below the EBDA/VGA hole
 MULTIBOOT_INFO_ADDR = 0x8000  # multiboot info block + memory map, written by the loader
 MULTIBOOT_INFO_MAX = 0x1000
+MULTIBOOT_INFO_PLACES = (MULTIBOOT_INFO_ADDR, LOW_RAM_END - MULTIBOOT_INFO_MAX)  # the first the kernel leaves free
 ROM_BASE = 0xC0000  # option-ROM window scanned by the guest VMI layer (docs/rom-abi.md)
 ROM_END = 0xE0000
 ROM_IMAGE_MAX = 0x8000  # the ROM image: read-only to the guest

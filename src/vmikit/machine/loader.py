@@ -145,9 +145,13 @@ def load_multiboot(path: Path, memory: GuestMemory, ram_end: int, cmdline: str =
                     else f"link the kernel at or above {layout.HIGH_RAM_BASE:#x}")
             raise ImageError(f"{path} loads [{paddr:#x}, {paddr + memsz:#x}) outside the RAM the memory map "
                              "gives the guest", hint)
-        if paddr < layout.MULTIBOOT_INFO_ADDR + layout.MULTIBOOT_INFO_MAX and paddr + memsz > layout.MULTIBOOT_INFO_ADDR:
-            raise ImageError(f"{path} overlaps the multiboot info block at {layout.MULTIBOOT_INFO_ADDR:#x}",
-                             f"link the kernel at or above {layout.HIGH_RAM_BASE:#x}")
+    # The info block goes where the kernel is not (kvm-unit-tests' realmode test is linked at 0x8000).
+    info_addr = next((addr for addr in layout.MULTIBOOT_INFO_PLACES
+                      if not any(p < addr + layout.MULTIBOOT_INFO_MAX and p + m > addr for p, _, _, m in loads)), None)
+    if info_addr is None:
+        raise ImageError(f"{path} overlaps every place for the multiboot info block "
+                         f"({', '.join(f'{a:#x}' for a in layout.MULTIBOOT_INFO_PLACES)})",
+                         f"link the kernel at or above {layout.HIGH_RAM_BASE:#x}")
     if not any(paddr <= entry < paddr + memsz for paddr, _, _, memsz in loads):
         raise ImageError(f"{path} has its entry point {entry:#x} outside its loaded segments", "rebuild the kernel image")
     for paddr, offset, filesz, memsz in loads:
@@ -155,7 +159,7 @@ def load_multiboot(path: Path, memory: GuestMemory, ram_end: int, cmdline: str =
         memory.zero(paddr + filesz, memsz - filesz)
     lowest = min(p for p, *_ in loads)
     highest = max(p + m for p, _, _, m in loads)
-    info = write_multiboot_info(memory, ram_end, cmd)
+    info = write_multiboot_info(memory, ram_end, cmd, info_addr)
     return LoadedKernel(entry=entry, lowest=lowest, highest=highest, info_addr=info)
 
 
@@ -199,9 +203,9 @@ def _elf_segments(path: Path, data: bytes) -> tuple[int, list[tuple[int, int, in
     return entry, loads
 
 
-def write_multiboot_info(memory: GuestMemory, ram_end: int, cmdline: bytes) -> int:
-    """The multiboot info block, memory map, command line and loader name at MULTIBOOT_INFO_ADDR."""
-    base = layout.MULTIBOOT_INFO_ADDR
+def write_multiboot_info(memory: GuestMemory, ram_end: int, cmdline: bytes,
+                         base: int = layout.MULTIBOOT_INFO_ADDR) -> int:
+    """The multiboot info block, memory map, command line and loader name at ``base``."""
     mmap_addr = base + 0x100
     entries = [
         (0, layout.LOW_RAM_END, 1),
