@@ -42,14 +42,14 @@ def cells(matrix: dict[str, object], workload: str) -> dict[tuple[str, str], dic
 
 def test_full_matrix_passes(matrix: dict[str, object]) -> None:
     versions = [str(v) for v in available_versions()]
-    assert matrix["versions"] == versions == ["1.0", "1.1", "1.2", "1.3"]
+    assert matrix["versions"] == versions == ["1.0", "1.1", "1.2", "1.3", "1.4"]
     assert matrix["ok"] is True and matrix["problems"] == []
     for workload in ("conformance", "mmu"):
         grid = cells(matrix, workload)
         assert set(grid) == {(g, h) for g in versions for h in versions}
         for key, cell in grid.items():
             assert cell["ok"] and cell["exit_status"] == 0 and cell["fails"] == [], (workload, key, cell)
-    assert "compat: 32/32 cells pass; OK" in matrix["stdout"]  # type: ignore[operator]
+    assert "compat: 50/50 cells pass; OK" in matrix["stdout"]  # type: ignore[operator]
 
 
 def test_mmu_digest_identical_everywhere(matrix: dict[str, object]) -> None:
@@ -71,6 +71,12 @@ def test_guests_learn_what_is_missing(matrix: dict[str, object]) -> None:
     # An old guest on a new hypervisor uses only what it knows.
     assert note[("1.0", "1.2")] == "rom header, 31/31 via rom, queue plain"
     assert note[("1.1", "1.0")] == "rom header, 31/47 via rom, queue plain"
+    # 1.4 (issue 15): Time and upcalls only where the hypervisor has them; a 1.3 or 1.4 guest on a
+    # 1.1 hypervisor falls back to its own event queue and the native TSC.
+    assert note[("1.3", "1.1")] == "query, 47/51 via rom, queue batched, evtchn fallback"
+    assert note[("1.4", "1.1")] == "query, 47/60 via rom, queue batched, evtchn fallback, time fallback, no upcalls"
+    assert note[("1.4", "1.3")] == "query, 51/60 via rom, queue batched, evtchn hv, time fallback, no upcalls"
+    assert note[("1.4", "1.4")] == "query, 60/60 via rom, queue batched, evtchn hv, time hv, upcalls"
 
 
 def test_each_guest_is_built_against_its_versions_header() -> None:

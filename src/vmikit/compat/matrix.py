@@ -76,6 +76,10 @@ class Cell:
                 words.append("queue batched" if "deferred" in line else "queue plain")
             elif line.startswith("INFO: event channel "):
                 words.append("evtchn hv" if "hypervisor" in line else "evtchn fallback")
+            elif line.startswith("INFO: time "):
+                words.append("time hv" if "hypervisor" in line else "time fallback")
+            elif line.startswith("INFO: upcalls "):
+                words.append("upcalls" if "from the hypervisor" in line else "no upcalls")
             elif line.startswith("INFO: hypervisor VMI "):
                 words.append("query" if "Query.GetVersion" in line else "rom header")
             elif re.match(r"^INFO: \d+ of \d+ calls through the ROM", line):

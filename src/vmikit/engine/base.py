@@ -170,6 +170,11 @@ class Vcpu(Protocol):
         loop's thread, then go on running (the hypervisor's alarms and console events)."""
         ...
 
+    def wake_at(self, deadline_ns: int | None) -> None:
+        """From the run loop's thread: wake the vCPU (as wake()) at ``deadline_ns`` of
+        time.monotonic_ns; None disarms. One timer per vCPU: a new deadline replaces the old."""
+        ...
+
     on_wake: Callable[[], None] | None
 
     @property

@@ -74,6 +74,40 @@ _INTERNAL_SUBERRORS = {
 
 
 _hard_kicked: KvmVcpuEngine | None = None  # the vCPU a hard kick is for, until its signal lands
+_wake_target: KvmVcpuEngine | None = None  # the vCPU whose wake timer is armed (wake_at)
+
+CLOCK_MONOTONIC, TIMER_ABSTIME, SIGEV_THREAD_ID = 1, 1, 4
+
+
+class _Sigevent(ctypes.Structure):
+    _fields_ = [("value", ctypes.c_uint64), ("signo", ctypes.c_int), ("notify", ctypes.c_int),
+                ("tid", ctypes.c_int), ("_pad", ctypes.c_int * 11)]
+
+
+class _Itimerspec(ctypes.Structure):
+    _fields_ = [("interval_s", ctypes.c_long), ("interval_ns", ctypes.c_long),
+                ("value_s", ctypes.c_long), ("value_ns", ctypes.c_long)]
+
+
+class WakeTimer:
+    """A POSIX timer on CLOCK_MONOTONIC whose expiry sends KICK_SIGNAL to one thread: it ends that
+    thread's KVM_RUN with EINTR at a deadline, with no helper thread (and no GIL hand-off)."""
+
+    def __init__(self, tid: int) -> None:
+        self._id = ctypes.c_void_p()
+        event = _Sigevent(signo=int(KICK_SIGNAL), notify=SIGEV_THREAD_ID, tid=tid)
+        if _libc.timer_create(CLOCK_MONOTONIC, ctypes.byref(event), ctypes.byref(self._id)) != 0:
+            raise OSError(ctypes.get_errno(), "timer_create failed")
+        self.tid = tid
+
+    def set(self, deadline_ns: int) -> None:
+        """Fire once at ``deadline_ns`` (time.monotonic_ns); 0 disarms."""
+        spec = _Itimerspec(value_s=deadline_ns // 1_000_000_000, value_ns=deadline_ns % 1_000_000_000)
+        if _libc.timer_settime(self._id, TIMER_ABSTIME, ctypes.byref(spec), None) != 0:
+            raise OSError(ctypes.get_errno(), "timer_settime failed")
+
+    def close(self) -> None:
+        _libc.timer_delete(self._id)
 
 
 def _on_kick(signum: int, frame: object) -> None:
@@ -81,6 +115,10 @@ def _on_kick(signum: int, frame: object) -> None:
     also interrupts whatever the VMM is doing (Python runs signal handlers in the main thread,
     where the run loop runs, and a raising handler ends a blocked write or a long handler)."""
     global _hard_kicked
+    target = _wake_target
+    if target is not None and target._wake_armed:
+        target._woken = True  # (also for other kicks: one more look at the events costs little)
+        target._run.immediate_exit = 1  # the signal came between two KVM_RUNs: end the next one
     vcpu = _hard_kicked
     if vcpu is not None and vcpu._armed:
         _hard_kicked = None
@@ -150,6 +188,8 @@ class KvmVcpuEngine:
         self._woken = False  # wake() asked for on_wake
         self.on_wake: Callable[[], None] | None = None  # the hypervisor's event delivery
         self.wakeups = 0
+        self._wake_timer: WakeTimer | None = None
+        self._wake_armed = False
 
     @property
     def regs(self) -> ks.KvmRegs:
@@ -217,7 +257,6 @@ class KvmVcpuEngine:
                             continue
                         if self._woken:
                             self._wake_up()
-                            continue
                         if self._probing:
                             if self._halted_for_good():
                                 return Exit(ExitKind.HALT, HALTED_FOR_GOOD)
@@ -330,6 +369,24 @@ class KvmVcpuEngine:
         hook = self.on_wake
         if hook is not None:
             hook()
+
+    def wake_at(self, deadline_ns: int | None) -> None:
+        """From the run loop's thread: arm (or with None disarm) a timer that wakes this vCPU at
+        ``deadline_ns`` (time.monotonic_ns) as wake() would."""
+        global _wake_target
+        if deadline_ns is None:
+            if self._wake_armed and self._wake_timer is not None:
+                self._wake_timer.set(0)
+            self._wake_armed = False
+            return
+        tid = threading.get_native_id()
+        if self._wake_timer is None or self._wake_timer.tid != tid:
+            if self._wake_timer is not None:
+                self._wake_timer.close()
+            self._wake_timer = WakeTimer(tid)
+        _wake_target = self
+        self._wake_armed = True
+        self._wake_timer.set(max(deadline_ns, 1))
 
     @property
     def kicked(self) -> bool:
@@ -464,6 +521,13 @@ class KvmVcpuEngine:
         return 0, 0, 0, 0
 
     def close(self) -> None:
+        global _wake_target
+        if _wake_target is self:
+            _wake_target = None
+        self._wake_armed = False
+        if self._wake_timer is not None:
+            self._wake_timer.close()
+            self._wake_timer = None
         self._io = self._mmio = None
         del self._run
         self._vcpu.close()

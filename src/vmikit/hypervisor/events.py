@@ -2,12 +2,12 @@
 ports; the hypervisor marks them in the shared page's ``evtchn_pending`` bitmap and, when the
 guest's virtual interrupt flag allows, enters its registered callback (an upcall).
 
-Threads: the vCPU's thread (the run loop, hypercalls, every write into guest memory) and two
-helpers that only *wake* it: the alarm clock below (a thread that sleeps until the earliest
-deadline) and the UART's host-input thread (``console_input``). Both call ``vcpu.wake()``,
-which ends KVM_RUN with EINTR and calls ``deliver`` in the vCPU's thread, and set ``_wake``,
-which ends a Halt's sleep. Nothing else crosses threads, so the shared page is only ever
-written while the guest is stopped (one vCPU).
+Threads: everything runs in the vCPU's thread (the run loop, hypercalls, every write into guest
+memory). Alarms need no thread: the engine's wake timer (``vcpu.wake_at``, a POSIX timer that
+signals the vCPU's thread) ends KVM_RUN at the earliest deadline and the run loop calls
+``deliver``; a Halt sleeps until that deadline by itself. The UART's host-input thread only
+calls ``console_input``, which wakes the vCPU (``vcpu.wake()``) and ends a Halt's sleep
+(``_wake``). So the shared page is only ever written while the guest is stopped (one vCPU).
 
 Bounds: ports and alarms are the spec's fixed counts; a firing is a bit, never a queue entry
 (several firings before the guest acknowledges are one bit, the rest counted); a periodic
@@ -22,8 +22,7 @@ import time
 from dataclasses import dataclass, field
 
 from vmikit.abi.model import U64_MASK, Spec
-from vmikit.background import Background
-from vmikit.engine import Vcpu
+from vmikit.engine import ControlState, Vcpu
 from vmikit.engine.base import CrashRun
 from vmikit.hypervisor.context import HypercallError
 from vmikit.hypervisor.execution import ExecutionModel
@@ -34,7 +33,6 @@ from vmikit.memory import GuestMemory, GuestMemoryError
 MSR_TSC = 0x10
 NEVER = 1 << 62  # a deadline (monotonic ns) that never comes
 HALT_SLICE_S = 0.25  # a Halt with nothing armed re-checks for the end of the run this often
-REKICK_S = 0.05  # the clock re-kicks a vCPU that has not taken a due alarm within this
 
 
 @dataclass
@@ -64,33 +62,6 @@ class EventStats:
                 "by_port": {str(p): n for p, n in sorted(self.by_port.items())}}
 
 
-class AlarmClock(Background):
-    """Sleeps until the earliest deadline, then wakes the vCPU; waits for the vCPU to take the
-    alarm (the deadline moves) before sleeping again, re-kicking at most every REKICK_S."""
-
-    def __init__(self, events: Events) -> None:
-        super().__init__("vmikit-alarm-clock")
-        self._events = events
-
-    def _loop(self) -> None:
-        ev = self._events
-        while not self._done.is_set():
-            with ev.cond:
-                deadline = ev.next_deadline
-                delay = (deadline - time.monotonic_ns()) / 1e9
-                if delay > 0:
-                    ev.cond.wait(min(delay, 1.0))
-                    continue
-                ev.kick()
-                ev.cond.wait(REKICK_S)  # until deliver() moves the deadline (notify), or re-kick
-
-    def __exit__(self, *exc: object) -> None:
-        self._done.set()
-        with self._events.cond:
-            self._events.cond.notify_all()
-        self._thread.join()
-
-
 class Events:
     """One vCPU's event state (bindings, masks, callback, alarms) and its delivery."""
 
@@ -118,12 +89,12 @@ class Events:
         self.aware = False  # the guest used a 1.4 call: the page's 1.4 fields are its to read
         self.alarms: list[Alarm | None] = [None] * self.alarm_count
         self.stats = EventStats()
-        self.cond = threading.Condition()  # guards next_deadline between the vCPU and the clock
         self.next_deadline = NEVER
+        self._timer_at = NEVER  # what the engine's wake timer is armed for
         self.signal = False  # something may be deliverable: the next hypercall return looks
         self._console = False  # console input arrived (latched until a port is bound to it)
         self._wake = threading.Event()  # ends a Halt's sleep
-        self._clock: AlarmClock | None = None
+        self.halting = False  # the vCPU's thread sleeps in halt()
         self._tsc_hz = 0
         vcpu.on_wake = self.deliver
 
@@ -139,7 +110,8 @@ class Events:
     def kick(self) -> None:
         """Any thread: make the vCPU look at its events soon (and end a Halt)."""
         self._wake.set()
-        self.vcpu.wake()
+        if not self.halting:  # a Halt looks by itself: no wasted exit after it returns
+            self.vcpu.wake()
 
     def console_input(self) -> None:
         """The UART's host-input thread: bytes arrived for COM1."""
@@ -149,9 +121,8 @@ class Events:
             self.kick()
 
     def close(self) -> None:
-        if self._clock is not None:
-            self._clock.__exit__()
-            self._clock = None
+        if self._timer_at != NEVER:
+            self._arm(NEVER)
         if self.vcpu.on_wake == self.deliver:
             self.vcpu.on_wake = None
 
@@ -187,12 +158,12 @@ class Events:
         self.callback = entry
         self.signal = True
 
-    def _code_ok(self, entry: int) -> bool:
+    def _code_ok(self, entry: int, control: ControlState | None = None) -> bool:
         """Whether ``entry`` is guest RAM, mapped in the current tables and not a page table: code
         the kernel itself could jump to. Checked again at every upcall (tables change)."""
         if not is_canonical(entry):
             return False
-        control = self.vcpu.get_control()
+        control = control or self.vcpu.get_control()
         gpa = translate(self.memory, control.cr0, control.cr3, entry)
         if gpa is None or not self.memory.is_ram(gpa):
             return False
@@ -224,9 +195,6 @@ class Events:
         delay_ns = ahead * 1_000_000_000 // self.tsc_hz if ahead > 0 else 0
         self.aware = True
         self.alarms[alarm] = Alarm(now_ns + min(delay_ns, NEVER // 2), period_ns)
-        if self._clock is None:
-            self._clock = AlarmClock(self)
-            self._clock.__enter__()
         self._reschedule()
 
     def cancel_alarm(self, alarm: int) -> int:
@@ -240,10 +208,13 @@ class Events:
     # --- firing and delivery (the vCPU's thread) ---------------------------------------
 
     def _reschedule(self) -> None:
-        deadline = min((a.deadline_ns for a in self.alarms if a is not None), default=NEVER)
-        with self.cond:
-            self.next_deadline = deadline
-            self.cond.notify_all()
+        self.next_deadline = min((a.deadline_ns for a in self.alarms if a is not None), default=NEVER)
+        if not self.halting and self.next_deadline != self._timer_at:
+            self._arm(self.next_deadline)
+
+    def _arm(self, deadline: int) -> None:
+        self._timer_at = deadline
+        self.vcpu.wake_at(None if deadline == NEVER else deadline)
 
     def due(self) -> bool:
         return self.signal or time.monotonic_ns() >= self.next_deadline
@@ -303,12 +274,13 @@ class Events:
     def _upcall(self) -> None:
         regs = self.vcpu.regs
         top = (regs.rsp - self.frame_size) & U64_MASK
-        if not self._code_ok(self.callback):
+        control = self.vcpu.get_control()  # one ioctl for both checks
+        if not self._code_ok(self.callback, control):
             raise CrashRun(f"cannot make an upcall: the callback {self.callback:#x} is no longer mapped")
         try:
             # Written where the kernel itself could write (its stack), never into a table or the ROM.
             for offset, value in ((0, regs.rflags), (8, regs.rip)):
-                self.memory.write_u64(self.execution._translate(top + offset, 8), value)
+                self.memory.write_u64(self.execution._translate(top + offset, 8, control), value)
         except (HypercallError, GuestMemoryError):
             raise CrashRun(f"cannot make an upcall: the kernel stack at {top:#x} is not writable RAM") from None
         self.execution.set_vif(False)
@@ -321,9 +293,26 @@ class Events:
     # --- Halt ---------------------------------------------------------------------------
 
     def halt(self) -> None:
-        """CPU.Halt: sleep (no host CPU) until a port can be delivered, or the run must end."""
+        """CPU.Halt: enable events (vif = 1, as `sti; hlt` does, or Xen's SCHEDOP_block), then
+        sleep (no host CPU) until a port can be delivered or the run must end; the hypercall's
+        return makes the upcall. A guest that masks, checks its condition, then halts loses no
+        wake-up and pays one exit."""
         self.stats.halts += 1
+        if self.aware:
+            self.execution.set_vif(True)
         start = time.perf_counter()
+        self.halting = True
+        if self._timer_at != NEVER:
+            self._arm(NEVER)  # the sleep below ends at the deadline by itself
+        try:
+            self._sleep()
+        finally:
+            self.halting = False
+            self._reschedule()
+        self.stats.halt_seconds += time.perf_counter() - start
+        self.signal = True  # the hypercall's return delivers it
+
+    def _sleep(self) -> None:
         # Nothing armed that could wake it (no alarm, no console binding): return at once, as
         # Halt always did, rather than sleep until the watchdog.
         while self.next_deadline != NEVER or self.source_console in self.bindings:
@@ -331,12 +320,9 @@ class Events:
             self.collect()
             if self.deliverable() or self.vcpu.kicked:
                 break
-            with self.cond:
-                left = (self.next_deadline - time.monotonic_ns()) / 1e9
+            left = (self.next_deadline - time.monotonic_ns()) / 1e9
             if left > 0:
                 self._wake.wait(min(left, HALT_SLICE_S))
-        self.stats.halt_seconds += time.perf_counter() - start
-        self.signal = True  # the hypercall's return delivers it
 
     def summary(self) -> dict[str, object]:
         return {**self.stats.summary(), "callback": self.callback,

@@ -68,6 +68,7 @@ class RunResult:
     rom_writes: int = 0  # guest writes to the read-only ROM, refused
     mmio_unmapped: int = 0  # accesses to guest-physical addresses nothing decodes
     reset: str | None = None  # the guest reset the machine, which ended the run: through what
+    cpu_seconds: float = 0.0  # the VMM process's own CPU time (every thread) during the run
 
     @property
     def exits_total(self) -> int:
@@ -78,6 +79,7 @@ class RunResult:
             "exit_status": self.exit_status,
             "exits": {"total": self.exits_total, "by_reason": dict(self.exits_by_reason), "by_port": dict(self.ports)},
             "wall_seconds": round(self.wall_seconds, 6),
+            "cpu_seconds": round(self.cpu_seconds, 6),
             "console_bytes_dropped": self.console_dropped,
             "rom_writes_refused": self.rom_writes,
             "mmio_unmapped": self.mmio_unmapped,
@@ -144,6 +146,7 @@ class Machine:
         self._input: HostInput | None = None
         self.rom_writes = 0
         self.mmio_unmapped = 0
+        self._cpu = 0.0  # process CPU time of the last run()
         self._own_engine = engine is None
         self.engine = engine or open_engine()
         self.vm = self.engine.create_vm()
@@ -272,7 +275,7 @@ class Machine:
 
     def run(self) -> RunResult:
         """Run to the guest's exit; raises GuestCrash/GuestHang with a register dump otherwise."""
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         with Watchdog(self.vcpu, self.timeout) as watchdog:
             try:
                 exit_ = self.vcpu.run(self)
@@ -282,6 +285,7 @@ class Machine:
                 self.console.flush()  # not after a hard kick: the console may be what was stuck
 
         wall = time.perf_counter() - start
+        self._cpu = time.process_time() - cpu_start
         if exit_.kind is ExitKind.STOPPED:
             status = exit_.code if 0 <= exit_.code <= 255 else 255
             if status == layout.EXIT_EXCEPTION and self._panic is not None:
@@ -314,6 +318,7 @@ class Machine:
             wall_seconds=wall, console_dropped=self.console.dropped,
             ports={f"{p:#x}": n for p, n in sorted(self._port_counts.items())},
             rom_writes=self.rom_writes, mmio_unmapped=self.mmio_unmapped, reset=self.reset_by,
+            cpu_seconds=self._cpu,
         )
 
     def close(self) -> None:

@@ -161,6 +161,47 @@ static void test_event_channel(void)
 }
 #endif
 
+#ifdef VMI_FAMILY_TIME
+static volatile unsigned upcalled;
+static void on_events(uint64_t ports) { upcalled += (ports >> 3) & 1; }
+
+/* 1.4: Time through the hypervisor exactly when it says so, else the TSC and NOT_SUPPORTED;
+ * upcalls where the hypervisor makes them, else nothing changes for the guest. */
+static void test_time_and_events(void)
+{
+	uint64_t present = 0;
+	int hv = vmi_has_family(VMI_FAMILY_TIME, &present) == VMI_ERR_OK && present;
+	printf("INFO: time %s\n", vmi_time_present() ? "through the hypervisor" : "the native TSC (fallback)");
+	report(hv == vmi_time_present(), "Time goes through the hypervisor exactly when Query.HasFamily says so");
+	uint64_t a = vmi_cycle_counter(), b = vmi_cycle_counter(), hz = 0, fired = 1;
+	long s = vmi_cycle_frequency(&hz);
+	report(b >= a && (hv ? s == 0 && hz > 0 : s == VMI_ERR_NOT_SUPPORTED),
+	       "the cycle counter runs forward; its frequency is known, or NOT_SUPPORTED without Time");
+	long set = vmi_set_alarm(0, vmi_cycle_counter() + (hv ? hz : 1), 0);
+	long cancel = vmi_cancel_alarm(0, &fired);
+	report(hv ? set == 0 && cancel == 0 && fired == 0 : set == VMI_ERR_NOT_SUPPORTED && cancel == VMI_ERR_NOT_SUPPORTED,
+	       "an alarm is set and cancelled before it fires (NOT_SUPPORTED without Time)");
+	long bad = vmi_set_alarm(VMI_TIME_ALARMS, 0, 0);
+	report(bad == (hv ? VMI_ERR_INVALID_ARGUMENT : VMI_ERR_NOT_SUPPORTED), "an alarm number out of range is refused");
+
+	int events = vmi_events_present();
+	printf("INFO: upcalls %s\n", events ? "from the hypervisor" : "none (polling only)");
+	long h = vmi_evtchn_set_handler(on_events);
+	if (events)
+		vmi_enable_interrupts(); /* vif = 1: the upcall may come (only then: nothing else is armed) */
+	long snd = vmi_evtchn_send(3, 0x14);
+	if (events)
+		vmi_disable_interrupts();
+	uint64_t v = 0;
+	uint32_t left = 9;
+	long poll = vmi_evtchn_poll(3, &v, &left);
+	vmi_evtchn_set_handler(NULL);
+	report(events ? h == 0 && upcalled == 1 : h == VMI_ERR_NOT_SUPPORTED && upcalled == 0,
+	       "a Send is delivered by upcall exactly where the hypervisor makes upcalls");
+	report(snd == 0 && poll == 0 && v == 0x14 && left == 0, "the 1.2 Send/Poll pair works beside upcalls");
+}
+#endif
+
 void kmain(uint32_t magic, uint32_t mbinfo)
 {
 	(void)magic, (void)mbinfo;
@@ -173,6 +214,9 @@ void kmain(uint32_t magic, uint32_t mbinfo)
 	test_families();
 #ifdef VMI_FAMILY_EVENTCHANNEL
 	test_event_channel();
+#endif
+#ifdef VMI_FAMILY_TIME
+	test_time_and_events();
 #endif
 	report(vmi_getter_failures == 0, "no VMI getter failed");
 	int code = report_summary();
