@@ -111,6 +111,9 @@ static const struct {
 #ifdef VMI_FAMILY_EVENTCHANNEL
 	{ VMI_FAMILY_EVENTCHANNEL, VMI_FAMILY_EVENTCHANNEL_NCALLS },
 #endif
+#ifdef VMI_FAMILY_TIME
+	{ VMI_FAMILY_TIME, VMI_FAMILY_TIME_NCALLS },
+#endif
 };
 
 #define FOR_EACH_CALL(id)                                                      \
