@@ -95,15 +95,16 @@ def test_a_segment_outside_the_memory_map_is_refused(tmp_path: Path, paddr: int)
 
 
 def test_a_long_command_line_is_refused_not_cut(kvm: str) -> None:
-    """Finding 10: a command line over 255 bytes was cut silently, even inside a UTF-8 character."""
-    line = one_line_error(vmikit("run", "hello", "--cmdline", "x" * 254 + "é"))
-    assert "256 bytes" in line and "255" in line
+    """Finding 10: a command line over the limit was cut silently, even inside a UTF-8 character."""
+    limit = layout.MAX_CMDLINE_BYTES
+    line = one_line_error(vmikit("run", "hello", "--cmdline", "x" * (limit - 1) + "é"))
+    assert f"{limit + 1} bytes" in line and str(limit) in line
     from vmikit.errors import UsageError
     from vmikit.guest.build import build_guest
     from vmikit.machine.board import Machine
 
-    with pytest.raises(UsageError, match="--cmdline is 256 bytes, more than the 255"):  # without the CLI too
-        Machine(build_guest("hello"), cmdline="x" * 254 + "é")
+    with pytest.raises(UsageError, match=f"--cmdline is {limit + 1} bytes, more than the {limit}"):  # without the CLI
+        Machine(build_guest("hello"), cmdline="x" * (limit - 1) + "é")
 
 
 def test_a_non_utf8_command_line(kvm: str) -> None:

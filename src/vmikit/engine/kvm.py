@@ -143,6 +143,22 @@ MTRR_ENABLE = 1 << 11
 MTRR_TYPE_WRITEBACK = 6
 
 
+CPUID_KVM_FEATURES = 0x40000001
+# The KVM paravirtual features the board offers, QEMU's defaults for a KVM guest: kvmclock (both
+# MSR sets and the stable bit), no I/O delay, async page faults by #PF, steal time and PV EOI. The
+# rest (async PF by interrupt, PV IPIs, TLB flush, unhalt, ...) need a VMM that takes part, and a
+# guest that finds them advertised by KVM_GET_SUPPORTED_CPUID would wait for what never comes
+# (kvm-unit-tests' asyncpf hangs).
+KVM_FEATURES_OFFERED = (1 << 0) | (1 << 1) | (1 << 3) | (1 << 4) | (1 << 5) | (1 << 6) | (1 << 24)
+
+
+def _offered_features_only(cpuid_buf: ctypes.Array[ctypes.c_char]) -> None:
+    nent = ks.KvmCpuid2.from_buffer(cpuid_buf).nent
+    for entry in (ks.KvmCpuidEntry2 * nent).from_buffer(cpuid_buf, ctypes.sizeof(ks.KvmCpuid2)):
+        if entry.function == CPUID_KVM_FEATURES:
+            entry.eax &= KVM_FEATURES_OFFERED
+
+
 def _segment_from_kvm(seg: KvmSegment) -> Segment:
     return Segment(selector=seg.selector, base=seg.base, limit=seg.limit, type=seg.type, present=bool(seg.present),
                    dpl=seg.dpl, db=bool(seg.db), s=bool(seg.s), l=bool(seg.l), g=bool(seg.g))
@@ -205,6 +221,7 @@ class KvmVcpuEngine:
         self._run.kvm_dirty_regs |= KVM_SYNC_X86_REGS
 
     def setup_boot(self, boot: BootState, cpuid_buf: ctypes.Array[ctypes.c_char]) -> None:
+        _offered_features_only(cpuid_buf)
         self._vcpu.set_cpuid(cpuid_buf)
         nent = ks.KvmCpuid2.from_buffer(cpuid_buf).nent
         self._cpuid_entries = list((ks.KvmCpuidEntry2 * nent).from_buffer_copy(cpuid_buf, ctypes.sizeof(ks.KvmCpuid2)))

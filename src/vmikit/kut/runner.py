@@ -14,6 +14,7 @@ import time
 from collections.abc import Sequence
 
 from vmikit.kut.suite import Case, Outcome, parse_output
+from vmikit.machine import layout
 
 QEMU = "qemu-system-x86_64"
 QEMU_BASE = ("-nodefaults", "-device", "pc-testdev", "-device", "isa-debug-exit,iobase=0xf4,iosize=0x4",
@@ -39,7 +40,11 @@ def _qemu_params(params: Sequence[str]) -> list[str]:
 
 
 def memory_mib(case: Case) -> int:
-    """The case's RAM (QEMU's -m, default 128 MiB, as both machines get)."""
+    """The case's RAM (QEMU's -m, default 128 MiB), at most the board's MAX_MEMORY_MIB (both machines get it)."""
+    return min(_memory_mib(case), layout.MAX_MEMORY_MIB)
+
+
+def _memory_mib(case: Case) -> int:
     params = list(case.qemu_params)
     for i, item in enumerate(params[:-1]):
         if item == "-m":
