@@ -450,6 +450,12 @@ static uint32_t gen_args(uint32_t c, uint64_t *a, int *skip)
 			a[1] = never_canonical(a[1]);
 		a[2] = rnd();
 		return BIT(VMI_ERR_INVALID_ARGUMENT);
+#ifdef VMI_CALL_EVENTCHANNEL_SETCALLBACK
+	case VMI_CALL_EVENTCHANNEL_SETCALLBACK: /* reject-only: an accepted entry would hand the next
+						 * event to a random address (a guest bug, not the VMM's) */
+		a[0] = never_canonical(a[0]);
+		return BIT(VMI_ERR_BAD_ADDRESS);
+#endif
 	case VMI_CALL_EVENTCHANNEL_SEND:
 	case VMI_CALL_EVENTCHANNEL_POLL:
 		a[0] = chance(70) ? below(VMI_EVTCHN_PORTS + 2) : rnd();
