@@ -341,42 +341,36 @@ class KvmVcpuEngine:
             run.immediate_exit = 0
             self._thread_id = None
 
+    def _signal_run_thread(self) -> None:
+        """Interrupt the thread in KVM_RUN (EINTR), if one is running; the caller's flag says why."""
+        tid = self._thread_id
+        if tid is not None:
+            try:
+                signal.pthread_kill(tid, KICK_SIGNAL)
+            except ProcessLookupError:
+                pass
+
     def kick(self, hard: bool = False) -> None:
         global _hard_kicked
         if hard and self._thread_id == threading.main_thread().ident:
             _hard_kicked = self
         self._kicked = True
         self._run.immediate_exit = 1  # covers a kick that lands between two KVM_RUNs
-        tid = self._thread_id
-        if tid is not None:
-            try:
-                signal.pthread_kill(tid, KICK_SIGNAL)
-            except ProcessLookupError:
-                pass
+        self._signal_run_thread()
 
     def interrupt(self) -> None:
         """Thread-safe (the debugger's Ctrl-C): end the current KVM_RUN and call debugger.on_exit
         with KVM_EXIT_INTR; unlike kick(), the run goes on afterwards."""
         self._debug_interrupt = True
         self._run.immediate_exit = 1  # covers an interrupt that lands between two KVM_RUNs
-        tid = self._thread_id
-        if tid is not None:
-            try:
-                signal.pthread_kill(tid, KICK_SIGNAL)
-            except ProcessLookupError:
-                pass
+        self._signal_run_thread()
 
     def wake(self) -> None:
         """Thread-safe: end the current KVM_RUN (or the next, if it lands between two) and call
         on_wake from the run loop's thread; unlike kick(), the run goes on afterwards."""
         self._woken = True
         self._run.immediate_exit = 1
-        tid = self._thread_id
-        if tid is not None:
-            try:
-                signal.pthread_kill(tid, KICK_SIGNAL)
-            except ProcessLookupError:
-                pass
+        self._signal_run_thread()
 
     def _wake_up(self) -> None:
         self._woken = False
@@ -423,13 +417,9 @@ class KvmVcpuEngine:
         if total != self._probe_total:
             self._probe_total = total
             return
-        tid = self._thread_id
-        if tid is not None:
+        if self._thread_id is not None:
             self._probing = True
-            try:
-                signal.pthread_kill(tid, KICK_SIGNAL)
-            except ProcessLookupError:
-                pass
+            self._signal_run_thread()
 
     def _halted_for_good(self) -> bool:
         self._probing = False
