@@ -15,6 +15,15 @@ FILE_MODE = 0o644
 DIR_MODE = 0o755
 
 
+def cache_dir(kind: str) -> Path:
+    """``$VMIKIT_CACHE_DIR/KIND``, else ``$XDG_CACHE_HOME/vmikit/KIND``, else ``~/.cache/vmikit/KIND``."""
+    root = os.environ.get("VMIKIT_CACHE_DIR")
+    if root:
+        return Path(root).expanduser() / kind
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "vmikit" / kind
+
+
 def cache_error(what: str, root: Path, err: OSError) -> HostError:
     """One line naming the cache directory, what failed, and how to get a usable cache."""
     detail = f"{err.strerror or err}" + (f": {err.filename}" if err.filename else "")
@@ -33,3 +42,17 @@ def make_dirs(path: Path, top: Path) -> None:
     for directory in created:
         if directory == top or top in directory.parents:
             os.chmod(directory, DIR_MODE)
+
+
+def publish(workdir: Path, final: Path, product: Path) -> None:
+    """Make a finished build directory the cache entry ``final``: its files FILE_MODE and itself
+    DIR_MODE (mkdtemp makes it 0700), then one atomic rename. A racing builder that got there
+    first is fine as long as its ``product`` is in place; otherwise the rename's error stands."""
+    for output in workdir.iterdir():
+        os.chmod(output, FILE_MODE)
+    os.chmod(workdir, DIR_MODE)
+    try:
+        os.rename(workdir, final)
+    except OSError:
+        if not product.is_file():
+            raise

@@ -42,7 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from vmikit.cache import FILE_MODE, cache_error, make_dirs
+from vmikit.cache import FILE_MODE, cache_dir, cache_error, make_dirs
 from vmikit.toolchain import find_tool, first_error, tool_version
 from vmikit.errors import HostError, UsageError
 
@@ -176,13 +176,7 @@ def guest_spec(name: str, *, source_dir: Path | None = None) -> GuestSpec:
 
 
 def default_cache_dir() -> Path:
-    """``$VMIKIT_CACHE_DIR/guests``, else ``$XDG_CACHE_HOME/vmikit/guests``, else ``~/.cache/vmikit/guests``."""
-    root = os.environ.get("VMIKIT_CACHE_DIR")
-    if root:
-        return Path(root).expanduser() / "guests"
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
-    return base / "vmikit" / "guests"
+    return cache_dir("guests")
 
 
 def vmi_header_text(spec: Spec | Path | None = None) -> str:

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from vmikit.abi.model import BATCH_MAX_ENTRIES
-from vmikit.cache import DIR_MODE, FILE_MODE, cache_error, make_dirs
+from vmikit.cache import cache_dir, cache_error, make_dirs, publish
 from vmikit.errors import HostError
 from vmikit.hypervisor.pagetables import EVERYTHING, GiB1, MiB2, PAGE, PageTables
 from vmikit.toolchain import find_tool, first_error, tool_version
@@ -53,12 +53,7 @@ def enabled_by_default() -> bool:
 
 
 def default_cache_dir() -> Path:
-    """``$VMIKIT_CACHE_DIR/batch``, else ``$XDG_CACHE_HOME/vmikit/batch``, else ``~/.cache/vmikit/batch``."""
-    root = os.environ.get("VMIKIT_CACHE_DIR")
-    if root:
-        return Path(root).expanduser() / "batch"
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "vmikit" / "batch"
+    return cache_dir("batch")
 
 
 def _digest(source: str, gcc: str) -> str:
@@ -98,14 +93,7 @@ def build(cache_dir: Path | None = None, source_path: Path = SOURCE) -> Path:
             log.write_text("$ " + " ".join(cmd) + "\n" + proc.stdout + proc.stderr)
             raise HostError(f"building the FlushQueue batch kernel failed: {first_error(proc.stdout + proc.stderr)}",
                             f"full log in {log}; or set {ENV}=python")
-        for output in workdir.iterdir():
-            os.chmod(output, FILE_MODE)
-        os.chmod(workdir, DIR_MODE)
-        try:
-            os.rename(workdir, final)  # atomic; fails if a racing builder got there first
-        except OSError:
-            if not so.is_file():
-                raise
+        publish(workdir, final, so)
     except OSError as err:
         raise cache_error("batch kernel", root, err) from None
     finally:

@@ -10,7 +10,6 @@ atomically so concurrent builders never see half a build.
 from __future__ import annotations
 
 import hashlib
-import os
 import shutil
 import subprocess
 import tempfile
@@ -19,7 +18,7 @@ from pathlib import Path
 from vmikit.abi import cheader
 from vmikit.abi.model import Spec, unsafe_char
 from vmikit.abi.spec import load_spec
-from vmikit.cache import DIR_MODE, FILE_MODE, cache_error, make_dirs
+from vmikit.cache import cache_dir, cache_error, make_dirs, publish
 from vmikit.toolchain import find_tool, first_error, tool_version
 from vmikit.errors import HostError
 from vmikit.rom import generate
@@ -37,12 +36,7 @@ IMAGE_SECTION = ".rom"
 
 
 def default_cache_dir() -> Path:
-    """``$VMIKIT_CACHE_DIR/rom``, else ``$XDG_CACHE_HOME/vmikit/rom``, else ``~/.cache/vmikit/rom``."""
-    root = os.environ.get("VMIKIT_CACHE_DIR")
-    if root:
-        return Path(root).expanduser() / "rom"
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "vmikit" / "rom"
+    return cache_dir("rom")
 
 
 def _sources(spec: Spec, profile: RomProfile, honour: bool, deprivileged: bool = False) -> dict[str, str]:
@@ -142,15 +136,7 @@ def build_rom(profile: RomProfile = RomProfile.FULL, *, honour_annotations: bool
             image = finalize(_compile(workdir, files, gcc, objcopy, root / "logs" / f"rom-{digest[:16]}.log"))
             parse_rom(image, spec)  # never cache an image the guest would reject
             (workdir / "rom.bin").write_bytes(image)
-            # Build outputs, readable by all whatever the umask (mkdtemp makes the directory 0700).
-            for output in workdir.iterdir():
-                os.chmod(output, FILE_MODE)
-            os.chmod(workdir, DIR_MODE)
-            try:
-                os.rename(workdir, final)  # atomic; fails if a racing builder got there first
-            except OSError:
-                if not image_path.is_file():
-                    raise
+            publish(workdir, final, image_path)
         except ValueError as err:
             raise HostError(f"the built VMI ROM is invalid: {err}", "this is a vmikit bug; please report it") from err
         finally:
