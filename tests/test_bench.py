@@ -198,6 +198,18 @@ def test_c_reference_and_memory(results: dict) -> None:
     assert c["python"]["exits_per_call"] == pytest.approx(1.0)
     assert c["python"]["privilege"] == "ring0"  # refvmm has no execution model: both sides at ring 0
     assert c["ratio"] > 0
+    # Interleaved rounds (C, Python, C, Python, ...), every round kept: the ratio is their median.
+    rounds = c["rounds"]
+    assert rounds == 5 and len(c["ratio_by_round"]) == rounds  # a full-mode run (the fixture is not --quick)
+    for side in ("c", "python"):
+        by_round = c[side]["null_ns_per_call_by_round"]
+        s = c[side]["null_ns_per_call"]
+        assert len(by_round) == rounds and all(s["min"] <= v <= s["max"] for v in by_round), side
+    assert c["ratio"] == pytest.approx(sorted(c["ratio_by_round"])[rounds // 2])
+    assert c["ratio_by_round"] == pytest.approx([p / q for p, q in zip(c["python"]["null_ns_per_call_by_round"],
+                                                                       c["c"]["null_ns_per_call_by_round"])])
+    spread = c["ratio_spread"]
+    assert 0 < spread["min"] <= spread["median"] == c["ratio"] <= spread["max"]
     assert 0 < c["c"]["vmm_ns_per_exit"] < c["python"]["vmm_ns_per_exit"]  # C's exit loop does far less
     mem = results["memory"]
     assert "error" not in mem, mem

@@ -263,6 +263,11 @@ def targets_table(results: dict) -> Table | None:
     return table
 
 
+def _fmt_stat(s: dict[str, float]) -> str:
+    """A median with its min-max: `133.0 µs (121.0 µs-142.2 µs)`."""
+    return f"{fmt_ns(s['median'])} ({fmt_ns(s['min'])}-{fmt_ns(s['max'])})"
+
+
 def _maybe_ns(value: float | None) -> str:
     return fmt_ns(value) if value is not None else "n/a"
 
@@ -278,10 +283,14 @@ def report(results: dict) -> list[Table | str]:
     parts += [vmm_table(results), flush_table(results)]
     c = results.get("c_reference")
     if c and "error" not in c:
-        parts.append(f"[bold]C reference[/bold] (same image, ring-0 ROM and kernel, cmdline `{c['cmdline']}`): null "
-                     f"hypercall {fmt_ns(c['c']['null_ns_per_call']['median'])} in C vs "
-                     f"{fmt_ns(c['python']['null_ns_per_call']['median'])} in the Python VMM = "
-                     f"[bold]{c['ratio']:.2f}x[/bold] (+{fmt_ns(c['python_extra_ns_per_exit'])} per exit); "
+        spread = c.get("ratio_spread")
+        rounds = c.get("rounds", 1)
+        ratio = f"[bold]{c['ratio']:.2f}x[/bold]" + (
+            f" (median of {plural(rounds, 'round')}, {spread['min']:.2f}-{spread['max']:.2f})" if spread else "")
+        parts.append(f"[bold]C reference[/bold] (same image, ring-0 ROM and kernel, cmdline `{c['cmdline']}`, C and "
+                     f"Python interleaved): null hypercall {_fmt_stat(c['c']['null_ns_per_call'])} in C vs "
+                     f"{_fmt_stat(c['python']['null_ns_per_call'])} in the Python VMM = "
+                     f"{ratio} (+{fmt_ns(c['python_extra_ns_per_exit'])} per exit); "
                      f"the VMM's own time per exit (KVM_RUN return to the next call): "
                      f"{_maybe_ns(c['c'].get('vmm_ns_per_exit'))} in C, "
                      f"{_maybe_ns(c['python'].get('vmm_ns_per_exit'))} in Python; "

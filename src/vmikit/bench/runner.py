@@ -46,6 +46,7 @@ class BenchConfig:
     c_reference: bool = True
     memory_probe: bool = True
     quick: bool = False
+    c_rounds: int | None = None  # interleaved C / Python rounds (None: 3 under --quick, else 5)
     extra: dict[str, object] = field(default_factory=dict)
 
 
@@ -399,10 +400,11 @@ def run_bench(config: BenchConfig, progress: Progress | None = None,
         results["errors"] = errors
         if config.c_reference:
             say("C reference")
-            from vmikit.bench.cref import compare
+            from vmikit.bench.cref import ROUNDS_FULL, ROUNDS_QUICK, compare
 
             try:
-                results["c_reference"] = compare(image, config.sizes, memory_mib=config.memory_mib)
+                rounds = config.c_rounds or (ROUNDS_QUICK if config.quick else ROUNDS_FULL)
+                results["c_reference"] = compare(image, config.sizes, memory_mib=config.memory_mib, rounds=rounds)
             except VmikitError as err:
                 results["c_reference"] = {"error": str(err)}
         if config.memory_probe:

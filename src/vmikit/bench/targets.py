@@ -34,7 +34,10 @@ def targets(results: dict) -> list[dict[str, object]]:
     ratio = c.get("ratio")
     out.append(_target("null call, Python VMM / C VMM", "<= 1.2x", ratio,
                        None if ratio is None else ratio <= 1.2,
-                       "guest-measured ns per Query.GetVersion call, same image, ring-0 ROM and kernel, same run"))
+                       "guest-measured ns per Query.GetVersion call, same image, ring-0 ROM and kernel, same run; "
+                       "median of the per-round ratios of interleaved C and Python rounds"
+                       + (f" ({c['rounds']} rounds, {c['ratio_spread']['min']:.2f}-{c['ratio_spread']['max']:.2f})"
+                          if c.get("ratio_spread") else "")))
 
     frac = _ratio(_median(results, "map", "direct-honour"), _median(results, "setpte", "direct-honour"))
     frac0 = _ratio(_median(results, "map", RING0), _median(results, "setpte", RING0))
