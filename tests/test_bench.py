@@ -218,6 +218,32 @@ def test_c_reference_and_memory(results: dict) -> None:
     assert mem["beyond_guest_kib"] > 0
 
 
+def test_events_side_by_side(results: dict) -> None:
+    """Alarm latency and event round trip, the VMI path (deprivileged) and native interrupts, one run."""
+    from vmikit.bench.eventbench import EVENTS_FULL, FIGURES
+
+    ev = results["events"]
+    assert "error" not in ev, ev
+    assert ev["rounds"] == EVENTS_FULL.rounds and ev["samples_per_round"] == EVENTS_FULL.samples
+    assert ev["paths"]["vmi"] == {"rom": "full", "privilege": "deprivileged", "doc": ev["paths"]["vmi"]["doc"]}
+    assert ev["paths"]["native"]["rom"] == "none" and ev["paths"]["native"]["privilege"] == "ring0"
+    assert set(ev["cells"]) == set(FIGURES) == {"alarm_latency", "event_roundtrip"}
+    for figure in FIGURES:
+        assert set(ev["cells"][figure]) == {"vmi", "native"}, figure
+        for path, cell in ev["cells"][figure].items():
+            assert cell["samples"] == EVENTS_FULL.rounds * EVENTS_FULL.samples
+            assert len(cell["median_ns_by_round"]) == EVENTS_FULL.rounds
+            ns = cell["ns"]
+            assert 0 <= ns["min"] <= ns["median"] <= ns["max"], (figure, path)
+            assert ns["median"] > 0, (figure, path)
+            # Sane: an event is handled within a second (the guest's own timeout for a round trip is 10 ms).
+            assert ns["median"] < 1e9, (figure, path)
+        assert ev["vmi_over_native"][figure] > 0
+    text = _render(results, 80)
+    assert "Events: VMI 1.4 beside native interrupts" in text
+    assert "alarm -> handler" in text and "event round trip" in text
+
+
 def _render(results: dict, width: int) -> str:
     out = StringIO()
     print_report(results, Console(file=out, width=width))

@@ -48,6 +48,8 @@ def _split(values: tuple[str, ...], choices: tuple[str, ...], what: str) -> tupl
 @click.option("--reps", type=click.IntRange(1, 1000), default=None, help="Repetitions of every cell.")
 @click.option("--no-c-reference", is_flag=True, help="Skip the C reference VMM.")
 @click.option("--no-memory", is_flag=True, help="Skip the VMM memory probe (a child process).")
+@click.option("--no-events", is_flag=True,
+              help="Skip the events section (alarm latency and event round trip, VMI beside native interrupts).")
 @click.option("--json", "json_file", type=OUTPUT,
               help="Write all results here (after Ctrl-C: what was measured, marked \"partial\": true).")
 @click.option("--plot", "plot_file", type=OUTPUT, help="Write a chart (PNG) here.")
@@ -57,7 +59,8 @@ def _split(values: tuple[str, ...], choices: tuple[str, ...], what: str) -> tupl
 def bench(quick: bool, workloads: tuple[str, ...], profiles: tuple[str, ...], pagings: tuple[str, ...],
           pages: int | None,
           switches: int | None, calls: int | None, reps: int | None, no_c_reference: bool, no_memory: bool,
-          json_file: Path | None, plot_file: Path | None, trace_file: Path | None = None) -> None:
+          json_file: Path | None, plot_file: Path | None, trace_file: Path | None = None,
+          no_events: bool = False) -> None:
     """Measure what each VMI call costs under every paging profile and both privileges (the kernel
     deprivileged at ring 3, and its -ring0 twin), against native and a C reference VMM."""
     from rich.console import Console
@@ -84,7 +87,8 @@ def bench(quick: bool, workloads: tuple[str, ...], profiles: tuple[str, ...], pa
             raise UsageError(f"no selected profile has paging {', '.join(styles)}",
                              "drop --paging or --profile, or choose profiles of that paging style")
     config = BenchConfig(workloads=_split(workloads, WORKLOAD_NAMES, "workload"), profiles=chosen, sizes=sizes,
-                         c_reference=not no_c_reference, memory_probe=not no_memory, quick=quick)
+                         c_reference=not no_c_reference, memory_probe=not no_memory, quick=quick,
+                         events=not no_events)
     console = Console()
     total = len(config.workloads) * len(config.profiles) * sizes.reps
     columns = (TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),

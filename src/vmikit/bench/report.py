@@ -232,6 +232,36 @@ def vmm_table(results: dict) -> Table | None:
     return table
 
 
+def events_table(results: dict) -> Table | str | None:
+    """Alarm latency and event round trip, the VMI path (deprivileged) beside native interrupts."""
+    ev = results.get("events")
+    if not ev:
+        return None
+    if "error" in ev:
+        return f"[red]events failed:[/red] {ev['error']}"
+    from vmikit.bench.eventbench import FIGURE_DOC, FIGURES
+
+    table = _table(f"Events: VMI 1.4 beside native interrupts ({ev['rounds']} interleaved "
+                   f"{'round' if ev['rounds'] == 1 else 'rounds'} of {plural(ev['samples_per_round'], 'sample')})",
+                   "Guest-measured (TSC), median over every sample of every round, min-max beside it. vmi: Time alarm, "
+                   "CPU.Halt and EventChannel upcalls, kernel deprivileged at ring 3; native: no ROM, LAPIC timer, "
+                   "sti; hlt and a self-IPI, kernel at ring 0 (emulated on this machine kind).")
+    table.add_column("figure", style="bold", no_wrap=True)
+    table.add_column("path", no_wrap=True)
+    for header in ("median", "min", "max", "x native"):
+        table.add_column(header, justify="right", no_wrap=True)
+    for figure in FIGURES:
+        per_path = ev["cells"].get(figure, {})
+        rows = [(p, per_path[p]) for p in ("vmi", "native") if p in per_path]
+        for i, (p, cell) in enumerate(rows):
+            ns = cell["ns"]
+            ratio = ev["vmi_over_native"].get(figure) if p == "vmi" else None
+            table.add_row(FIGURE_DOC[figure] if i == 0 else "", p, fmt_ns(ns["median"]), fmt_ns(ns["min"]),
+                          fmt_ns(ns["max"]), fmt_ratio(ratio) if p == "vmi" else "",
+                          end_section=i == len(rows) - 1)
+    return table
+
+
 def fmt_measured(t: dict) -> str:
     m = t["measured"]
     kind = t.get("kind", "ratio")
@@ -297,6 +327,7 @@ def report(results: dict) -> list[Table | str]:
                      f"an empty guest loop iteration costs {fmt_ns(c['guest_loop_iteration_ns'])} on this host")
     elif c:
         parts.append(f"[red]C reference failed:[/red] {c['error']}")
+    parts.append(events_table(results))
     mem = results.get("memory")
     if mem and "error" not in mem:
         parts.append(f"[bold]VMM memory[/bold] ({mem['profile']}, {mem['guest_ram_mib']} MiB guest): peak RSS "

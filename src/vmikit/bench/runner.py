@@ -47,6 +47,7 @@ class BenchConfig:
     memory_probe: bool = True
     quick: bool = False
     c_rounds: int | None = None  # interleaved C / Python rounds (None: 3 under --quick, else 5)
+    events: bool = True  # alarm latency and event round trip, VMI deprivileged beside native (eventbench.py)
     extra: dict[str, object] = field(default_factory=dict)
 
 
@@ -407,6 +408,15 @@ def run_bench(config: BenchConfig, progress: Progress | None = None,
                 results["c_reference"] = compare(image, config.sizes, memory_mib=config.memory_mib, rounds=rounds)
             except VmikitError as err:
                 results["c_reference"] = {"error": str(err)}
+        if config.events:
+            from vmikit.bench.eventbench import EVENTS_FULL, EVENTS_QUICK, GUEST as EVENTS_GUEST, measure
+
+            say("events")
+            try:
+                results["events"] = measure(build_guest(EVENTS_GUEST), EVENTS_QUICK if config.quick else EVENTS_FULL,
+                                            memory_mib=config.memory_mib, progress=say)
+            except VmikitError as err:
+                results["events"] = {"error": str(err)}
         if config.memory_probe:
             say("memory probe")
             from vmikit.bench.memprobe import probe
