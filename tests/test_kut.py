@@ -13,7 +13,7 @@ from click.testing import CliRunner
 from vmikit.cli import main
 from vmikit.errors import UsageError
 from vmikit.kut.runner import memory_mib, qemu_command, run_case, vmikit_command
-from vmikit.kut.suite import Outcome, load_cases, parse_output, uniprocessor
+from vmikit.kut.suite import Outcome, covered, load_cases, parse_output, uniprocessor
 
 CFG = """\
 # a comment
@@ -34,6 +34,10 @@ smp = 2
 file = one.flat
 arch = i386
 
+[sixteen_cpus]
+file = one.flat
+smp = 16
+
 [not_built]
 file = missing.flat
 """
@@ -49,8 +53,11 @@ def tree(tmp_path: Path) -> Path:
 
 def test_cases_read_from_the_tree_and_filtered_to_uniprocessor_64_bit(tree: Path) -> None:
     cases = load_cases(tree)
-    assert [c.name for c in cases] == ["one", "args", "two_cpus", "i386_only"]  # not_built left out
-    assert [c.name for c in uniprocessor(cases)] == ["one", "args"]
+    assert [c.name for c in cases] == ["one", "args", "two_cpus", "i386_only", "sixteen_cpus"]  # not_built left out
+    assert [c.name for c in uniprocessor(cases)] == ["one", "args"] == [c.name for c in covered(cases, "up")]
+    # SMP cases up to the board's 8 vCPUs; 16 is more than the board has, i386 another build.
+    assert [c.name for c in covered(cases)] == ["one", "args", "two_cpus"]
+    assert [c.name for c in covered(cases, "smp")] == ["two_cpus"]
     args = cases[1]
     assert args.cmdline == "cpuid" and args.timeout == 90 and memory_mib(args) == 2048
 
@@ -64,6 +71,9 @@ def test_qemu_gets_qemu64_with_the_case_flags_and_vmikit_the_bare_board(tree: Pa
     assert qemu_command(load_cases(tree)[0])[-2:] == ["-cpu", "qemu64"]
     ours = vmikit_command(args, 90)
     assert ours[ours.index("--rom") + 1] == "none" and ours[ours.index("--cmdline") + 1] == "cpuid"
+    two = load_cases(tree)[2]  # smp = 2: the same CPU count on both machines
+    assert qemu_command(two)[qemu_command(two).index("-smp") + 1] == "2"
+    assert vmikit_command(two, 90)[vmikit_command(two, 90).index("--cpus") + 1] == "2"
 
 
 def test_a_tree_without_a_config_is_refused_in_one_line(tmp_path: Path) -> None:

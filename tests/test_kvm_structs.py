@@ -34,6 +34,7 @@ IOCTLS = [
     ("KVM_IRQ_LINE", structs.KvmIrqLevel),
     ("KVM_CREATE_PIT2", structs.KvmPitConfig),
     ("KVM_GET_MP_STATE", structs.KvmMpState),
+    ("KVM_SET_MP_STATE", structs.KvmMpState),
     ("KVM_GET_LAPIC", structs.KvmLapicState),
     ("KVM_SET_GUEST_DEBUG", structs.KvmGuestDebug),
 ]
@@ -57,6 +58,7 @@ KNOWN = {
     "KVM_IRQ_LINE": 0x4008AE61,
     "KVM_CREATE_PIT2": 0x4040AE77,
     "KVM_GET_MP_STATE": 0x8004AE98,
+    "KVM_SET_MP_STATE": 0x4004AE99,
     "KVM_GET_LAPIC": 0x8400AE8E,
     "KVM_SET_GUEST_DEBUG": 0x4048AE9B,
 }

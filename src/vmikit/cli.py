@@ -223,6 +223,9 @@ PAGING_HELP = ("How page tables are virtualized: native (the guest owns them; no
 @click.option("--audit", is_flag=True, help="Check every page-table invariant after each update batch (slow).")
 @click.option("--cmdline", type=_Cmdline(), default="",
               help=f"The guest's multiboot command line, at most {CMDLINE_MAX_BYTES} bytes (e.g. pages=4096).")
+@click.option("--cpus", type=click.IntRange(1, layout.MAX_CPUS), default=1, show_default=True,
+              help=f"vCPUs, 1 to {layout.MAX_CPUS}: the MADT lists them; the others wait for INIT/SIPI "
+                   "(docs/board.md). More than one needs --rom none so far.")
 @click.option("--spec", "spec_name", default=None, metavar="VERSION|FILE",
               help="Interface version the hypervisor and its ROM implement: 1.0, 1.1, 1.2, 1.3 or a spec file "
                    "(default: the packaged spec).")
@@ -247,7 +250,7 @@ PAGING_HELP = ("How page tables are virtualized: native (the guest owns them; no
 def run(guest: str, memory_mib: int, timeout: float, rom: str | None, paging: str, audit: bool, cmdline: str,
         spec_name: str | None, annotations: str, privilege: str | None, extensions: tuple[Path, ...], stats: bool,
         json_file: Path | None, raw_console: bool, trace_file: Path | None = None,
-        gdb_address: str | None = None) -> None:
+        gdb_address: str | None = None, cpus: int = 1) -> None:
     """Run GUEST (a bundled guest name or an ELF path), streaming its serial console to stdout,
     and exit with its status."""
     from vmikit.hypervisor.experimental import ExperimentalCalls, load_extension
@@ -266,6 +269,8 @@ def run(guest: str, memory_mib: int, timeout: float, rom: str | None, paging: st
     from vmikit.observe import trace
 
     gdb = None
+    if gdb_address is not None and cpus > 1:
+        raise UsageError("--gdb debugs one vCPU so far", "use --cpus 1 with --gdb")
     if gdb_address is not None:
         from vmikit.observe.gdbstub import GdbStub, parse_address
 
@@ -275,7 +280,7 @@ def run(guest: str, memory_mib: int, timeout: float, rom: str | None, paging: st
     with trace.recording(trace_file), \
             Session(image, rom=rom, annotations=annotations, paging=paging, memory_mib=memory_mib, timeout=timeout,
                     console=console_sink(raw_console), experimental=calls, audit=audit, cmdline=cmdline, spec=spec,
-                    privilege=privilege, console_input=console_input()) as session:
+                    privilege=privilege, console_input=console_input(), cpus=cpus) as session:
         result = session.run() if gdb is None else GdbStub(session, gdb, image).run()
     summary = {"guest": guest, "image": str(image), "memory_mib": memory_mib, **result.summary()}
     if result.run.reset is not None:  # not an error: said, so that an early end is not a mystery

@@ -60,7 +60,8 @@ class Session:
     def __init__(self, image: Path, *, rom: str | None = None, annotations: str = "honour", paging: str = "native",
                  memory_mib: int = 128, timeout: float = 30.0, console: ConsoleSink | None = None,
                  experimental: ExperimentalCalls | None = None, audit: bool = False, cmdline: str = "",
-                 spec: Spec | None = None, privilege: str | None = None, console_input: int | None = None) -> None:
+                 spec: Spec | None = None, privilege: str | None = None, console_input: int | None = None,
+                 cpus: int = 1) -> None:
         # console_input: a host file descriptor whose bytes COM1 receives (machine/uart.py).
         # spec: the interface version the ROM and hypervisor implement (default: the packaged one);
         # an older spec stands for an older hypervisor (vmikit compat).
@@ -90,6 +91,11 @@ class Session:
                              "use --rom full or --rom minimal, or --privilege ring0")
         if privilege == "deprivileged" and spec is not None and spec.shared is None:
             privilege = "ring0"  # an interface before 1.3 has no execution model: its kernels keep ring 0
+        if cpus > 1 and rom != "none":
+            # The hypervisor's per-vCPU state (execution model, queue, shared page) is one vCPU's
+            # so far (issue 16): a ROM guest on several CPUs would share it.
+            raise UsageError(f"--cpus {cpus} works without a ROM so far (the hypervisor keeps one vCPU's state)",
+                             "use --rom none (with --paging native or trap), or --cpus 1")
         self.privilege = privilege
         self.rom = rom
         self.annotations = annotations
@@ -103,7 +109,7 @@ class Session:
         self.machine = Machine(image, memory_mib=memory_mib, timeout=timeout, console=console, rom=rom_bytes,
                                cmdline=cmdline, pool_readonly=paging != "native",
                                private=(layout.SHADOW_BASE, layout.SHADOW_SIZE) if paging == "shadow" else None,
-                               console_input=console_input)
+                               console_input=console_input, cpus=cpus)
         self.mmu = self._make_mmu(paging)
         self.hypervisor: Hypervisor | None = None
         if rom != "none":  # a bare machine has no hypervisor to call

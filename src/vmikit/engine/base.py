@@ -176,6 +176,8 @@ class Vcpu(Protocol):
         ...
 
     on_wake: Callable[[], None] | None
+    stop_on_halt: bool  # False: a probe finding it halted for good sets halted_for_good instead
+    halted_for_good: bool  # as of the last probe_halt (only kept up when stop_on_halt is False)
 
     @property
     def kicked(self) -> bool:
@@ -235,7 +237,10 @@ class Vm(Protocol):
         "frames" (just those) or "all"."""
         ...
 
-    def create_vcpu(self, boot: BootState) -> Vcpu: ...
+    def create_vcpu(self, boot: BootState | None) -> Vcpu:
+        """The next vCPU (ids from 0). ``boot``: its entry state; None for an application
+        processor, which waits in run() for INIT/SIPI from another CPU's LAPIC."""
+        ...
 
     def irq_line(self, irq: int, level: bool) -> None:
         """Drive interrupt line ``irq`` (a GSI: PIC and IOAPIC pin for 0-15, IOAPIC only for 16-23)."""

@@ -206,6 +206,10 @@ class KvmVcpuEngine:
         self.wakeups = 0
         self._wake_timer: WakeTimer | None = None
         self._wake_armed = False
+        # A vCPU of several: one halted for good does not end the run (an AP parked with cli; hlt,
+        # or one no SIPI started yet); it says so here, and the board ends the run when all do.
+        self.stop_on_halt = True
+        self.halted_for_good = False
 
     @property
     def regs(self) -> ks.KvmRegs:
@@ -220,11 +224,16 @@ class KvmVcpuEngine:
     def mark_regs_dirty(self) -> None:
         self._run.kvm_dirty_regs |= KVM_SYNC_X86_REGS
 
-    def setup_boot(self, boot: BootState, cpuid_buf: ctypes.Array[ctypes.c_char]) -> None:
+    def setup_boot(self, boot: BootState | None, cpuid_buf: ctypes.Array[ctypes.c_char]) -> None:
+        """The multiboot entry state; with ``boot`` None, an AP: KVM's reset state, waiting in
+        KVM_RUN for INIT and SIPI from another CPU's LAPIC (or the hypervisor's start_at)."""
         _offered_features_only(cpuid_buf)
         self._vcpu.set_cpuid(cpuid_buf)
         nent = ks.KvmCpuid2.from_buffer(cpuid_buf).nent
         self._cpuid_entries = list((ks.KvmCpuidEntry2 * nent).from_buffer_copy(cpuid_buf, ctypes.sizeof(ks.KvmCpuid2)))
+        if boot is None:
+            self._vcpu.set_msrs({MSR_MTRR_DEF_TYPE: MTRR_ENABLE | MTRR_TYPE_WRITEBACK})
+            return
         sregs = self._vcpu.get_sregs()
         sregs.cs = _flat_segment(0x08, 0xB)
         for name in ("ds", "es", "fs", "gs", "ss"):
@@ -275,7 +284,7 @@ class KvmVcpuEngine:
                         if self._woken:
                             self._wake_up()
                         if self._probing:
-                            if self._halted_for_good():
+                            if self._halted_for_good() and self.stop_on_halt:
                                 return Exit(ExitKind.HALT, HALTED_FOR_GOOD)
                             continue
                         counts[ks.KVM_EXIT_INTR] = counts.get(ks.KVM_EXIT_INTR, 0) + 1
@@ -321,7 +330,7 @@ class KvmVcpuEngine:
                         return Exit(ExitKind.KICKED, "stopped by the watchdog")
                     if self._woken:
                         self._wake_up()
-                    if self._probing and self._halted_for_good():
+                    if self._probing and self._halted_for_good() and self.stop_on_halt:
                         return Exit(ExitKind.HALT, HALTED_FOR_GOOD)
                 else:
                     name = ks.EXIT_REASON_NAMES.get(reason, str(reason))
@@ -416,6 +425,7 @@ class KvmVcpuEngine:
         total = sum(self._counts.values())
         if total != self._probe_total:
             self._probe_total = total
+            self.halted_for_good = False
             return
         if self._thread_id is not None:
             self._probing = True
@@ -423,9 +433,12 @@ class KvmVcpuEngine:
 
     def _halted_for_good(self) -> bool:
         self._probing = False
-        if self._vcpu.mp_state() != ks.KVM_MP_STATE_HALTED:
-            return False
-        return not self._vcpu.get_regs().rflags & RFLAGS_IF
+        state = self._vcpu.mp_state()
+        if state in (ks.KVM_MP_STATE_UNINITIALIZED, ks.KVM_MP_STATE_INIT_RECEIVED):
+            self.halted_for_good = True  # an AP no one started: only another CPU's SIPI can
+        else:
+            self.halted_for_good = state == ks.KVM_MP_STATE_HALTED and not self._vcpu.get_regs().rflags & RFLAGS_IF
+        return self.halted_for_good
 
     def mp_state(self) -> int:
         return self._vcpu.mp_state()
@@ -585,7 +598,7 @@ class KvmVmEngine:
                 raise OSError(ctypes.get_errno(), "mprotect of guest memory failed")
         return "frames"
 
-    def create_vcpu(self, boot: BootState) -> KvmVcpuEngine:
+    def create_vcpu(self, boot: BootState | None) -> KvmVcpuEngine:
         _install_kick_handler()
         vcpu = KvmVcpuEngine(self._vm.create_vcpu(len(self._vcpus)))
         cpuid_buf, _ = self._kvm.supported_cpuid()

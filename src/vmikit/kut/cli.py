@@ -9,12 +9,12 @@ import click
 
 from vmikit.errors import UsageError
 from vmikit.kut.runner import qemu_command, run_case, vmikit_command
-from vmikit.kut.suite import Case, Outcome, load_cases, uniprocessor
+from vmikit.kut.suite import CPU_CHOICES, Case, Outcome, covered, load_cases
 from vmikit.outputs import OUTPUT, TIMEOUT
 
 
 def _row(case: Case, qemu: Outcome | None, vmikit: Outcome | None) -> dict[str, object]:
-    row: dict[str, object] = {"test": case.name, "image": case.image.name, "args": case.cmdline}
+    row: dict[str, object] = {"test": case.name, "image": case.image.name, "args": case.cmdline, "cpus": case.smp}
     for side, outcome in (("qemu", qemu), ("vmikit", vmikit)):
         if outcome is not None:
             row[side] = outcome.__dict__
@@ -39,9 +39,9 @@ def _same(row: dict[str, object], no: str) -> str:
 
 
 def _markdown(rows: list[dict[str, object]]) -> str:
-    lines = ["| test | QEMU-KVM | s | vmikit | s | same |", "|---|---|---|---|---|---|"]
+    lines = ["| test | CPUs | QEMU-KVM | s | vmikit | s | same |", "|---|---|---|---|---|---|---|"]
     for row in rows:
-        cells = [f"`{row['test']}`"]
+        cells = [f"`{row['test']}`", str(row.get("cpus", 1))]
         for side in ("qemu", "vmikit"):
             outcome = row.get(side)
             if isinstance(outcome, dict):
@@ -56,6 +56,9 @@ def _markdown(rows: list[dict[str, object]]) -> str:
 @click.command("kvm-unit-tests", short_help="Run kvm-unit-tests under QEMU-KVM and vmikit.")
 @click.argument("tree", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--test", "names", multiple=True, metavar="NAME", help="Only this case of x86/unittests.cfg (repeatable).")
+@click.option("--cpus", "cpus", type=click.Choice(CPU_CHOICES), default="all", show_default=True,
+              help="Which cases: every 64-bit case on at most 8 CPUs, the one-CPU cases (up) or the SMP ones "
+                   "(the case's smp = N: QEMU -smp N, vmikit --cpus N).")
 @click.option("--machine", type=click.Choice(["both", "qemu", "vmikit"]), default="both", show_default=True,
               help="Which machines to run each case on.")
 @click.option("--timeout", type=TIMEOUT, default=None,
@@ -66,19 +69,21 @@ def _markdown(rows: list[dict[str, object]]) -> str:
 @click.option("--json", "json_file", type=OUTPUT, help="Write every outcome here.")
 @click.option("--markdown", "markdown_file", type=OUTPUT, help="Write the comparison table here (Markdown).")
 def kvm_unit_tests(tree: Path, names: tuple[str, ...], machine: str, timeout: float | None,
-                   qemu_results: Path | None, json_file: Path | None, markdown_file: Path | None) -> None:
-    """Run the uniprocessor x86 cases of a built kvm-unit-tests TREE (./configure && make) under
-    QEMU with KVM and under vmikit's bare board (--rom none), and show whether each reaches the
-    same SUMMARY with the same PASS/FAIL/SKIP counts. Exit 1 if a case QEMU finishes differs."""
+                   qemu_results: Path | None, json_file: Path | None, markdown_file: Path | None,
+                   cpus: str = "all") -> None:
+    """Run the 64-bit x86 cases of a built kvm-unit-tests TREE (./configure && make) under QEMU
+    with KVM and under vmikit's bare board (--rom none), each with the CPUs it asks for, and show
+    whether each reaches the same SUMMARY with the same PASS/FAIL/SKIP counts. Exit 1 if a case
+    QEMU finishes differs."""
     from rich.console import Console
     from rich.table import Table
 
-    cases = uniprocessor(load_cases(tree))
+    cases = covered(load_cases(tree), cpus)
     if names:
         unknown = sorted(set(names) - {c.name for c in cases})
         if unknown:
-            raise UsageError(f"no uniprocessor case named {', '.join(unknown)} in {tree}",
-                             "choose names from x86/unittests.cfg (smp = 1)")
+            raise UsageError(f"no 64-bit case named {', '.join(unknown)} with --cpus {cpus} in {tree}",
+                             "choose names from x86/unittests.cfg (at most 8 CPUs), or --cpus all")
         cases = [c for c in cases if c.name in names]
     reference = load_reference(qemu_results) if qemu_results is not None else {}
     rows = []
@@ -90,7 +95,7 @@ def kvm_unit_tests(tree: Path, names: tuple[str, ...], machine: str, timeout: fl
         vmikit = run_case(vmikit_command(case, limit), limit + 30) if machine in ("both", "vmikit") else None
         rows.append(_row(case, qemu, vmikit))
         console.print(f"{case.name}: qemu: {qemu.summary if qemu else '-'} | vmikit: {vmikit.summary if vmikit else '-'}")
-    table = Table(title="kvm-unit-tests x86, uniprocessor")
+    table = Table(title=f"kvm-unit-tests x86 ({cpus} cases)")
     for column in ("test", "QEMU-KVM", "vmikit", "same"):
         table.add_column(column)
     for row in rows:

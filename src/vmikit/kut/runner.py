@@ -57,7 +57,7 @@ def _memory_mib(case: Case) -> int:
 
 
 def qemu_command(case: Case) -> list[str]:
-    cmd = [QEMU, *QEMU_BASE, "-m", str(memory_mib(case)), "-kernel", str(case.image)]
+    cmd = [QEMU, *QEMU_BASE, "-m", str(memory_mib(case)), "-smp", str(case.smp), "-kernel", str(case.image)]
     cmd += [p for p in _qemu_params(case.qemu_params) if p]
     if case.test_args:
         cmd += ["-append", case.cmdline]
@@ -83,7 +83,7 @@ def _dedupe_memory(cmd: list[str]) -> list[str]:
 
 def vmikit_command(case: Case, timeout: float) -> list[str]:
     cmd = [sys.executable, "-m", "vmikit", "run", str(case.image), "--rom", "none", "--paging", "native",
-           "--memory", str(memory_mib(case)), "--timeout", f"{timeout:g}"]
+           "--memory", str(memory_mib(case)), "--cpus", str(case.smp), "--timeout", f"{timeout:g}"]
     if case.test_args:
         cmd += ["--cmdline", case.cmdline]
     return cmd

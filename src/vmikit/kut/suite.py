@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vmikit.errors import UsageError
+from vmikit.machine import layout
 
 DEFAULT_TIMEOUT_S = 300.0  # tests are slow here: ring 0 is emulated (DESIGN.md)
 
@@ -107,6 +108,18 @@ def load_cases(tree: Path) -> list[Case]:
     return cases
 
 
+CPU_CHOICES = ("all", "up", "smp")
+
+
+def covered(cases: list[Case], cpus: str = "all") -> list[Case]:
+    """The cases this comparison covers: 64-bit (the tree's default build) on at most the board's
+    vCPUs; ``cpus`` "up" keeps the one-CPU cases, "smp" those that ask for more."""
+    kept = [c for c in cases if c.arch in ("", "x86_64") and 1 <= c.smp <= layout.MAX_CPUS]
+    if cpus == "up":
+        return [c for c in kept if c.smp == 1]
+    return [c for c in kept if c.smp > 1] if cpus == "smp" else kept
+
+
 def uniprocessor(cases: list[Case]) -> list[Case]:
-    """The cases this comparison covers: one CPU, 64-bit (the tree's default build)."""
-    return [c for c in cases if c.smp == 1 and c.arch in ("", "x86_64")]
+    """The one-CPU 64-bit cases."""
+    return covered(cases, "up")

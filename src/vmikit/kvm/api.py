@@ -47,6 +47,7 @@ KVM_SET_MSRS = ioc.iow(0x89, KvmMsrs)
 KVM_SET_CPUID2 = ioc.iow(0x90, KvmCpuid2)
 KVM_GET_LAPIC = ioc.ior(0x8E, KvmLapicState)
 KVM_GET_MP_STATE = ioc.ior(0x98, KvmMpState)
+KVM_SET_MP_STATE = ioc.iow(0x99, KvmMpState)
 KVM_GET_VCPU_EVENTS = ioc.ior(0x9F, KvmVcpuEvents)
 KVM_GET_DEBUGREGS = ioc.ior(0xA1, KvmDebugregs)
 KVM_SET_DEBUGREGS = ioc.iow(0xA2, KvmDebugregs)
@@ -281,6 +282,9 @@ class KvmVcpu:
         state = KvmMpState()
         kvm_ioctl(self.fd, KVM_GET_MP_STATE, state)
         return int(state.mp_state)
+
+    def set_mp_state(self, mp_state: int) -> None:
+        kvm_ioctl(self.fd, KVM_SET_MP_STATE, KvmMpState(mp_state=mp_state))
 
     def get_lapic(self) -> bytes:
         state = KvmLapicState()

@@ -6,6 +6,7 @@ later, the hypercall port) register port handlers with ``on_out``/``on_in``.
 
 from __future__ import annotations
 
+import threading
 import time
 import traceback
 from collections.abc import Callable
@@ -35,26 +36,69 @@ HALT_PROBE_S = 0.1  # how often the watchdog looks for a vCPU halted for good (e
 
 
 class Watchdog(Background):
-    """Looks for a vCPU halted for good while the run lasts; stops a run at its time limit: first a kick that ends the next KVM_RUN, then, if the VMM
-    is stuck outside the guest (a handler that does not return, console output nobody reads),
-    hard kicks every grace period until the run loop has returned."""
+    """Looks for vCPUs halted for good while the run lasts; stops a run at its time limit: first a
+    kick that ends the next KVM_RUN, then, if the VMM is stuck outside the guest (a handler that
+    does not return, console output nobody reads), hard kicks every grace period until the run
+    loop has returned. With several vCPUs the run ends as halted when every one of them is, two
+    probes in a row (one probe's flags can lag a CPU that a SIPI just started)."""
 
-    def __init__(self, vcpu: Vcpu, limit: float) -> None:
+    def __init__(self, vcpus: list[Vcpu], limit: float, on_all_halted: Callable[[], None] | None = None) -> None:
         super().__init__("vmikit-watchdog")
-        self._vcpu = vcpu
+        self._vcpus = vcpus
         self._limit = limit
+        self._on_all_halted = on_all_halted
         self.hard = False  # a hard kick was needed
 
     def _loop(self) -> None:
         deadline = time.monotonic() + self._limit
+        all_halted = 0
         while (left := deadline - time.monotonic()) > 0:
             if self._done.wait(min(left, HALT_PROBE_S)):
                 return
-            self._vcpu.probe_halt()
-        self._vcpu.kick()
+            if self._on_all_halted is not None:
+                all_halted = all_halted + 1 if all(v.halted_for_good for v in self._vcpus) else 0
+                if all_halted >= 3:
+                    self._on_all_halted()
+                    all_halted = 0
+            for vcpu in self._vcpus:
+                vcpu.probe_halt()
+        for vcpu in self._vcpus:
+            vcpu.kick()
         while not self._done.wait(WATCHDOG_GRACE_S):
             self.hard = True
-            self._vcpu.kick(hard=True)
+            for vcpu in self._vcpus:
+                vcpu.kick(hard=True)
+
+
+class CpuOps:
+    """One vCPU's view of the board when there are several: the handling of each exit holds the
+    board's lock (devices and hypervisor see one exit at a time, as with one vCPU; KVM_RUN itself
+    runs unlocked, so the vCPUs' guest code runs in parallel) and names the CPU it came from."""
+
+    __slots__ = ("_machine", "_index", "_lock")
+
+    def __init__(self, machine: Machine, index: int, lock: threading.Lock) -> None:
+        self._machine, self._index, self._lock = machine, index, lock
+
+    def pio_out(self, port: int, size: int, value: int) -> None:
+        with self._lock:
+            self._machine.current_cpu = self._index
+            self._machine.pio_out(port, size, value)
+
+    def pio_in(self, port: int, size: int) -> int:
+        with self._lock:
+            self._machine.current_cpu = self._index
+            return self._machine.pio_in(port, size)
+
+    def mmio_read(self, addr: int, size: int) -> int:
+        with self._lock:
+            self._machine.current_cpu = self._index
+            return self._machine.mmio_read(addr, size)
+
+    def mmio_write(self, addr: int, size: int, value: int) -> None:
+        with self._lock:
+            self._machine.current_cpu = self._index
+            self._machine.mmio_write(addr, size, value)
 
 
 @dataclass
@@ -69,6 +113,7 @@ class RunResult:
     mmio_unmapped: int = 0  # accesses to guest-physical addresses nothing decodes
     reset: str | None = None  # the guest reset the machine, which ended the run: through what
     cpu_seconds: float = 0.0  # the VMM process's own CPU time (every thread) during the run
+    exits_by_cpu: list[dict[str, int]] = field(default_factory=list)  # per vCPU, with more than one
 
     @property
     def exits_total(self) -> int:
@@ -77,7 +122,9 @@ class RunResult:
     def summary(self) -> dict[str, object]:
         return {
             "exit_status": self.exit_status,
-            "exits": {"total": self.exits_total, "by_reason": dict(self.exits_by_reason), "by_port": dict(self.ports)},
+            "exits": {"total": self.exits_total, "by_reason": dict(self.exits_by_reason), "by_port": dict(self.ports),
+                      **({"by_cpu": [dict(c) for c in self.exits_by_cpu]} if self.exits_by_cpu else {})},
+            "cpus": max(1, len(self.exits_by_cpu)),
             "wall_seconds": round(self.wall_seconds, 6),
             "cpu_seconds": round(self.cpu_seconds, 6),
             "console_bytes_dropped": self.console_dropped,
@@ -117,12 +164,17 @@ class Console:
 
 
 class Machine:
-    """A one-vCPU x86 PC-like board running a multiboot kernel."""
+    """An x86 PC-like board with 1 to 8 vCPUs running a multiboot kernel. vCPU 0 (the BSP) starts
+    at the kernel's entry; the others wait for INIT/SIPI, each in KVM_RUN on a thread of its own."""
 
     def __init__(self, image: Path, *, memory_mib: int = 128, engine: Engine | None = None,
                  console: ConsoleSink | None = None, timeout: float = 30.0, cmdline: str = "",
                  rom: bytes | None = None, pool_readonly: bool = False,
-                 private: tuple[int, int] | None = None, console_input: int | None = None) -> None:
+                 private: tuple[int, int] | None = None, console_input: int | None = None, cpus: int = 1) -> None:
+        if not 1 <= cpus <= layout.MAX_CPUS:
+            raise UsageError(f"--cpus {cpus} is out of range", f"choose 1 to {layout.MAX_CPUS} vCPUs")
+        self.cpus = cpus
+        self.current_cpu = 0  # the vCPU whose exit is being handled (CpuOps sets it, under the lock)
         if not layout.MIN_MEMORY_MIB <= memory_mib <= layout.MAX_MEMORY_MIB:
             raise UsageError(f"--memory {memory_mib} MiB is out of range",
                              f"choose {layout.MIN_MEMORY_MIB} to {layout.MAX_MEMORY_MIB} MiB")
@@ -147,6 +199,7 @@ class Machine:
         self.rom_writes = 0
         self.mmio_unmapped = 0
         self._cpu = 0.0  # process CPU time of the last run()
+        self._ended_cpu = 0  # the vCPU whose exit ended the run
         self._own_engine = engine is None
         self.engine = engine or open_engine()
         self.vm = self.engine.create_vm()
@@ -190,12 +243,13 @@ class Machine:
             self.vm.add_memory(region)
         if rom is not None:
             self.memory.write(layout.ROM_BASE, rom)
-        self.memory.write(layout.BIOS_BASE, build_tables(cpus=1))
+        self.memory.write(layout.BIOS_BASE, build_tables(cpus=self.cpus))
         self.kernel: LoadedKernel = load_multiboot(image, self.memory, self.ram_end, cmdline)
         self.vcpu = self.vm.create_vcpu(BootState(entry=self.kernel.entry, rax=MULTIBOOT_BOOTLOADER_MAGIC,
                                                   rbx=self.kernel.info_addr))
+        self.vcpus = [self.vcpu] + [self.vm.create_vcpu(None) for _ in range(1, self.cpus)]
         self.uart = Uart16550(self.console.put)
-        self.fw_cfg = FwCfg(self.ram_end, cpus=1)
+        self.fw_cfg = FwCfg(self.ram_end, cpus=self.cpus)
         for device in (self.uart, self.fw_cfg, Chipset(self._reset), TestDev(self._flush_page)):
             device.attach(self)
         self.on_out(layout.PORT_EXIT, self._exit_port)
@@ -276,14 +330,16 @@ class Machine:
     def run(self) -> RunResult:
         """Run to the guest's exit; raises GuestCrash/GuestHang with a register dump otherwise."""
         start, cpu_start = time.perf_counter(), time.process_time()
-        with Watchdog(self.vcpu, self.timeout) as watchdog:
-            try:
-                exit_ = self.vcpu.run(self)
-            except WatchdogExpired:  # a hard kick that landed as the run loop was returning
-                exit_ = Exit(ExitKind.KICKED, "stopped by the watchdog")
-            if not watchdog.hard:
-                self.console.flush()  # not after a hard kick: the console may be what was stuck
-
+        if self.cpus == 1:
+            with Watchdog(self.vcpus, self.timeout) as watchdog:
+                try:
+                    exit_ = self.vcpu.run(self)
+                except WatchdogExpired:  # a hard kick that landed as the run loop was returning
+                    exit_ = Exit(ExitKind.KICKED, "stopped by the watchdog")
+                if not watchdog.hard:
+                    self.console.flush()  # not after a hard kick: the console may be what was stuck
+        else:
+            exit_ = self._run_smp()
         wall = time.perf_counter() - start
         self._cpu = time.process_time() - cpu_start
         if exit_.kind is ExitKind.STOPPED:
@@ -292,7 +348,9 @@ class Machine:
                 raise GuestCrash(self._panic.summary(), "fix the guest code at that address",
                                  dump=format_registers(self._panic.frame))
             return self._result(status, wall)
-        dump = format_registers(self.vcpu.dump_state())
+        dump = format_registers(self.vcpus[self._ended_cpu].dump_state())
+        if self.cpus > 1:
+            dump = f"vCPU {self._ended_cpu}:\n{dump}"
         if exit_.kind is ExitKind.KICKED:
             raise GuestHang(f"guest did not finish within {self.timeout:g} s and was stopped by the watchdog",
                             "raise --timeout if it is just slow, or fix the loop it is stuck in", dump=dump)
@@ -312,9 +370,65 @@ class Machine:
                              "see the register dump for the instruction at rip", dump=dump)
         raise GuestCrash(exit_.detail, "report this exit to the vmikit developers", dump=dump)
 
+    def _run_smp(self) -> Exit:
+        """Every vCPU on a thread of its own (vCPU 0 on this one, where signals land). The first
+        to end the run for a reason of its own (the exit port, a crash) decides how it ended;
+        the others are kicked. Halted for good is when every vCPU is."""
+        lock = threading.Lock()
+        ended: list[tuple[int, Exit]] = []
+        all_halted = threading.Event()
+
+        def finish(index: int, exit_: Exit) -> None:
+            with lock:
+                if exit_.kind is ExitKind.KICKED and (ended or all_halted.is_set()):
+                    return  # stopped because another vCPU (or the watchdog's halt check) ended the run
+                if not ended:
+                    ended.append((index, exit_))
+                    for other in self.vcpus:
+                        other.kick()
+
+        def halted() -> None:
+            all_halted.set()
+            for vcpu in self.vcpus:
+                vcpu.kick()
+
+        def ap(index: int) -> None:
+            try:
+                finish(index, self.vcpus[index].run(CpuOps(self, index, lock)))
+            except BaseException as exc:  # a VMM bug on this thread: end the run, do not hang it
+                finish(index, Exit(ExitKind.INTERNAL_ERROR, f"vCPU {index}'s thread failed: {exc!r}"))
+
+        for vcpu in self.vcpus:
+            vcpu.stop_on_halt = False
+        threads = [threading.Thread(target=ap, args=(i,), name=f"vmikit-vcpu{i}", daemon=True)
+                   for i in range(1, self.cpus)]
+        with Watchdog(self.vcpus, self.timeout, halted) as watchdog:
+            for thread in threads:
+                thread.start()
+            try:
+                finish(0, self.vcpu.run(CpuOps(self, 0, lock)))
+            except WatchdogExpired:
+                finish(0, Exit(ExitKind.KICKED, "stopped by the watchdog"))
+            for vcpu in self.vcpus:
+                vcpu.kick()
+            for thread in threads:
+                thread.join(WATCHDOG_GRACE_S)  # a thread stuck in a handler stays behind (daemon)
+            if not watchdog.hard:
+                self.console.flush()
+        if ended:
+            self._ended_cpu, exit_ = ended[0]
+            return exit_
+        return Exit(ExitKind.HALT, "every vCPU halted with interrupts disabled, and nothing can wake them")
+
     def _result(self, status: int, wall: float) -> RunResult:
+        counts = [vcpu.exit_counts() for vcpu in self.vcpus]
+        total: dict[str, int] = {}
+        for per_cpu in counts:
+            for reason, n in per_cpu.items():
+                total[reason] = total.get(reason, 0) + n
         return RunResult(
-            exit_status=status, console=self.console.text(), exits_by_reason=self.vcpu.exit_counts(),
+            exit_status=status, console=self.console.text(), exits_by_reason=total,
+            exits_by_cpu=counts if self.cpus > 1 else [],
             wall_seconds=wall, console_dropped=self.console.dropped,
             ports={f"{p:#x}": n for p, n in sorted(self._port_counts.items())},
             rom_writes=self.rom_writes, mmio_unmapped=self.mmio_unmapped, reset=self.reset_by,

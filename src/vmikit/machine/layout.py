@@ -42,6 +42,7 @@ MAX_CMDLINE_BYTES = 1023  # the multiboot command line's room in the info block,
 MAX_IMAGE_NAME_BYTES = 255  # the kernel's file name, which starts the guest's command line (NAME_MAX)
 MAX_TIMEOUT_S = 86400.0  # a day: the watchdog's limit is a bound, not a way to switch it off
 MIN_MEMORY_MIB = 4
+MAX_CPUS = 8  # vCPUs (--cpus): APIC IDs 0..7 in the MADT, one host thread each
 MAX_MEMORY_MIB = 3072  # stay below the 32-bit PCI hole: one flat high RAM slot
 
 # KVM's own pages on Intel hosts sit at 0xFFFBC000-0xFFFBFFFF (engine/kvm.py), above any RAM here.
