@@ -13,22 +13,9 @@
  * `sleep=MS` halts through MS of LAPIC ticks at the end; `reset=cf9|kbc|92` resets the machine
  * that way at the end; `halt` ends with cli; hlt (nothing can wake it).
  */
+#include "apic.h"
 #include "lib.h"
 #include "vmi.h"
-
-#define LAPIC_BASE      0xFEE00000ull
-#define LAPIC_ID        0x020
-#define LAPIC_EOI       0x0B0
-#define LAPIC_SVR       0x0F0
-#define LAPIC_LVT_TIMER 0x320
-#define LAPIC_LVT0      0x350
-#define LAPIC_TIMER_ICR 0x380
-#define LAPIC_TIMER_CCR 0x390
-#define LAPIC_TIMER_DCR 0x3E0
-#define LVT_MASKED      (1u << 16)
-#define LVT_PERIODIC    (1u << 17)
-#define LVT_EXTINT      (7u << 8)
-#define MSR_APIC_BASE   0x1B
 
 #define VEC_LAPIC_TIMER 0x40
 #define VEC_IOAPIC_PIT  0x41
@@ -41,114 +28,46 @@
 #define PERIOD_MS       10
 #define TICKS           10
 
-struct sdt {
-	char sig[4];
-	uint32_t length;
-	uint8_t revision, checksum;
-	char oem[6], oem_table[8];
-	uint32_t oem_rev, creator, creator_rev;
-} __attribute__((packed));
-
-struct rsdp {
-	char sig[8];
-	uint8_t checksum;
-	char oem[6];
-	uint8_t revision;
-	uint32_t rsdt;
-	uint32_t length;
-	uint64_t xsdt;
-	uint8_t ext_checksum, reserved[3];
-} __attribute__((packed));
-
 static uint64_t ioapic_base;
 static unsigned pit_gsi, pm_port, pm_bits = 24;
 static volatile unsigned lapic_ticks, ioapic_ticks, pic_ticks, uart_irqs;
 
-static inline volatile uint32_t *lapic(unsigned reg) { return (volatile uint32_t *)(uintptr_t)(LAPIC_BASE + reg); }
-
-static uint8_t sum(const void *p, size_t n)
-{
-	uint8_t s = 0;
-	for (size_t i = 0; i < n; i++)
-		s += ((const uint8_t *)p)[i];
-	return s;
-}
-
 /* --- firmware ---------------------------------------------------------------------- */
-
-static const struct rsdp *find_rsdp(void)
-{
-	for (uintptr_t a = 0xE0000; a < 0x100000; a += 16)
-		if (!memcmp((const void *)a, "RSD PTR ", 8) && !sum((const void *)a, 20))
-			return (const struct rsdp *)a;
-	return NULL;
-}
-
-static const struct sdt *find_table(const struct rsdp *rsdp, const char *sig, int use_xsdt)
-{
-	const struct sdt *root = use_xsdt ? (const struct sdt *)(uintptr_t)rsdp->xsdt
-					  : (const struct sdt *)(uintptr_t)rsdp->rsdt;
-	unsigned width = use_xsdt ? 8 : 4;
-	unsigned n = (root->length - sizeof(*root)) / width;
-	for (unsigned i = 0; i < n; i++) {
-		const uint8_t *entry = (const uint8_t *)(root + 1) + i * width;
-		uint64_t addr = 0;
-		memcpy(&addr, entry, width);
-		const struct sdt *t = (const struct sdt *)(uintptr_t)addr;
-		if (!memcmp(t->sig, sig, 4))
-			return t;
-	}
-	return NULL;
-}
 
 static void check_firmware(void)
 {
-	const struct rsdp *rsdp = find_rsdp();
+	const struct acpi_rsdp *rsdp = acpi_find_rsdp();
 	report(rsdp != NULL, "an RSDP with a valid checksum in 0xE0000-0xFFFFF");
 	if (!rsdp)
 		return;
 	/* Revision 2 adds the XSDT (vmikit has one, QEMU's PC does not): checked where present. */
 	int has_xsdt = rsdp->revision >= 2;
-	report(!has_xsdt || !sum(rsdp, rsdp->length), "the RSDP's extended checksum, where it has one");
-	const struct sdt *rsdt = (const struct sdt *)(uintptr_t)rsdp->rsdt;
-	const struct sdt *xsdt = has_xsdt ? (const struct sdt *)(uintptr_t)rsdp->xsdt : NULL;
-	report(!memcmp(rsdt->sig, "RSDT", 4) && !sum(rsdt, rsdt->length) &&
-	       (!xsdt || (!memcmp(xsdt->sig, "XSDT", 4) && !sum(xsdt, xsdt->length))),
+	report(!has_xsdt || !acpi_checksum(rsdp, rsdp->length), "the RSDP's extended checksum, where it has one");
+	const struct acpi_sdt *rsdt = (const struct acpi_sdt *)(uintptr_t)rsdp->rsdt;
+	const struct acpi_sdt *xsdt = has_xsdt ? (const struct acpi_sdt *)(uintptr_t)rsdp->xsdt : NULL;
+	report(!memcmp(rsdt->sig, "RSDT", 4) && !acpi_checksum(rsdt, rsdt->length) &&
+	       (!xsdt || (!memcmp(xsdt->sig, "XSDT", 4) && !acpi_checksum(xsdt, xsdt->length))),
 	       "RSDT (and XSDT where there is one) with valid checksums");
 
-	const struct sdt *madt = find_table(rsdp, "APIC", 0);
-	report(madt && (!xsdt || madt == find_table(rsdp, "APIC", 1)) && !sum(madt, madt->length),
+	const struct acpi_sdt *madt = acpi_find_table(rsdp, "APIC", 0);
+	report(madt && (!xsdt || madt == acpi_find_table(rsdp, "APIC", 1)) && !acpi_checksum(madt, madt->length),
 	       "the MADT, the same through RSDT and XSDT, checksum valid");
 	if (!madt)
 		return;
-	const uint8_t *p = (const uint8_t *)(madt + 1);
-	uint32_t lapic_addr;
-	memcpy(&lapic_addr, p, 4);
-	unsigned my_id = *lapic(LAPIC_ID) >> 24, cpus = 0, me = 0, ioapics = 0;
-	pit_gsi = 0;
-	for (const uint8_t *e = p + 8; e < (const uint8_t *)madt + madt->length && e[1]; e += e[1]) {
-		if (e[0] == 0 && (e[4] & 1)) { /* processor local APIC, enabled */
-			cpus++;
-			me += e[3] == my_id;
-		} else if (e[0] == 1) { /* IOAPIC */
-			ioapics++;
-			uint32_t addr, gsi;
-			memcpy(&addr, e + 4, 4);
-			memcpy(&gsi, e + 8, 4);
-			if (gsi == 0)
-				ioapic_base = addr;
-		} else if (e[0] == 2 && e[2] == 0 && e[3] == 0) { /* ISA IRQ 0 overridden */
-			uint32_t gsi;
-			memcpy(&gsi, e + 4, 4);
-			pit_gsi = gsi;
-		}
-	}
+	struct madt_info mi;
+	acpi_parse_madt(madt, &mi);
+	uint32_t lapic_addr = mi.lapic_addr;
+	unsigned my_id = lapic_id(), cpus = mi.cpus, me = 0, ioapics = mi.ioapics;
+	for (unsigned i = 0; i < cpus && i < MADT_MAX_CPUS; i++)
+		me += mi.apic_ids[i] == my_id;
+	ioapic_base = mi.ioapic_base;
+	pit_gsi = mi.isa_irq0_gsi;
 	report(lapic_addr == LAPIC_BASE && cpus == 1 && me == 1, "MADT: one enabled CPU, this one (APIC ID %u), LAPIC at 0x%x",
 	       my_id, lapic_addr);
 	report(ioapics == 1 && ioapic_base == 0xFEC00000, "MADT: one IOAPIC, at 0xfec00000, from GSI 0");
 
-	const struct sdt *fadt = find_table(rsdp, "FACP", 0);
-	if (fadt && !sum(fadt, fadt->length)) {
+	const struct acpi_sdt *fadt = acpi_find_table(rsdp, "FACP", 0);
+	if (fadt && !acpi_checksum(fadt, fadt->length)) {
 		const uint8_t *f = (const uint8_t *)fadt;
 		uint32_t flags;
 		memcpy(&pm_port, f + 76, 4);
@@ -198,22 +117,10 @@ static void wait_ticks(volatile unsigned *counter, unsigned n)
 
 /* --- interrupt controllers ---------------------------------------------------------------- */
 
-static void ioapic_write(unsigned reg, uint32_t value)
-{
-	*(volatile uint32_t *)(uintptr_t)ioapic_base = reg;
-	*(volatile uint32_t *)(uintptr_t)(ioapic_base + 0x10) = value;
-}
-
-static uint32_t ioapic_read(unsigned reg)
-{
-	*(volatile uint32_t *)(uintptr_t)ioapic_base = reg;
-	return *(volatile uint32_t *)(uintptr_t)(ioapic_base + 0x10);
-}
-
 static void ioapic_route(unsigned pin, unsigned vector, int masked)
 {
-	ioapic_write(0x11 + 2 * pin, (*lapic(LAPIC_ID) >> 24) << 24);
-	ioapic_write(0x10 + 2 * pin, vector | (masked ? LVT_MASKED : 0)); /* fixed, physical, edge, high */
+	ioapic_write(ioapic_base, 0x11 + 2 * pin, lapic_id() << 24);
+	ioapic_write(ioapic_base, 0x10 + 2 * pin, vector | (masked ? LVT_MASKED : 0)); /* fixed, physical, edge, high */
 }
 
 static void pic_init(uint8_t master_mask, uint8_t slave_mask)
@@ -299,7 +206,7 @@ static void check_pit(void)
 {
 	pic_init(0xFF, 0xFF); /* both PICs masked: the IOAPIC alone delivers */
 	set_trap_hook(VEC_IOAPIC_PIT, on_ioapic_pit);
-	unsigned pins = ((ioapic_read(1) >> 16) & 0xFF) + 1;
+	unsigned pins = ((ioapic_read(ioapic_base, 1) >> 16) & 0xFF) + 1;
 	report(pins == 24, "IOAPIC: %u redirection entries", pins);
 	pit_stop();
 	ioapic_route(pit_gsi, VEC_IOAPIC_PIT, 0);

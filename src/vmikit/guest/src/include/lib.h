@@ -70,6 +70,9 @@ struct trap_regs {
  * *r as the hook left it (e.g. rip moved past the faulting instruction). Zero: fatal report. */
 typedef int (*trap_hook_t)(struct trap_regs *r);
 void set_trap_hook(unsigned vector, trap_hook_t hook); /* NULL restores the fatal default */
+/* The same for an interrupt the local APIC delivers (vector 32-255: IPIs, LAPIC timer, IOAPIC):
+ * the runtime writes the LAPIC's EOI after the hook handled it (ring 0 only, xAPIC MMIO). */
+void set_irq_hook(unsigned vector, trap_hook_t hook);
 uint64_t trap_cr2(void); /* the faulting address of the #PF being handled (no exit under VMI) */
 const char *exception_name(unsigned vector);
 

@@ -25,6 +25,7 @@ multiboot_header:
 
 	.section .bss
 	.balign 4096
+	.globl pml4                /* runtime/ap_boot.S: application processors start on these tables */
 pml4:	.skip 4096
 pdpt:	.skip 4096
 pd:	.skip 4 * 4096 /* 4 x 512 x 2 MiB = the first 4 GiB, identity mapped */

@@ -7,6 +7,7 @@
  * to ring 3 (docs/execution-model.md): there the hypervisor delivers each
  * exception to the gate installed here, with the frame the CPU would push.
  */
+#include "apic.h"
 #include "lib.h"
 #include "vmi.h"
 
@@ -35,11 +36,26 @@ static struct idt_gate idt[IDT_ENTRIES] __attribute__((aligned(16)));
 static struct exception_frame panic_frame;
 static volatile int in_handler;
 static trap_hook_t hooks[IDT_ENTRIES];
+/* Vectors whose hook is an interrupt from the local APIC: EOI after the hook (set_irq_hook). */
+static uint32_t eoi_after[IDT_ENTRIES / 32];
 
 void set_trap_hook(unsigned vector, trap_hook_t hook)
 {
-	if (vector < IDT_ENTRIES)
+	if (vector < IDT_ENTRIES) {
 		hooks[vector] = hook;
+		eoi_after[vector / 32] &= ~(1u << (vector % 32));
+	}
+}
+
+void set_irq_hook(unsigned vector, trap_hook_t hook)
+{
+	if (vector < 32 || vector >= IDT_ENTRIES)
+		return; /* 0-31 are exceptions: no EOI for them */
+	hooks[vector] = hook;
+	if (hook)
+		eoi_after[vector / 32] |= 1u << (vector % 32);
+	else
+		eoi_after[vector / 32] &= ~(1u << (vector % 32));
 }
 
 uint64_t trap_cr2(void) { return vmi_get_cr2(); }
@@ -75,8 +91,12 @@ void idt_init(void)
 void exception_handler(struct trap_regs *r)
 {
 	trap_hook_t hook = r->vector < IDT_ENTRIES ? hooks[r->vector] : NULL;
-	if (hook && hook(r))
+	if (hook && hook(r)) {
+		/* The in-service bit stays set (blocking this and lower priorities) until EOI. */
+		if (eoi_after[r->vector / 32] & (1u << (r->vector % 32)))
+			lapic_eoi();
 		return; /* idt_stubs.S resumes the context from *r */
+	}
 	/* A fault while reporting a fault: skip the printing, just get out. */
 	if (in_handler)
 		exit(EXIT_EXCEPTION);
