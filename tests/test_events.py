@@ -53,7 +53,7 @@ def test_1_4_is_a_compatible_minor_version_of_1_3() -> None:
 
 def test_the_reference_documents_time_the_shared_page_and_the_upcall_frame() -> None:
     text = (Path(__file__).resolve().parents[1] / "docs" / "vmi-reference.md").read_text()
-    assert "# VMI 1.4" in text and "### 0x06 Time (since 1.4)" in text
+    assert "# VMI 1.5" in text and "### 0x06 Time (since 1.4)" in text
     for needle in ("evtchn_pending", "evtchn_mask", "UPCALL_FRAME_SIZE", "SetCallback", "SetAlarm", "TIME_MIN_PERIOD_NS"):
         assert needle in text, needle
 
@@ -138,6 +138,18 @@ def test_a_due_alarm_sets_its_bit_and_upcalls_onto_the_kernel_stack(hv) -> None:
     assert memory.read_u64(shared + off["upcalls"]) == 1
     assert memory.read(shared + off["vif"], 4) == bytes(4)  # the upcall masked events
     assert call(hv, "Time.CancelAlarm", 1) == (0, (0, 0))  # one-shot: gone after it fired
+
+
+def test_an_upcall_frame_across_a_page_boundary_is_written_word_by_word(hv) -> None:
+    hypervisor, vcpu, memory = hv
+    off = {f.name: f.offset for f in SPEC.shared.fields}
+    call(hv, "EventChannel.Bind", C["EVTCHN_SOURCE_ALARM"], 2)
+    call(hv, "EventChannel.SetCallback", 0x4000)
+    memory.write(layout.SHARED_PAGE + off["vif"], (1).to_bytes(4, "little"))
+    vcpu.regs.rsp, vcpu.regs.rip, vcpu.regs.rflags = 0x7008, 0x1234, 0x246  # the frame: 0x6FF8-0x7007
+    assert call(hv, "Time.SetAlarm", 0, 0, 0)[0] == 0
+    assert (vcpu.regs.rip, vcpu.regs.rsp) == (0x4000, 0x6FF8)
+    assert memory.read_u64(0x6FF8) == 0x246 and memory.read_u64(0x7000) != 0
 
 
 def test_masked_events_wait_and_unbound_ones_are_counted(hv) -> None:
