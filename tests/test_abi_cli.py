@@ -84,7 +84,7 @@ def test_header_and_doc_to_file(tmp_path: Path) -> None:
     assert run("header", "-o", str(tmp_path / "vmi_spec.h")).exit_code == 0
     assert "VMI_CALL_MMU_SETPTE" in (tmp_path / "vmi_spec.h").read_text()
     assert run("doc", "-o", str(tmp_path / "vmi.md")).exit_code == 0
-    assert "# VMI 1.4" in (tmp_path / "vmi.md").read_text()
+    assert "# VMI 1.5" in (tmp_path / "vmi.md").read_text()
     line = _one_line_error(run("header", "-o", str(tmp_path / "missing-dir" / "x.h")))
     assert "cannot write" in line
 

@@ -258,7 +258,7 @@ def test_added_call_must_say_since_the_new_version(tmp_path: Path) -> None:
 
 def test_fixtures_follow_the_rules() -> None:
     versions = list(available_versions())
-    assert versions == [Version(1, 0), Version(1, 1), Version(1, 2), Version(1, 3), Version(1, 4)]
+    assert versions == [Version(1, 0), Version(1, 1), Version(1, 2), Version(1, 3), Version(1, 4), Version(1, 5)]
     for old, new in itertools.pairwise(versions):
         report = check(load_spec(version_path(old)), load_spec(version_path(new)))
         assert report.ok and report.bump == "minor", report.problems
@@ -290,11 +290,19 @@ def test_1_3_is_compatible_with_1_2_and_1_1() -> None:
     assert {"call-disallows-user", "shared-removed", "call-removed", "legacy-removed"} <= back
 
 
+def test_1_5_adds_the_smp_calls_compatibly() -> None:
+    report = check(load_spec(version_path(Version(1, 4))), load_spec(version_path(Version(1, 5))))
+    assert report.ok and report.bump == "minor", report.problems
+    assert not [c for c in report.changes if c.severity is Severity.BREAKING]
+    added = {c.subject.split(" (")[0] for c in report.changes if c.kind == "call-added"}
+    assert added == {"CPU.SetInitialAPState", "CPU.GetCPUInfo", "MMU.FlushTLBMulti", "MMU.InvalPageMulti"}
+
+
 def test_the_packaged_spec_is_the_newest_fixture() -> None:
     newest, path = list(available_versions().items())[-1]
     assert spec_path().read_bytes() == path.read_bytes(), f"copy vmi.toml to versions/{path.name}"
     report = check(load_spec(path), load_spec(spec_path()))
-    assert report.new == newest == Version(1, 4) and report.changes == [], [c.line() for c in report.changes]
+    assert report.new == newest == Version(1, 5) and report.changes == [], [c.line() for c in report.changes]
 
 
 def test_versions_by_name_on_the_command_line() -> None:

@@ -16,8 +16,8 @@ def spec():
 def test_loads_and_is_cached(spec) -> None:
     assert spec_path().name == "vmi.toml" and spec_path().is_file()
     assert load_spec() is spec
-    assert (spec.version.major, spec.version.minor) == (1, 4)
-    assert spec.version.packed == 0x00010004
+    assert (spec.version.major, spec.version.minor) == (1, 5)
+    assert spec.version.packed == 0x00010005
 
 
 def test_families(spec) -> None:
@@ -140,7 +140,7 @@ def test_execution_model_calls(spec) -> None:
 def test_user_safe_calls(spec) -> None:
     user = {c.qualified_name for c in spec.calls() if c.user}
     assert user == {"Query.GetVersion", "Query.HasFamily", "Query.QueryCall", "CPU.CPUID", "CPU.RDTSC", "CPU.IODelay",
-                    "Time.GetCycleFrequency", "Time.GetCycleCounter", "Time.GetWallclockTime"}
+                    "Time.GetCycleFrequency", "Time.GetCycleCounter", "Time.GetWallclockTime", "CPU.GetCPUInfo"}
 
 
 def test_shared_page_layout(spec) -> None:

@@ -91,11 +91,12 @@ class Session:
                              "use --rom full or --rom minimal, or --privilege ring0")
         if privilege == "deprivileged" and spec is not None and spec.shared is None:
             privilege = "ring0"  # an interface before 1.3 has no execution model: its kernels keep ring 0
-        if cpus > 1 and rom != "none":
-            # The hypervisor's per-vCPU state (execution model, queue, shared page) is one vCPU's
-            # so far (issue 16): a ROM guest on several CPUs would share it.
-            raise UsageError(f"--cpus {cpus} works without a ROM so far (the hypervisor keeps one vCPU's state)",
-                             "use --rom none (with --paging native or trap), or --cpus 1")
+        if cpus > 1 and rom != "none" and spec is not None and spec.shared is None:
+            raise UsageError(f"--cpus {cpus} under a ROM needs the per-vCPU shared page, which VMI {spec.version} lacks",
+                             "use --spec 1.3 or later, or --cpus 1")
+        if cpus > 1 and rom != "none" and privilege == "deprivileged":
+            raise UsageError(f"--cpus {cpus} runs the kernel at ring 0 so far (per-CPU deprivileged state is not done)",
+                             "add --privilege ring0, or use --cpus 1")
         self.privilege = privilege
         self.rom = rom
         self.annotations = annotations
@@ -105,7 +106,7 @@ class Session:
             from vmikit.rom import RomProfile, build_rom
 
             rom_bytes = build_rom(RomProfile(rom), honour_annotations=honour, spec=spec,
-                                  deprivileged=privilege == "deprivileged").data
+                                  deprivileged=privilege == "deprivileged", smp=cpus > 1).data
         self.machine = Machine(image, memory_mib=memory_mib, timeout=timeout, console=console, rom=rom_bytes,
                                cmdline=cmdline, pool_readonly=paging != "native",
                                private=(layout.SHADOW_BASE, layout.SHADOW_SIZE) if paging == "shadow" else None,
@@ -115,10 +116,14 @@ class Session:
         if rom != "none":  # a bare machine has no hypervisor to call
             self.hypervisor = Hypervisor(spec, honour_annotations=honour, experimental=experimental, mmu=self.mmu,
                                          audit=audit, privilege=privilege)
-            self.hypervisor.attach(self.machine.memory, self.machine.vcpu, self.machine.vm.flush_translations)
-            self.machine.on_out(layout.PORT_HYPERCALL, self.hypervisor.on_hypercall)
+            machine = self.machine
+            self.hypervisor.attach(machine.memory, machine.vcpu, machine.vm.flush_translations, vcpus=machine.vcpus,
+                                   current=lambda: machine.current_cpu)
+            machine.on_out(layout.PORT_HYPERCALL, self.hypervisor.on_hypercall)
             assert self.hypervisor.execution is not None
-            self.machine.on_out(layout.PORT_EVENT, self.hypervisor.execution.on_event)
+            # One vCPU: its model takes the event port directly (the hot path of every exception).
+            machine.on_out(layout.PORT_EVENT, self.hypervisor.execution.on_event if cpus == 1
+                           else self.hypervisor.on_event)
             self.machine.uart.on_host_input = self.hypervisor.console_input  # the console event source (1.4)
         self.audit = audit
         self.audits = 0

@@ -175,6 +175,11 @@ class Vcpu(Protocol):
         time.monotonic_ns; None disarms. One timer per vCPU: a new deadline replaces the old."""
         ...
 
+    def start_at(self, source: Vcpu, rip: int, rsp: int, rdi: int, cr3: int) -> None:
+        """From ``source``'s run loop: start this AP (one waiting for INIT/SIPI) at ``rip`` with
+        ``source``'s control state, CR3 replaced unless 0 (VMI's SetInitialAPState)."""
+        ...
+
     on_wake: Callable[[], None] | None
     stop_on_halt: bool  # False: a probe finding it halted for good sets halted_for_good instead
     halted_for_good: bool  # as of the last probe_halt (only kept up when stop_on_halt is False)

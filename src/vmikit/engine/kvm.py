@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import ctypes
 import errno
 import signal
@@ -10,7 +11,7 @@ import time
 from collections.abc import Callable
 from typing import Protocol
 
-from vmikit.engine.base import BootState, ControlState, CrashRun, DescriptorTable, Exit, ExitKind, Segment, StopRun, VcpuOps, WatchdogExpired
+from vmikit.engine.base import BootState, ControlState, CrashRun, DescriptorTable, Exit, ExitKind, Segment, StopRun, Vcpu, VcpuOps, WatchdogExpired
 from vmikit.errors import HostError
 from vmikit.kvm import structs as ks
 from vmikit.kvm.api import (
@@ -210,6 +211,8 @@ class KvmVcpuEngine:
         # or one no SIPI started yet); it says so here, and the board ends the run when all do.
         self.stop_on_halt = True
         self.halted_for_good = False
+        self._soon: collections.deque[Callable[[], None]] = collections.deque()  # start_at's work, for the run loop's thread
+        self.started_late = 0  # start_at requests dropped: the AP was already running
 
     @property
     def regs(self) -> ks.KvmRegs:
@@ -261,6 +264,8 @@ class KvmVcpuEngine:
         tracer, debugger = self.tracer, self.debugger
         self._armed = True
         try:
+            if self._soon:
+                self._run_soon()
             while True:
                 if returned:
                     self.outside_ns += time.perf_counter_ns() - returned
@@ -283,6 +288,8 @@ class KvmVcpuEngine:
                             continue
                         if self._woken:
                             self._wake_up()
+                        if self._soon:
+                            self._run_soon()
                         if self._probing:
                             if self._halted_for_good() and self.stop_on_halt:
                                 return Exit(ExitKind.HALT, HALTED_FOR_GOOD)
@@ -358,6 +365,38 @@ class KvmVcpuEngine:
                 signal.pthread_kill(tid, KICK_SIGNAL)
             except ProcessLookupError:
                 pass
+
+    def _run_soon(self) -> None:
+        if not self._kicked:
+            self._run.immediate_exit = 0
+        while self._soon:
+            self._soon.popleft()()
+
+    def start_at(self, source: Vcpu, rip: int, rsp: int, rdi: int, cr3: int) -> None:
+        """Start this AP (waiting for INIT/SIPI) at ``rip`` in ``source``'s control state (its
+        control registers, EFER, descriptor tables, segments; CR3 replaced unless 0): what
+        VMI's SetInitialAPState asks. Called from ``source``'s thread; the AP's own ioctls run in
+        its run loop's thread (a vCPU waiting in KVM_RUN holds its mutex), before its next
+        KVM_RUN. An AP already running (a SIPI came first) is left alone, counted in started_late."""
+        assert isinstance(source, KvmVcpuEngine), "vCPUs of one engine"
+        sregs = source._vcpu.get_sregs()
+        if cr3:
+            sregs.cr3 = cr3
+        mtrr = source._vcpu.get_msrs([MSR_MTRR_DEF_TYPE]).get(MSR_MTRR_DEF_TYPE, 0)
+
+        def start() -> None:
+            if self._vcpu.mp_state() not in (ks.KVM_MP_STATE_UNINITIALIZED, ks.KVM_MP_STATE_INIT_RECEIVED):
+                self.started_late += 1
+                return
+            self._vcpu.set_sregs(sregs)
+            self._vcpu.set_regs(ks.KvmRegs(rip=rip, rsp=rsp, rdi=rdi, rflags=0x2))
+            self._vcpu.set_msrs({MSR_MTRR_DEF_TYPE: mtrr})
+            self._vcpu.set_mp_state(ks.KVM_MP_STATE_RUNNABLE)
+            self.halted_for_good = False
+
+        self._soon.append(start)
+        self._run.immediate_exit = 1  # a start that lands between two KVM_RUNs
+        self._signal_run_thread()
 
     def kick(self, hard: bool = False) -> None:
         global _hard_kicked

@@ -66,6 +66,13 @@ class Route:
     masks: tuple[int, int, int] = (U64_MASK, U64_MASK, U64_MASK)  # per argument: the bits its type has
 
 
+@dataclass(frozen=True)
+class _CpuState:
+    vcpu: Vcpu
+    ctx: CallContext
+    execution: ExecutionModel
+
+
 def _family_modules() -> list[FamilyHandlers]:
     return [cpu.HANDLERS, segmentation.HANDLERS, mmu.HANDLERS, query.HANDLERS, eventchannel.HANDLERS,
             clock.HANDLERS]
@@ -96,6 +103,13 @@ class Hypervisor:
         self._build_routes()
         self._ctx: CallContext | None = None
         self._vcpu: Vcpu | None = None
+        self._cpus: list[_CpuState] = []
+        self._cpu = 0  # the index of the vCPU whose state is current
+        self._current: Callable[[], int] | None = None  # several vCPUs: which one is calling
+        self.percpu = False  # an SMP ROM: per-CPU areas through GS (the guest may not move GS)
+        self.started_aps: set[int] = set()  # vCPUs SetInitialAPState started
+        self.shootdowns = 0  # FlushTLBMulti/InvalPageMulti calls that flushed
+        self.shootdown_targets = 0
         self.privilege = privilege
         self.execution: ExecutionModel | None = None  # after attach()
         self.events: Events | None = None  # after attach(), with an interface that has them (1.4)
@@ -148,16 +162,79 @@ class Hypervisor:
     # --- the port ------------------------------------------------------------
 
     def attach(self, memory: GuestMemory, vcpu: Vcpu,
-               flush_translations: Callable[[list[tuple[int, int]]], str] | None = None) -> None:
-        self._vcpu = vcpu
-        self.execution = ExecutionModel(self.privilege, self.spec, memory, vcpu,
-                                        flush_translations or (lambda stale: "none"),
-                                        lambda page: self.mmu.is_table(page))
-        self._ctx = CallContext(self.spec, memory, vcpu, self)
+               flush_translations: Callable[[list[tuple[int, int]]], str] | None = None, *,
+               vcpus: list[Vcpu] | None = None, current: Callable[[], int] | None = None) -> None:
+        """``vcpus`` (vCPU 0 first) and ``current`` (the index of the vCPU whose exit is being
+        handled): a machine of several vCPUs, each with its own context and execution model,
+        under an SMP ROM (per-CPU areas through GS); the handlers see the calling CPU's."""
+        flush = flush_translations or (lambda stale: "none")
+        everyone = vcpus or [vcpu]
+        percpu = len(everyone) > 1
+        self.percpu = percpu
+        self._current = current if percpu else None
+        self._cpus = [_CpuState(v, CallContext(self.spec, memory, v, self),
+                                ExecutionModel(self.privilege, self.spec, memory, v, flush,
+                                               lambda page: self.mmu.is_table(page), cpu=i, percpu=percpu))
+                      for i, v in enumerate(everyone)]
+        self._cpu = 0
+        self._vcpu, self._ctx, self.execution = self._cpus[0].vcpu, self._cpus[0].ctx, self._cpus[0].execution
         if self._mmu is None:
             self._mmu = Mmu(memory)
         if self.spec.shared is not None and "TIME_ALARMS" in self.spec.constants:
-            self.events = Events(self.spec, memory, vcpu, self.execution)
+            # Events and upcalls go to vCPU 0 (the other vCPUs' calls that would deliver one wait).
+            self.events = Events(self.spec, memory, self._vcpu, self.execution)
+
+    def _select(self) -> None:
+        """Several vCPUs: make the calling vCPU's context, engine vCPU and execution model the
+        current ones (the board hands over one exit at a time, under its lock)."""
+        assert self._current is not None
+        index = self._current()
+        if index != self._cpu:
+            state = self._cpus[index]
+            self._cpu = index
+            self._vcpu, self._ctx, self.execution = state.vcpu, state.ctx, state.execution
+
+    def on_event(self, port: int, size: int, value: int) -> None:
+        """The event port (a deprivileged kernel's exceptions and syscalls): the calling vCPU's model."""
+        if self._current is not None:
+            self._select()
+        assert self.execution is not None, "attach() first"
+        self.execution.on_event(port, size, value)
+
+    def executions(self) -> list[ExecutionModel]:
+        return [state.execution for state in self._cpus]
+
+    @property
+    def cpu_index(self) -> int:
+        """The calling vCPU (0 with one)."""
+        return self._cpu
+
+    @property
+    def cpu_count(self) -> int:
+        return max(1, len(self._cpus))
+
+    def start_ap(self, cpu: int, rip: int, rsp: int, arg: int, cr3: int) -> None:
+        """CPU.SetInitialAPState, checked: vCPU ``cpu`` starts in the caller's state."""
+        if not 0 < cpu < len(self._cpus) or cpu == self._cpu or cpu in self.started_aps:
+            raise HypercallError("INVALID_ARGUMENT")
+        if self.execution is not None and self.execution.deprivileged:
+            raise HypercallError("NOT_SUPPORTED")  # a deprivileged AP's monitor state: not done yet
+        self.started_aps.add(cpu)
+        assert self._vcpu is not None
+        self._cpus[cpu].vcpu.start_at(self._vcpu, rip, rsp, arg, cr3)
+
+    def shootdown(self, cpus: int) -> int:
+        """MMU.FlushTLBMulti/InvalPageMulti: the number of existing CPUs in the mask, each of whose
+        TLB is flushed before the call returns (or, halted, before it next runs). On KVM that is
+        one VM-wide drop of cached translations: KVM then asks every vCPU for a TLB flush, which
+        a running one takes at once (KVM kicks it) and a sleeping one at its next entry."""
+        targets = [i for i in range(len(self._cpus)) if cpus >> i & 1]
+        if targets:
+            assert self.execution is not None
+            self.execution.flush_all()
+            self.shootdowns += 1
+            self.shootdown_targets += len(targets)
+        return len(targets)
 
     def execution_model(self) -> ExecutionModel:
         assert self.execution is not None, "attach() first"
@@ -192,6 +269,8 @@ class Hypervisor:
         keep_first(self.audit_problems, problems)
 
     def on_hypercall(self, port: int, size: int, value: int) -> None:
+        if self._current is not None:
+            self._select()
         ctx = self._ctx
         assert ctx is not None and self._vcpu is not None, "attach() first"
         regs = self._vcpu.regs
@@ -236,7 +315,7 @@ class Hypervisor:
             regs.r8, regs.r9 = padded[0] & U64_MASK, padded[1] & U64_MASK
             regs.r10, regs.r11 = padded[2] & U64_MASK, padded[3] & U64_MASK
         events = self.events
-        if events is not None and events.due():
+        if events is not None and self._cpu == 0 and events.due():
             events.deliver()  # an upcall saves rip/rflags and runs before the call "returns"
         self._vcpu.mark_regs_dirty()
         if tracer is not None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from vmikit.engine import StopRun
 from vmikit.hypervisor.context import CallContext, HypercallError
 from vmikit.hypervisor.registry import FamilyHandlers
+from vmikit.hypervisor.walk import is_canonical
 
 HANDLERS = FamilyHandlers("CPU")
 
@@ -17,6 +18,8 @@ CR4_PAE = 1 << 5
 RFLAGS_IF = 1 << 9
 MSR_TSC = 0x10
 MSR_EFER = 0xC0000080
+MSR_GS_BASE = 0xC0000101
+ADDR_MASK_CR3 = 0x000F_FFFF_FFFF_FFFF  # bits 63-52 of CR3 are reserved (no PCID here)
 EFER_SCE, EFER_LME, EFER_LMA, EFER_NXE = 1 << 0, 1 << 8, 1 << 10, 1 << 11
 
 # MSRs a guest kernel may write through WRMSR: its own syscall, segment-base and PAT state.
@@ -61,8 +64,8 @@ def wrmsr(ctx: CallContext, msr: int, value: int, _: int) -> tuple[int, ...]:
         current = ctx.vcpu.get_msr(MSR_EFER) or 0
         if (value ^ current) & ~(EFER_SCE | EFER_NXE):  # LME/LMA and reserved bits are the hypervisor's
             raise HypercallError("PERMISSION")
-    elif msr not in WRITABLE_MSRS:
-        raise HypercallError("PERMISSION")
+    elif msr not in WRITABLE_MSRS or (msr == MSR_GS_BASE and ctx.hypervisor.percpu):
+        raise HypercallError("PERMISSION")  # under an SMP ROM the GS base leads it to its per-CPU area
     execution = ctx.hypervisor.deprivileged
     if execution is not None and execution.write_msr(msr, value):
         return ()
@@ -177,7 +180,7 @@ def set_dr(ctx: CallContext, reg: int, value: int, _: int) -> tuple[int, ...]:
 
 def _set_if(ctx: CallContext, enabled: bool) -> tuple[int, ...]:
     events = ctx.hypervisor.events
-    if events is not None:
+    if events is not None and ctx.hypervisor.cpu_index == 0:  # events go to vCPU 0
         ctx.hypervisor.execution_model().set_vif(enabled)  # the events' mask, at either privilege
         events.signal = enabled  # unmasking with an event pending: the return delivers it
     execution = ctx.hypervisor.deprivileged
@@ -226,6 +229,27 @@ def return_to_user(ctx: CallContext, rip: int, rsp: int, rflags: int) -> tuple[i
     if execution is None:
         raise HypercallError("NOT_SUPPORTED")
     return execution.return_to_user(rip, rsp, rflags)
+
+
+AP_STATE_SIZE = 32  # SetInitialAPState: u64 rip, rsp, arg, cr3
+
+
+@HANDLERS.call("SetInitialAPState")
+def set_initial_ap_state(ctx: CallContext, cpu: int, state: int, _: int) -> tuple[int, ...]:
+    if not ctx.memory.is_ram(state, AP_STATE_SIZE):
+        raise HypercallError("BAD_ADDRESS")
+    rip, rsp, arg, cr3 = (ctx.memory.read_u64(state + 8 * i) for i in range(4))
+    if not (is_canonical(rip) and is_canonical(rsp)) or cr3 & ~ADDR_MASK_CR3:
+        raise HypercallError("INVALID_ARGUMENT")
+    if cr3 and not ctx.memory.is_ram(cr3 & ~0xFFF, 4096):
+        raise HypercallError("BAD_ADDRESS")
+    ctx.hypervisor.start_ap(cpu, rip, rsp, arg, cr3)
+    return ()
+
+
+@HANDLERS.call("GetCPUInfo")
+def get_cpu_info(ctx: CallContext, *_: int) -> tuple[int, ...]:
+    return ctx.hypervisor.cpu_index, ctx.hypervisor.cpu_count
 
 
 @HANDLERS.call("IODelay")

@@ -44,9 +44,21 @@ GDT_OFFSET, KERNEL_IDT_OFFSET, USER_IDT_OFFSET, TSS_OFFSET = 0x0000, 0x1000, 0x2
 STUBS_OFFSET, SYSCALL_STUB_OFFSET, LDT_OFFSET = 0x6000, 0x6800, 0x7000
 LDT_MAX = 0x1000  # the hardware LDT: a ring-compressed copy of (the first 512 entries of) the guest's
 STUB_SIZE = 8
-IOMAP_OFFSET = 0x68  # in the TSS: an all-zero I/O bitmap lets every port exit to the VMM
-TSS_LIMIT = IOMAP_OFFSET + 8192  # the byte after the bitmap (0xFF) is inside the area
+# One TSS per vCPU (its own IST1 stack), 0x80 apart from TSS_OFFSET, all sharing one all-zero I/O
+# bitmap (which lets every port exit to the VMM) at IOBITMAP_OFFSET: each TSS's I/O map base is
+# the bitmap's distance from it, its limit the byte after the bitmap (0xFF), inside the area.
+TSS_STRIDE = 0x80
+IOBITMAP_OFFSET = TSS_OFFSET + TSS_STRIDE * layout.MAX_CPUS
+IOBITMAP_SIZE = 8192
 TSS_IST1 = 0x24
+
+
+def tss_offset(cpu: int) -> int:
+    return TSS_OFFSET + cpu * TSS_STRIDE
+
+
+def tss_limit(cpu: int) -> int:
+    return IOBITMAP_OFFSET - tss_offset(cpu) + IOBITMAP_SIZE
 
 # `out %al, $PORT_EVENT; ud2`: the hypervisor always moves RIP on; ud2 only if it could not.
 _STUB = bytes([0xE6, layout.PORT_EVENT, 0x0F, 0x0B]) + bytes([0x90] * (STUB_SIZE - 4))
@@ -56,6 +68,7 @@ GATE_INTERRUPT, GATE_TRAP = 0xE, 0xF
 
 MSR_EFER, MSR_STAR, MSR_LSTAR, MSR_CSTAR, MSR_SFMASK = 0xC0000080, 0xC0000081, 0xC0000082, 0xC0000083, 0xC0000084
 MSR_SYSENTER_CS, MSR_SYSENTER_ESP, MSR_SYSENTER_EIP = 0x174, 0x175, 0x176
+MSR_GS_BASE = 0xC0000101
 # The syscall MSRs are the hypervisor's under a deprivileged kernel: the guest's are virtual.
 VIRTUAL_MSRS = frozenset({MSR_STAR, MSR_LSTAR, MSR_CSTAR, MSR_SFMASK, MSR_SYSENTER_CS, MSR_SYSENTER_ESP,
                           MSR_SYSENTER_EIP})
@@ -108,17 +121,24 @@ class ExecutionModel:
 
     def __init__(self, privilege: str, spec: Spec, memory: GuestMemory, vcpu: Vcpu,
                  flush_translations: Callable[[list[tuple[int, int]]], str],
-                 is_table: Callable[[int], bool] = lambda page: False) -> None:
+                 is_table: Callable[[int], bool] = lambda page: False, *, cpu: int = 0,
+                 percpu: bool = False) -> None:
+        # percpu: an SMP ROM, whose per-CPU areas (layout.PERCPU_*) hold this vCPU's shared page
+        # and which finds its area through the GS base this model loads (docs/smp.md).
         if privilege not in PRIVILEGES:
             raise ValueError(f"unknown privilege {privilege!r}")
         self.privilege = privilege
         self.memory = memory
         self.vcpu = vcpu
+        self.cpu = cpu
+        self.percpu = percpu
         self._flush = flush_translations
         self._is_table = is_table  # the MMU's: frames and stacks the hypervisor writes are never tables
         self.shared = spec.shared
+        self.shared_page = layout.percpu_area(cpu) + layout.PERCPU_SHARED if percpu else layout.SHARED_PAGE
+        self._tss = layout.MONITOR_BASE + tss_offset(cpu)
         # Shared-page fields by name: (gpa, size), looked up once (exceptions write them).
-        self._fields = {f.name: (layout.SHARED_PAGE + f.offset, 8 if f.type == "u64" else 4)
+        self._fields = {f.name: (self.shared_page + f.offset, 8 if f.type == "u64" else 4)
                         for f in (spec.shared.fields if spec.shared is not None else ())}
         self.deprivileged = False  # True from a successful Deprivilege on
         self.vpl = KERNEL
@@ -178,13 +198,24 @@ class ExecutionModel:
         self.stats.flushes += 1
         self.stats.by_kind[how] = self.stats.by_kind.get(how, 0) + 1
 
+    def flush_all(self) -> None:
+        """Drop every cached translation, for every vCPU (a cross-CPU TLB flush)."""
+        start = time.perf_counter()
+        how = self._flush([(0, 1 << 40)])  # an unbounded range: the engine drops them all
+        self.stats.flush_seconds += time.perf_counter() - start
+        self.stats.flushes += 1
+        self.stats.by_kind[how] = self.stats.by_kind.get(how, 0) + 1
+
     # --- entering the model -----------------------------------------------------
 
     def _write_monitor(self) -> None:
+        """The monitor's shared tables (the same bytes whichever vCPU writes them first) and this
+        vCPU's own TSS; the GDT's TSS descriptor is CPU 0's (each TR holds its own base and limit,
+        loaded through the engine: no vCPU ever runs ltr)."""
         base = layout.MONITOR_BASE
         gdt = [0, _code64(3), _data(3), _code64(0), _data(0), _data(3), _code64(3)]
-        tss_base = base + TSS_OFFSET
-        tss_low = (TSS_LIMIT & 0xFFFF) | (tss_base & 0xFFFFFF) << 16 | 0x8B << 40 | ((TSS_LIMIT >> 16) & 0xF) << 48 \
+        tss_base, limit = base + tss_offset(0), tss_limit(0)
+        tss_low = (limit & 0xFFFF) | (tss_base & 0xFFFFFF) << 16 | 0x8B << 40 | ((limit >> 16) & 0xF) << 48 \
             | ((tss_base >> 24) & 0xFF) << 56
         gdt += [tss_low, tss_base >> 32]
         self.memory.write(base + GDT_OFFSET, b"".join(v.to_bytes(8, "little") for v in gdt))
@@ -192,22 +223,36 @@ class ExecutionModel:
             gates = [_gate(base + STUBS_OFFSET + v * STUB_SIZE, ist) for v in range(256)]
             self.memory.write(base + offset, b"".join(lo.to_bytes(8, "little") + hi.to_bytes(8, "little")
                                                       for lo, hi in gates))
-        tss = bytearray(TSS_LIMIT + 1)
-        tss[0x66:0x68] = IOMAP_OFFSET.to_bytes(2, "little")
-        tss[TSS_LIMIT] = 0xFF  # the bitmap's terminating byte
-        self.memory.write(tss_base, bytes(tss))
+        self.memory.write(base + IOBITMAP_OFFSET, bytes(IOBITMAP_SIZE) + b"\xff")  # 0xFF ends the bitmap
+        tss = bytearray(0x68)
+        tss[0x66:0x68] = (IOBITMAP_OFFSET - tss_offset(self.cpu)).to_bytes(2, "little")
+        self.memory.write(self._tss, bytes(tss))
         self.memory.write(base + STUBS_OFFSET, _STUB * 256)
         self.memory.write(base + SYSCALL_STUB_OFFSET, _STUB)
+
+    def setup_percpu(self) -> None:
+        """An SMP ROM's per-CPU area for this vCPU: its header (own address, magic, index) and the
+        GS base that leads the ROM to it; the ROM checks the magic, so a kernel that reloaded GS
+        gets unqueued calls, never another CPU's buffer."""
+        if not self.percpu:
+            return
+        area = layout.percpu_area(self.cpu)
+        self.memory.write_u64(area + layout.PERCPU_SELF, area)
+        self.memory.write(area + layout.PERCPU_MAGIC, layout.PERCPU_MAGIC_VALUE.to_bytes(4, "little"))
+        self.memory.write(area + layout.PERCPU_CPU, self.cpu.to_bytes(4, "little"))
+        if not self.vcpu.set_msr(MSR_GS_BASE, area):
+            raise HypercallError("NOT_SUPPORTED")
 
     def deprivilege(self) -> tuple[int, int]:
         """CPU.Deprivilege: (privilege, shared page)."""
         if self.shared is None:
             raise HypercallError("NOT_SUPPORTED")
+        self.setup_percpu()  # every CPU's VMI layer makes this call first, at either privilege
         if self.privilege == "ring0" or self.deprivileged:
             self._put("privilege", 3 if self.deprivileged else 0)
             if not self.deprivileged:  # the events' mask starts as the kernel's own IF
                 self._put("vif", int(bool(self.vcpu.regs.rflags & RFLAGS_IF)))
-            return (3 if self.deprivileged else 0), layout.SHARED_PAGE
+            return (3 if self.deprivileged else 0), self.shared_page
         if self.vcpu.cpl() != 0:
             raise HypercallError("PERMISSION")  # only a ring-0 kernel has anything to give up
         control = self.vcpu.get_control()
@@ -227,7 +272,7 @@ class ExecutionModel:
         try:
             self.vcpu.set_control(
                 gdt=DescriptorTable(base + GDT_OFFSET, GDT_LIMIT), idt=DescriptorTable(base + KERNEL_IDT_OFFSET, 0xFFF),
-                tr=Segment(selector=TSS_SELECTOR, base=base + TSS_OFFSET, limit=TSS_LIMIT, type=0xB, present=True),
+                tr=Segment(selector=TSS_SELECTOR, base=self._tss, limit=tss_limit(self.cpu), type=0xB, present=True),
                 ldt=Segment(selector=0, base=0, limit=0, type=2, present=False),
                 cs=_segment(KERNEL_CS, True, 3), ss=_segment(KERNEL_SS, False, 3), data=_segment(KERNEL_SS, False, 3))
         except ValueError:
@@ -240,7 +285,7 @@ class ExecutionModel:
             self._put(name, value)
         self.deprivileged = True
         self.vpl = KERNEL
-        return 3, layout.SHARED_PAGE
+        return 3, self.shared_page
 
     # --- kernel <-> user ---------------------------------------------------------
 
@@ -274,7 +319,7 @@ class ExecutionModel:
             stack = self._kernel_stack() & ~0xF
             if not is_canonical(stack):
                 raise HypercallError("INVALID_ARGUMENT")
-            self.memory.write_u64(layout.MONITOR_BASE + TSS_OFFSET + TSS_IST1, stack)
+            self.memory.write_u64(self._tss + TSS_IST1, stack)
             self._ist1 = stack
             self._enter(USER)
             regs.rflags = (rflags & RFLAGS_USER) | RFLAGS_IF | RFLAGS_FIXED

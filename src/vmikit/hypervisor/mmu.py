@@ -554,6 +554,18 @@ def inval_page(ctx: CallContext, va: int, *_: int) -> tuple[int, ...]:
     return ()  # as FlushTLB: the ROM executes invlpg after the exit
 
 
+@HANDLERS.call("FlushTLBMulti")
+def flush_tlb_multi(ctx: CallContext, flags: int, cpus: int, _: int) -> tuple[int, ...]:
+    if flags & ~FLUSH_FLAGS:
+        raise HypercallError("INVALID_ARGUMENT")
+    return (ctx.hypervisor.shootdown(cpus),)
+
+
+@HANDLERS.call("InvalPageMulti")
+def inval_page_multi(ctx: CallContext, va: int, cpus: int, _: int) -> tuple[int, ...]:
+    return (ctx.hypervisor.shootdown(cpus),)
+
+
 @HANDLERS.call("AllocatePage")
 def allocate_page(ctx: CallContext, table: int, level: int, _: int) -> tuple[int, ...]:
     error = _mmu(ctx).allocate(table, level)

@@ -22,6 +22,21 @@ ROM_DATA_BASE = 0xD0000  # the VMI layer's private RAM (per-CPU batch buffers)
 ROM_DATA_SIZE = 0x10000
 ROM_BSS_MAX = 0xF000  # the ROM's own .bss (queue buffers); the last page is the shared page
 SHARED_PAGE = ROM_DATA_BASE + ROM_BSS_MAX  # per-vCPU page shared by guest and hypervisor (spec [shared])
+# A ROM built for several vCPUs keeps its per-CPU state (queue buffer, shared page) in one area per
+# vCPU carved out of the ROM data area, found through the GS base (docs/smp.md): the same ROM code
+# at the same address serves every CPU. The hypervisor loads GS and writes an area's first words.
+PERCPU_SIZE = 0x2000  # 8 areas of 8 KiB fill the ROM data area
+PERCPU_SELF = 0x00  # u64: the area's own address (guest-physical = linear: the area is identity mapped)
+PERCPU_MAGIC = 0x08  # u32: PERCPU_MAGIC_VALUE once the hypervisor has set the area up for this vCPU
+PERCPU_CPU = 0x0C  # u32: the vCPU's index
+PERCPU_SHARED = 0x1000  # the vCPU's shared page (spec [shared]) is the area's second page
+PERCPU_MAGIC_VALUE = 0x55504D56  # "VMPU"
+
+
+def percpu_area(cpu: int) -> int:
+    return ROM_DATA_BASE + cpu * PERCPU_SIZE
+
+
 MONITOR_BASE = 0xC8000  # the hypervisor's hardware GDT, IDTs, TSS and trap stubs (docs/execution-model.md)
 MONITOR_SIZE = 0x8000  # read-only to the guest, like the ROM; present only with a ROM
 ROM_SIGNATURE = b"VMIK"

@@ -39,7 +39,8 @@ def default_cache_dir() -> Path:
     return cache_dir("rom")
 
 
-def _sources(spec: Spec, profile: RomProfile, honour: bool, deprivileged: bool = False) -> dict[str, str]:
+def _sources(spec: Spec, profile: RomProfile, honour: bool, deprivileged: bool = False,
+             smp: bool = False) -> dict[str, str]:
     """Every file of the build by name: hand-written ones and generated ones."""
     src = generate.SOURCE_DIR
     stubs = generate.plan_stubs(spec, profile, honour, deprivileged)
@@ -47,7 +48,7 @@ def _sources(spec: Spec, profile: RomProfile, honour: bool, deprivileged: bool =
         "hcall.S": (src / "hcall.S").read_text(),
         "linker.ld": generate.linker_script((src / "linker.ld.in").read_text()),
         "entries.S": generate.entries_asm(spec, stubs, honour),
-        "rom_layout.h": generate.layout_header(spec, profile, honour, deprivileged),
+        "rom_layout.h": generate.layout_header(spec, profile, honour, deprivileged, smp),
         "vmi_spec.h": cheader.generate(spec),
     }
     if honour:
@@ -108,16 +109,22 @@ def _compile(workdir: Path, files: dict[str, str], gcc: str, objcopy: str, log_p
 
 
 def build_rom(profile: RomProfile = RomProfile.FULL, *, honour_annotations: bool = True,
-              spec: Spec | None = None, cache_dir: Path | None = None, deprivileged: bool = False) -> RomImage:
+              spec: Spec | None = None, cache_dir: Path | None = None, deprivileged: bool = False,
+              smp: bool = False) -> RomImage:
     """Build (or reuse from the cache) the ROM image for this profile and annotation mode;
-    ``deprivileged``: for a kernel at ring 3 (no privileged instruction in the image)."""
+    ``deprivileged``: for a kernel at ring 3 (no privileged instruction in the image); ``smp``:
+    for several vCPUs, each CPU's queue and shared page in its own area reached through GS
+    (docs/smp.md; needs an interface with the shared page, 1.3+)."""
     spec = spec or load_spec()
     # An interface without the queue annotation (VMI 1.0) has nothing to honour: the ROM is
     # then the annotation-unaware one, whatever was asked.
     honour_annotations = honour_annotations and "queue" in spec.annotations
     gcc, objcopy = find_tool("gcc", "build the VMI ROM"), find_tool("objcopy", "build the VMI ROM")
     deprivileged = deprivileged and spec.shared is not None  # before 1.3 there is no such model
-    files = _sources(spec, profile, honour_annotations, deprivileged)
+    if smp and spec.shared is None:
+        raise HostError(f"an SMP ROM needs the per-vCPU shared page, which VMI {spec.version} lacks",
+                        "use interface 1.3 or later (--spec), or one vCPU")
+    files = _sources(spec, profile, honour_annotations, deprivileged, smp)
     digest = _digest(files, profile, honour_annotations, gcc, objcopy)
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     final = root / digest

@@ -94,9 +94,21 @@ def _defines(values: dict[str, int]) -> str:
     return "".join(f"#define {c_ident(k):<24} {int(v):#x}\n" for k, v in values.items())
 
 
-def layout_header(spec: Spec, profile: RomProfile, honour_annotations: bool, deprivileged: bool = False) -> str:
+def layout_header(spec: Spec, profile: RomProfile, honour_annotations: bool, deprivileged: bool = False,
+                  smp: bool = False) -> str:
     """rom_layout.h: plain numbers (no C suffixes) so both .S and .c can use them."""
     values = {
+        "ROM_SMP": int(smp),  # per-CPU state in GS-based areas (layout.PERCPU_*), for several vCPUs
+        "PCPU_SIZE": layout.PERCPU_SIZE,
+        "PCPU_SELF": layout.PERCPU_SELF,
+        "PCPU_MAGIC": layout.PERCPU_MAGIC,
+        "PCPU_MAGIC_VALUE": layout.PERCPU_MAGIC_VALUE,
+        "PCPU_CPU": layout.PERCPU_CPU,
+        "PCPU_SHARED": layout.PERCPU_SHARED,
+        # The ROM's own part of an area, between its header and the shared page: the queue.
+        "PCPU_COUNT": 0x10,
+        "PCPU_QUEUE": 0x40,
+        "PCPU_QUEUE_ENTRIES": (layout.PERCPU_SHARED - 0x40) // 32,  # struct vmi_batch_entry: 32 bytes
         "ROM_BASE": layout.ROM_BASE,
         "ROM_DATA_BASE": layout.ROM_DATA_BASE,
         "ROM_DATA_SIZE": layout.ROM_DATA_SIZE,

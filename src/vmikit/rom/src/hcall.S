@@ -7,12 +7,28 @@
  * The hypervisor preserves every register but rax and r8..r11.
  */
 
+#if ROM_SMP
+/* Several vCPUs: this CPU's queue and shared page are in its own area, which the GS base points
+ * at once the hypervisor has set it up (CPU.Deprivilege, AP start; docs/smp.md). Until then (or
+ * if the kernel reloaded GS) the magic does not match and every call is made at once. */
+#define PCPU_READY	cmpl $PCPU_MAGIC_VALUE, %gs:PCPU_MAGIC
+#define SHARED(off)	%gs:PCPU_SHARED + off
+#else
+#define SHARED(off)	SHARED_PAGE + off
+#endif
+
 /* vmi_hcall: eax = call ID. Makes the hypercall, stores r8..r11 to res, returns rax. */
 	.globl vmi_hcall
 vmi_hcall:
 #if ROM_HONOURS_ANNOTATIONS
 	/* Queued state must be complete before any other hypercall could observe it. */
+#if ROM_SMP
+	PCPU_READY
+	jne	.Lout
+	cmpl	$0, %gs:PCPU_COUNT
+#else
 	cmpl	$0, vmi_queue_count
+#endif
 	jne	.Lpreflush
 #endif
 .Lout:
@@ -110,17 +126,28 @@ vmi_hcall_invlpg:
  * pending, which hands the event over with one CPU.EnableInterrupts hypercall. A kernel that
  * has not (or not yet) called CPU.Deprivilege is at ring 0 with the real flag and CR2: for it
  * each of these is the plain hypercall (still no privileged instruction in this image). */
+#if ROM_SMP
 #define IF_NOT_DEPRIVILEGED(id) \
-	cmpl	$3, SHARED_PAGE + ROM_SHARED_PRIVILEGE; \
+	PCPU_READY; \
+	jne	8f; \
+	cmpl	$3, SHARED(ROM_SHARED_PRIVILEGE); \
+	je	9f; \
+8:	movl	$(id), %eax; \
+	jmp	vmi_hcall; \
+9:
+#else
+#define IF_NOT_DEPRIVILEGED(id) \
+	cmpl	$3, SHARED(ROM_SHARED_PRIVILEGE); \
 	je	9f; \
 	movl	$(id), %eax; \
 	jmp	vmi_hcall; \
 9:
+#endif
 
 vmi_shared_sti:
 	IF_NOT_DEPRIVILEGED(ROM_CALL_ENABLEINTERRUPTS)
-	movl	$1, SHARED_PAGE + ROM_SHARED_VIF
-	cmpl	$0, SHARED_PAGE + ROM_SHARED_PENDING
+	movl	$1, SHARED(ROM_SHARED_VIF)
+	cmpl	$0, SHARED(ROM_SHARED_PENDING)
 	je	1f
 	movl	$ROM_CALL_ENABLEINTERRUPTS, %eax
 	jmp	vmi_hcall
@@ -129,14 +156,14 @@ vmi_shared_sti:
 
 vmi_shared_cli:
 	IF_NOT_DEPRIVILEGED(ROM_CALL_DISABLEINTERRUPTS)
-	movl	$0, SHARED_PAGE + ROM_SHARED_VIF
+	movl	$0, SHARED(ROM_SHARED_VIF)
 	xorl	%r8d, %r8d
 	jmp	vmi_ret1
 
 vmi_shared_get_if:
 	IF_NOT_DEPRIVILEGED(ROM_CALL_GETINTERRUPTMASK)
 	xorl	%r8d, %r8d
-	cmpl	$0, SHARED_PAGE + ROM_SHARED_VIF
+	cmpl	$0, SHARED(ROM_SHARED_VIF)
 	je	1f
 	movl	$RFLAGS_IF, %r8d
 1:	jmp	vmi_ret1
@@ -149,7 +176,7 @@ vmi_shared_set_if:		/* IF from flags bit 9 */
 
 vmi_shared_cr2:
 	IF_NOT_DEPRIVILEGED(ROM_CALL_GETCR2)
-	movq	SHARED_PAGE + ROM_SHARED_CR2, %r8
+	movq	SHARED(ROM_SHARED_CR2), %r8
 	jmp	vmi_ret1
 #endif
 
@@ -187,8 +214,12 @@ vmi_native_iodelay:		/* no port-0x80 write: that would be an exit, the very cost
 vmi_native_sti:
 	sti
 #ifdef ROM_SHARED_VIF
-	movl	$1, SHARED_PAGE + ROM_SHARED_VIF
-	cmpl	$0, SHARED_PAGE + ROM_SHARED_PENDING
+#if ROM_SMP
+	PCPU_READY
+	jne	1f
+#endif
+	movl	$1, SHARED(ROM_SHARED_VIF)
+	cmpl	$0, SHARED(ROM_SHARED_PENDING)
 	je	1f
 	movl	$ROM_CALL_ENABLEINTERRUPTS, %eax
 	jmp	vmi_hcall
@@ -200,7 +231,12 @@ vmi_native_sti:
 vmi_native_cli:
 	cli
 #ifdef ROM_SHARED_VIF
-	movl	$0, SHARED_PAGE + ROM_SHARED_VIF
+#if ROM_SMP
+	PCPU_READY
+	jne	1f
+#endif
+	movl	$0, SHARED(ROM_SHARED_VIF)
+1:
 #endif
 	xorl	%r8d, %r8d
 	jmp	vmi_ret1

@@ -1,15 +1,34 @@
 /* queue.c: the ROM's queue of `queue`-annotated calls (built only when the ROM honours
- * annotations). One CPU: the "per-CPU" buffer is a single one; SMP would index these by
- * CPU. Both live in .bss, i.e. in the ROM data area at 0xD0000 (zero RAM, identity
- * mapped, so a buffer's address is its guest-physical address).
+ * annotations). The buffer is private to the VMI layer and lives in the ROM data area at
+ * 0xD0000 (zero RAM, identity mapped, so a buffer's address is its guest-physical address).
+ * One CPU: a single buffer in .bss. Several (ROM_SMP): one per CPU, in the CPU's own area
+ * (layout.PERCPU_*), reached through the GS base the hypervisor set for that vCPU, so that the
+ * same code at the same address serves every CPU and a flush drains only the caller's buffer.
  */
 #include "rom_layout.h"
 #include "vmi_spec.h"
 
 typedef unsigned long long u64;
 
+#if ROM_SMP
+#define PCPU(type, off)	(*(volatile __seg_gs type *)(unsigned long)(off))
+#define QREADY		(PCPU(unsigned int, PCPU_MAGIC) == PCPU_MAGIC_VALUE)
+#define QCOUNT		PCPU(unsigned int, PCPU_COUNT)
+#define QMAX		PCPU_QUEUE_ENTRIES
+#define QENTRY(i)	((volatile __seg_gs struct vmi_batch_entry *)(unsigned long)(PCPU_QUEUE + (i) * sizeof(struct vmi_batch_entry)))
+#define QADDR		(PCPU(u64, PCPU_SELF) + PCPU_QUEUE)
+_Static_assert(PCPU_QUEUE + PCPU_QUEUE_ENTRIES * sizeof(struct vmi_batch_entry) <= PCPU_SHARED,
+	       "the queue fits below the shared page");
+_Static_assert(PCPU_QUEUE_ENTRIES <= VMI_BATCH_MAX_ENTRIES, "a full buffer is one valid batch");
+#else
 struct vmi_batch_entry vmi_queue[VMI_BATCH_MAX_ENTRIES] __attribute__((aligned(64)));
 unsigned int vmi_queue_count;
+#define QREADY		1
+#define QCOUNT		vmi_queue_count
+#define QMAX		VMI_BATCH_MAX_ENTRIES
+#define QENTRY(i)	(&vmi_queue[i])
+#define QADDR		((u64)(unsigned long)vmi_queue)
+#endif
 
 long vmi_flush_pending(u64 *res);
 long vmi_enqueue(u64 a0, u64 a1, u64 a2, u64 *res, unsigned int call_id);
@@ -49,10 +68,10 @@ static void put(u64 *res, const u64 r[4])
  * outcome: the hypervisor applies all of a batch or (BATCH_INVALID) none of it. */
 static long flush_buffer(u64 out[4])
 {
-	u64 n = vmi_queue_count;
+	u64 n = QCOUNT;
 
-	vmi_queue_count = 0;
-	return hypercall(VMI_CALL_MMU_FLUSHQUEUE, (u64)(unsigned long)vmi_queue, n, 0, out);
+	QCOUNT = 0;
+	return hypercall(VMI_CALL_MMU_FLUSHQUEUE, QADDR, n, 0, out);
 }
 
 /* Called by vmi_hcall before any other hypercall while the buffer is not empty.
@@ -71,16 +90,24 @@ long vmi_flush_pending(u64 *res)
 long vmi_enqueue(u64 a0, u64 a1, u64 a2, u64 *res, unsigned int call_id)
 {
 	static const u64 none[4];
-	struct vmi_batch_entry *e = &vmi_queue[vmi_queue_count++];
 	u64 r[4];
 	long status;
+
+	if (!QREADY) {	/* no per-CPU area (yet): the call is made now, which is always correct */
+		status = hypercall(call_id, a0, a1, a2, r);
+		put(res, r);
+		return status;
+	}
+	unsigned int n = QCOUNT;
+	__typeof__(QENTRY(0)) e = QENTRY(n);
 
 	e->call_id = call_id;
 	e->reserved = 0;
 	e->args[0] = a0;
 	e->args[1] = a1;
 	e->args[2] = a2;
-	if (vmi_queue_count < VMI_BATCH_MAX_ENTRIES) {
+	QCOUNT = n + 1;
+	if (n + 1 < QMAX) {
 		put(res, none);
 		return VMI_ERR_OK;
 	}
@@ -99,12 +126,12 @@ long vmi_flush_queue(u64 batch, u64 count, u64 a2, u64 *res)
 	long status = VMI_ERR_OK;
 
 	if (count == 0) {
-		if (vmi_queue_count)
+		if (QREADY && QCOUNT)
 			status = flush_buffer(r);
 		put(res, r);
 		return status;
 	}
-	if (vmi_queue_count) {
+	if (QREADY && QCOUNT) {
 		status = vmi_flush_pending(res);
 		if (status)
 			return status;

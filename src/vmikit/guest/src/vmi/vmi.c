@@ -723,6 +723,84 @@ long vmi_inval_page(uint64_t va)
 	return VMI_ERR_OK;
 }
 
+/* --- SMP ------------------------------------------------------------------- */
+
+long vmi_start_ap(uint32_t cpu, uint64_t rip, uint64_t rsp, uint64_t arg)
+{
+#ifdef VMI_CALL_CPU_SETINITIALAPSTATE
+	/* The state block is read during the call: the stack is fine (identity-mapped RAM). */
+	uint64_t state[4] = { rip, rsp, arg, 0 };
+	ROM_CALL(VMI_CALL_CPU_SETINITIALAPSTATE, cpu, (uint64_t)(uintptr_t)state, 0, NULL);
+#else
+	(void)cpu; (void)rip; (void)rsp; (void)arg;
+#endif
+	return VMI_ERR_NOT_SUPPORTED;
+}
+
+long vmi_cpu_info(uint32_t *cpu, uint32_t *cpus)
+{
+#ifdef VMI_CALL_CPU_GETCPUINFO
+	vmi_entry_t e = entry_of(VMI_CALL_CPU_GETCPUINFO);
+	if (e) {
+		uint64_t r[4] = { 0 };
+		long status = e(0, 0, 0, r);
+		if (status == VMI_ERR_OK) {
+			*cpu = (uint32_t)r[0];
+			*cpus = (uint32_t)r[1];
+		}
+		return status;
+	}
+#else
+	(void)cpu; (void)cpus;
+#endif
+	return VMI_ERR_NOT_SUPPORTED;
+}
+
+long vmi_cpu_init(void)
+{
+#ifdef VMI_CALL_CPU_DEPRIVILEGE
+	vmi_entry_t e = entry_of(VMI_CALL_CPU_DEPRIVILEGE);
+	uint64_t r[4] = { 0 };
+	if (e)
+		return e(0, 0, 0, r);
+#endif
+	return VMI_ERR_NOT_SUPPORTED;
+}
+
+static long flush_multi(uint32_t id, uint64_t a0, uint64_t cpus, uint32_t *flushed)
+{
+	vmi_entry_t e = entry_of(id);
+	uint64_t r[4] = { 0 };
+	long status;
+
+	if (!e)
+		return VMI_ERR_NOT_SUPPORTED;
+	status = e(a0, cpus, 0, r);
+	if (status == VMI_ERR_OK && flushed)
+		*flushed = (uint32_t)r[0];
+	return status;
+}
+
+long vmi_flush_tlb_multi(uint32_t flags, uint64_t cpus, uint32_t *flushed)
+{
+#ifdef VMI_CALL_MMU_FLUSHTLBMULTI
+	return flush_multi(VMI_CALL_MMU_FLUSHTLBMULTI, flags, cpus, flushed);
+#else
+	(void)flags; (void)cpus; (void)flushed;
+	return VMI_ERR_NOT_SUPPORTED;
+#endif
+}
+
+long vmi_inval_page_multi(uint64_t va, uint64_t cpus, uint32_t *flushed)
+{
+#ifdef VMI_CALL_MMU_INVALPAGEMULTI
+	return flush_multi(VMI_CALL_MMU_INVALPAGEMULTI, va, cpus, flushed);
+#else
+	(void)va; (void)cpus; (void)flushed;
+	return VMI_ERR_NOT_SUPPORTED;
+#endif
+}
+
 long vmi_allocate_page(uint64_t table, uint32_t level)
 {
 	ROM_CALL(VMI_CALL_MMU_ALLOCATEPAGE, table, level, 0, NULL);

@@ -170,6 +170,18 @@ long vmi_allocate_page(uint64_t table, uint32_t level);
 long vmi_release_page(uint64_t table);
 long vmi_flush_queue(void);                                  /* completes the ROM's per-CPU queue */
 
+/* --- SMP (since 1.5; VMI_ERR_NOT_SUPPORTED without it: the guest's own INIT/SIPI and IPIs) -- */
+/* Start AP <cpu> (its APIC ID) at rip with rsp, rdi = arg, in this CPU's state and address space.
+ * The AP must then call vmi_cpu_init() before any other VMI call. */
+long vmi_start_ap(uint32_t cpu, uint64_t rip, uint64_t rsp, uint64_t arg);
+long vmi_cpu_info(uint32_t *cpu, uint32_t *cpus);          /* this CPU's index and the count */
+/* Every CPU's VMI layer once (the BSP's is vmi_init): the hypervisor sets up this CPU's part. */
+long vmi_cpu_init(void);
+/* Flush the TLB (flags as vmi_flush_tlb) or one page of every CPU in the mask (bit i = CPU i;
+ * VMI_CPUS_ALL): one call for the whole set; *flushed = CPUs flushed (may be NULL). */
+long vmi_flush_tlb_multi(uint32_t flags, uint64_t cpus, uint32_t *flushed);
+long vmi_inval_page_multi(uint64_t va, uint64_t cpus, uint32_t *flushed);
+
 /* --- Query (VMI_ERR_NOT_SUPPORTED without a ROM) ------------------------- */
 long vmi_get_version(uint32_t *version);
 long vmi_has_family(uint32_t family, uint64_t *present);
