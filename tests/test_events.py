@@ -239,9 +239,9 @@ def test_a_thousand_mask_unmask_pairs_cost_no_exit(kvm: str, tmp_path: Path, pri
 def test_halting_until_a_10_ms_alarm_100_times_leaves_the_host_cpu_idle(kvm: str, tmp_path: Path) -> None:
     """Acceptance 3: the VMM process's own CPU time (process_time over Machine.run, every thread;
     `cpu_seconds` in --json) that 100 halts until a 10 ms one-shot alarm add to a run, against
-    the wall time they add: under 10% of a host CPU. The same guest with 0 halts is the baseline,
-    so the guest's boot (about 0.07 s of CPU here, mostly KVM emulating its ring-0 start) and
-    Python's start-up are not counted. The child's rusage as a whole is checked too."""
+    the wall time they add. The same guest with 0 halts is the baseline, so the guest's boot
+    (mostly KVM emulating its ring-0 start) and Python's start-up are not counted; the whole
+    run's share is checked too, and the child's rusage as a whole."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.monotonic()
     proc, data = _run(tmp_path, "full", "deprivileged", "only=halts halts=100 period=10")
@@ -254,9 +254,13 @@ def test_halting_until_a_10_ms_alarm_100_times_leaves_the_host_cpu_idle(kvm: str
     cpu = data["cpu_seconds"] - base["cpu_seconds"]
     halting = data["wall_seconds"] - base["wall_seconds"]
     assert halting >= 1.0
-    # The issue asks < 10%; on a loaded CI host this measured 11.8% (issue 15 stays open for it). The bound
-    # here is what halting must never exceed: a VMM that polls would use all of it.
-    assert cpu < 0.25 * halting, (cpu, halting, data["cpu_seconds"], data["wall_seconds"])
+    # Measured on this machine kind (2 CPUs): 4-8.5% for the halting itself, quiet, under other engineers'
+    # load and beside two CPU hogs; 15% leaves room for a loaded CI host. A polling VMM would use all of it.
+    assert cpu < 0.15 * halting, (cpu, halting, data["cpu_seconds"], data["wall_seconds"])
+    # The issue's figure, over the whole run with the boot (about 0.05-0.08 s of CPU here, mostly KVM
+    # emulating the kernel's ring-0 start and its console output): measured 8-13%, the 10% not met under
+    # load (docs/events.md); bounded here at twice the worst seen.
+    assert data["cpu_seconds"] < 0.25 * data["wall_seconds"], (data["cpu_seconds"], data["wall_seconds"])
     child_cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     assert child_cpu < wall * 0.8, (child_cpu, wall)  # start-up included: still far from busy-waiting
 
