@@ -42,14 +42,14 @@ def cells(matrix: dict[str, object], workload: str) -> dict[tuple[str, str], dic
 
 def test_full_matrix_passes(matrix: dict[str, object]) -> None:
     versions = [str(v) for v in available_versions()]
-    assert matrix["versions"] == versions == ["1.0", "1.1", "1.2", "1.3", "1.4"]
+    assert matrix["versions"] == versions == ["1.0", "1.1", "1.2", "1.3", "1.4", "1.5"]
     assert matrix["ok"] is True and matrix["problems"] == []
     for workload in ("conformance", "mmu"):
         grid = cells(matrix, workload)
         assert set(grid) == {(g, h) for g in versions for h in versions}
         for key, cell in grid.items():
             assert cell["ok"] and cell["exit_status"] == 0 and cell["fails"] == [], (workload, key, cell)
-    assert "compat: 50/50 cells pass; OK" in matrix["stdout"]  # type: ignore[operator]
+    assert "compat: 72/72 cells pass; OK" in matrix["stdout"]  # type: ignore[operator]
 
 
 def test_mmu_digest_identical_everywhere(matrix: dict[str, object]) -> None:
@@ -77,6 +77,10 @@ def test_guests_learn_what_is_missing(matrix: dict[str, object]) -> None:
     assert note[("1.4", "1.1")] == "query, 47/60 via rom, queue batched, evtchn fallback, time fallback, no upcalls"
     assert note[("1.4", "1.3")] == "query, 51/60 via rom, queue batched, evtchn hv, time fallback, no upcalls"
     assert note[("1.4", "1.4")] == "query, 60/60 via rom, queue batched, evtchn hv, time hv, upcalls"
+    # 1.5 (issue 16) adds the SMP calls: a 1.5 guest on a 1.4 hypervisor lacks just those four.
+    assert note[("1.5", "1.4")] == "query, 60/64 via rom, queue batched, evtchn hv, time hv, upcalls"
+    assert note[("1.5", "1.5")] == "query, 64/64 via rom, queue batched, evtchn hv, time hv, upcalls"
+    assert note[("1.4", "1.5")] == note[("1.4", "1.4")]
 
 
 def test_each_guest_is_built_against_its_versions_header() -> None:

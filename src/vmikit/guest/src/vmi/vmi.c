@@ -767,6 +767,7 @@ long vmi_cpu_init(void)
 	return VMI_ERR_NOT_SUPPORTED;
 }
 
+#ifdef VMI_CALL_MMU_FLUSHTLBMULTI
 static long flush_multi(uint32_t id, uint64_t a0, uint64_t cpus, uint32_t *flushed)
 {
 	vmi_entry_t e = entry_of(id);
@@ -780,6 +781,7 @@ static long flush_multi(uint32_t id, uint64_t a0, uint64_t cpus, uint32_t *flush
 		*flushed = (uint32_t)r[0];
 	return status;
 }
+#endif
 
 long vmi_flush_tlb_multi(uint32_t flags, uint64_t cpus, uint32_t *flushed)
 {
