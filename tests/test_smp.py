@@ -52,7 +52,6 @@ def test_halted_for_good_only_when_every_vcpu_is(kvm: str, tmp_path: Path) -> No
 
 @pytest.mark.parametrize("args, said", [
     (("--cpus", "9"), "9"),
-    (("--cpus", "2", "--rom", "full"), "--privilege ring0"),
     (("--cpus", "2", "--rom", "full", "--privilege", "ring0", "--spec", "1.2"), "shared page"),
 ])
 def test_unsupported_cpu_configurations_are_one_line_errors(kvm: str, args: tuple[str, ...], said: str) -> None:
@@ -72,9 +71,12 @@ SMP_PASS = [
 ]
 
 
-@pytest.mark.parametrize("paging, cpus", [("direct", 2), ("shadow", 2), ("direct", 4)])
-def test_private_queues_and_a_shootdown_on_several_cpus(kvm: str, tmp_path: Path, paging: str, cpus: int) -> None:
-    status, output, data = run_json(tmp_path, "smpvmi", "--cpus", str(cpus), "--privilege", "ring0",
+@pytest.mark.parametrize("privilege, paging, cpus", [
+    ("deprivileged", "direct", 2), ("deprivileged", "shadow", 4), ("ring0", "direct", 2), ("ring0", "shadow", 2),
+    ("ring0", "direct", 4)])
+def test_private_queues_and_a_shootdown_on_several_cpus(kvm: str, tmp_path: Path, privilege: str, paging: str,
+                                                        cpus: int) -> None:
+    status, output, data = run_json(tmp_path, "smpvmi", "--cpus", str(cpus), "--privilege", privilege,
                                     "--paging", paging, "--memory", "256")
     assert status == 0, output
     assert [line for line in output.splitlines() if line.startswith("PASS")] == SMP_PASS
@@ -88,6 +90,7 @@ def test_private_queues_and_a_shootdown_on_several_cpus(kvm: str, tmp_path: Path
     # The two CPUs' exits are counted where they happened.
     by_cpu = data["exits"]["by_cpu"]  # type: ignore[index]
     assert all(sum(c.values()) > 0 for c in by_cpu)
+    assert data["privilege"] == privilege
 
 
 def test_without_a_queue_the_same_guest_still_passes(kvm: str, tmp_path: Path) -> None:

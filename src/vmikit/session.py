@@ -94,9 +94,6 @@ class Session:
         if cpus > 1 and rom != "none" and spec is not None and spec.shared is None:
             raise UsageError(f"--cpus {cpus} under a ROM needs the per-vCPU shared page, which VMI {spec.version} lacks",
                              "use --spec 1.3 or later, or --cpus 1")
-        if cpus > 1 and rom != "none" and privilege == "deprivileged":
-            raise UsageError(f"--cpus {cpus} runs the kernel at ring 0 so far (per-CPU deprivileged state is not done)",
-                             "add --privilege ring0, or use --cpus 1")
         self.privilege = privilege
         self.rom = rom
         self.annotations = annotations

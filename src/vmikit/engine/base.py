@@ -175,9 +175,11 @@ class Vcpu(Protocol):
         time.monotonic_ns; None disarms. One timer per vCPU: a new deadline replaces the old."""
         ...
 
-    def start_at(self, source: Vcpu, rip: int, rsp: int, rdi: int, cr3: int) -> None:
+    def start_at(self, source: Vcpu, rip: int, rsp: int, rdi: int, cr3: int, *, tr: Segment | None = None,
+                 msrs: dict[int, int] | None = None) -> None:
         """From ``source``'s run loop: start this AP (one waiting for INIT/SIPI) at ``rip`` with
-        ``source``'s control state, CR3 replaced unless 0 (VMI's SetInitialAPState)."""
+        ``source``'s control state, CR3 replaced unless 0, TR replaced and MSRs written if given
+        (VMI's SetInitialAPState)."""
         ...
 
     on_wake: Callable[[], None] | None

@@ -372,7 +372,8 @@ class KvmVcpuEngine:
         while self._soon:
             self._soon.popleft()()
 
-    def start_at(self, source: Vcpu, rip: int, rsp: int, rdi: int, cr3: int) -> None:
+    def start_at(self, source: Vcpu, rip: int, rsp: int, rdi: int, cr3: int, *, tr: Segment | None = None,
+                 msrs: dict[int, int] | None = None) -> None:
         """Start this AP (waiting for INIT/SIPI) at ``rip`` in ``source``'s control state (its
         control registers, EFER, descriptor tables, segments; CR3 replaced unless 0): what
         VMI's SetInitialAPState asks. Called from ``source``'s thread; the AP's own ioctls run in
@@ -382,15 +383,20 @@ class KvmVcpuEngine:
         sregs = source._vcpu.get_sregs()
         if cr3:
             sregs.cr3 = cr3
+        if tr is not None:
+            sregs.tr = _segment_to_kvm(tr)
         mtrr = source._vcpu.get_msrs([MSR_MTRR_DEF_TYPE]).get(MSR_MTRR_DEF_TYPE, 0)
+        values = {MSR_MTRR_DEF_TYPE: mtrr, **(msrs or {})}
+        # A kernel at ring 3 keeps the hardware IF set (its own flag is virtual): rflags as the source's.
+        rflags = 0x2 | (source._vcpu.regs.rflags & RFLAGS_IF if sregs.cs.dpl == 3 else 0)
 
         def start() -> None:
             if self._vcpu.mp_state() not in (ks.KVM_MP_STATE_UNINITIALIZED, ks.KVM_MP_STATE_INIT_RECEIVED):
                 self.started_late += 1
                 return
             self._vcpu.set_sregs(sregs)
-            self._vcpu.set_regs(ks.KvmRegs(rip=rip, rsp=rsp, rdi=rdi, rflags=0x2))
-            self._vcpu.set_msrs({MSR_MTRR_DEF_TYPE: mtrr})
+            self._vcpu.set_regs(ks.KvmRegs(rip=rip, rsp=rsp, rdi=rdi, rflags=rflags))
+            self._vcpu.set_msrs(values)
             self._vcpu.set_mp_state(ks.KVM_MP_STATE_RUNNABLE)
             self.halted_for_good = False
 

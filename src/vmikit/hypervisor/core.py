@@ -217,11 +217,14 @@ class Hypervisor:
         """CPU.SetInitialAPState, checked: vCPU ``cpu`` starts in the caller's state."""
         if not 0 < cpu < len(self._cpus) or cpu == self._cpu or cpu in self.started_aps:
             raise HypercallError("INVALID_ARGUMENT")
-        if self.execution is not None and self.execution.deprivileged:
-            raise HypercallError("NOT_SUPPORTED")  # a deprivileged AP's monitor state: not done yet
+        assert self._vcpu is not None and self.execution is not None
         self.started_aps.add(cpu)
-        assert self._vcpu is not None
-        self._cpus[cpu].vcpu.start_at(self._vcpu, rip, rsp, arg, cr3)
+        ap = self._cpus[cpu]
+        if self.execution.deprivileged:  # the AP's kernel starts deprivileged too, never at ring 0
+            tr, msrs = ap.execution.adopt(self.execution)
+            ap.vcpu.start_at(self._vcpu, rip, rsp, arg, cr3, tr=tr, msrs=msrs)
+        else:
+            ap.vcpu.start_at(self._vcpu, rip, rsp, arg, cr3)
 
     def shootdown(self, cpus: int) -> int:
         """MMU.FlushTLBMulti/InvalPageMulti: the number of existing CPUs in the mask, each of whose

@@ -93,6 +93,14 @@ def _gate(handler: int, ist: int) -> tuple[int, int]:
     return low, handler >> 32
 
 
+def _monitor_msrs(efer: int) -> dict[int, int]:
+    """The syscall MSRs a deprivileged kernel's vCPU runs with: syscall lands on the monitor's stub."""
+    base = layout.MONITOR_BASE
+    return {MSR_STAR: MONITOR_CS << 32 | (USER_SS - 8 - 3) << 48,
+            MSR_LSTAR: base + SYSCALL_STUB_OFFSET, MSR_CSTAR: base + SYSCALL_STUB_OFFSET,
+            MSR_SFMASK: MONITOR_SFMASK, MSR_SYSENTER_CS: 0, MSR_EFER: efer | EFER_SCE}
+
+
 def _segment(selector: int, code: bool, dpl: int) -> Segment:
     return Segment(selector=selector, base=0, limit=0xFFFFFFFF, type=0xB if code else 0x3, present=True,
                    dpl=dpl, db=not code, s=True, l=code, g=True)
@@ -234,14 +242,16 @@ class ExecutionModel:
         """An SMP ROM's per-CPU area for this vCPU: its header (own address, magic, index) and the
         GS base that leads the ROM to it; the ROM checks the magic, so a kernel that reloaded GS
         gets unqueued calls, never another CPU's buffer."""
-        if not self.percpu:
-            return
+        if self.percpu and not self.vcpu.set_msr(MSR_GS_BASE, self.write_percpu_header()):
+            raise HypercallError("NOT_SUPPORTED")
+
+    def write_percpu_header(self) -> int:
+        """The first words of this vCPU's area (its address, the magic, its index): the area."""
         area = layout.percpu_area(self.cpu)
         self.memory.write_u64(area + layout.PERCPU_SELF, area)
         self.memory.write(area + layout.PERCPU_MAGIC, layout.PERCPU_MAGIC_VALUE.to_bytes(4, "little"))
         self.memory.write(area + layout.PERCPU_CPU, self.cpu.to_bytes(4, "little"))
-        if not self.vcpu.set_msr(MSR_GS_BASE, area):
-            raise HypercallError("NOT_SUPPORTED")
+        return area
 
     def deprivilege(self) -> tuple[int, int]:
         """CPU.Deprivilege: (privilege, shared page)."""
@@ -263,29 +273,46 @@ class ExecutionModel:
         self.sce = bool(efer & EFER_SCE)
         self._write_monitor()
         base = layout.MONITOR_BASE
-        monitor_msrs = {MSR_STAR: MONITOR_CS << 32 | (USER_SS - 8 - 3) << 48,
-                        MSR_LSTAR: base + SYSCALL_STUB_OFFSET, MSR_CSTAR: base + SYSCALL_STUB_OFFSET,
-                        MSR_SFMASK: MONITOR_SFMASK, MSR_SYSENTER_CS: 0, MSR_EFER: efer | EFER_SCE}
-        for msr, value in monitor_msrs.items():
+        for msr, value in _monitor_msrs(efer).items():
             if not self.vcpu.set_msr(msr, value):
                 raise HypercallError("NOT_SUPPORTED")
         try:
             self.vcpu.set_control(
                 gdt=DescriptorTable(base + GDT_OFFSET, GDT_LIMIT), idt=DescriptorTable(base + KERNEL_IDT_OFFSET, 0xFFF),
-                tr=Segment(selector=TSS_SELECTOR, base=self._tss, limit=tss_limit(self.cpu), type=0xB, present=True),
-                ldt=Segment(selector=0, base=0, limit=0, type=2, present=False),
+                tr=self._tr(), ldt=Segment(selector=0, base=0, limit=0, type=2, present=False),
                 cs=_segment(KERNEL_CS, True, 3), ss=_segment(KERNEL_SS, False, 3), data=_segment(KERNEL_SS, False, 3))
         except ValueError:
             raise HypercallError("NOT_SUPPORTED") from None
         regs = self.vcpu.regs
         self._put("vif", int(bool(regs.rflags & RFLAGS_IF)))
         regs.rflags = (regs.rflags & ~(3 << 12)) | RFLAGS_IF  # IOPL 0; the hardware IF stays set
+        self._enter_deprivileged(control.cr2)
+        return 3, self.shared_page
+
+    def _tr(self) -> Segment:
+        return Segment(selector=TSS_SELECTOR, base=self._tss, limit=tss_limit(self.cpu), type=0xB, present=True)
+
+    def _enter_deprivileged(self, cr2: int) -> None:
         for name, value in (("privilege", 3), ("vpl", KERNEL), ("kernel_cs", KERNEL_CS), ("kernel_ss", KERNEL_SS),
-                            ("user_cs", USER_CS), ("user_ss", USER_SS), ("cr2", control.cr2)):
+                            ("user_cs", USER_CS), ("user_ss", USER_SS), ("cr2", cr2)):
             self._put(name, value)
         self.deprivileged = True
         self.vpl = KERNEL
-        return 3, self.shared_page
+
+    def adopt(self, source: ExecutionModel) -> tuple[Segment, dict[int, int]]:
+        """SetInitialAPState from a deprivileged kernel: this AP's kernel starts deprivileged too,
+        with the caller's virtual tables and syscall MSRs. Returns what the AP's vCPU itself must
+        be given (its TR and MSRs; the engine applies them on the AP's own thread), its
+        interrupt flag (vif) clear."""
+        self.gdt, self.idt, self.ldt, self.tr = source.gdt, source.idt, source.ldt, source.tr
+        self.msrs, self.sce = dict(source.msrs), source.sce
+        self._write_monitor()
+        msrs = _monitor_msrs(source.vcpu.get_msr(MSR_EFER) or 0)
+        if self.percpu:
+            msrs[MSR_GS_BASE] = self.write_percpu_header()
+        self._put("vif", 0)
+        self._enter_deprivileged(0)
+        return self._tr(), msrs
 
     # --- kernel <-> user ---------------------------------------------------------
 
