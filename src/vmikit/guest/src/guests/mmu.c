@@ -8,6 +8,10 @@
  *     built top-down (each table linked before it is filled).
  *  2. N pages at WORK_BASE -> data frames DATA_POOL_BASE + (i % frames) * 4 KiB,
  *     RW, queued; SetCR3(A); a tag through each VA reads back through the frame.
+ *     Without a ROM, on a machine with more than one CPU (docs/smp.md), the page tables are
+ *     taken from the pool in order first, then every CPU links and fills a disjoint slice of
+ *     them: the tables and so the DIGEST are the same for any CPU count by construction. Under
+ *     a ROM the VMI layer's queue is one buffer, not one per CPU, so one CPU does it all.
  *  3. RW cleared on odd pages (queued) + FlushTLB; every 4th page (i % 4 == 0)
  *     unmapped (queued) + FlushTLB.
  *  4. Clone B: shares A's kernel PDPT; its own workload tables with every present
@@ -29,6 +33,7 @@
  * PASS lines name no sizes or addresses: they read the same in every mode.
  */
 #include "mmu_common.h"
+#include "smp.h"
 
 #define MAX_PAGES   (512u * 512u) /* one PD per space */
 #define MIN_PAGES   64u
@@ -67,17 +72,44 @@ static void switch_to(const struct space *s)
 }
 
 /* Step 2: the workload tables of A and its N mappings. */
+static unsigned fill_cpus = 1; /* CPUs sharing step 2 (smp_init's count; 1 under a ROM) */
+
+/* Link page table k into A's PD, then fill its leaves (a table is linked before it is filled). */
+static void fill_pt(unsigned k)
+{
+	put(A.pd, k, A.pt[k] | NONLEAF, k & 1); /* links both direct and queued */
+	for (unsigned j = 0; j < 512 && k * 512 + j < npages; j++)
+		leaf_put(&A, k * 512 + j, data_frame(k * 512 + j) | LEAF_RW, 1);
+}
+
+/* On every CPU: its own contiguous slice of A's page tables. */
+static void fill_slice(void *arg)
+{
+	(void)arg;
+	unsigned id = smp_cpu_id();
+	for (unsigned k = npts * id / fill_cpus; k < npts * (id + 1) / fill_cpus; k++)
+		fill_pt(k);
+}
+
 static void map_workload(void)
 {
 	A.pdpt = new_table(VMI_LEVEL_PDPT);
 	put(A.pml4, (unsigned)((WORK_BASE >> 39) & 511), A.pdpt | NONLEAF, 0);
 	A.pd = new_table(VMI_LEVEL_PD);
 	put(A.pdpt, 0, A.pd | NONLEAF, 0);
+	if (fill_cpus > 1) {
+		/* The pool's bump allocator is one CPU's: every table is taken here, in the order one
+		 * CPU takes them below, so each table lands on the same frame for any CPU count. */
+		for (unsigned k = 0; k < npts; k++)
+			A.pt[k] = new_table(VMI_LEVEL_PT);
+		/* Returns when every CPU has filled its slice: the barrier before A is used. */
+		if (smp_run_all(fill_slice, NULL))
+			report(0, "step 2 on every CPU: each CPU finished its slice");
+		return;
+	}
 	for (unsigned k = 0; k < npts; k++) {
 		A.pt[k] = new_table(VMI_LEVEL_PT);
-		put(A.pd, k, A.pt[k] | NONLEAF, k & 1); /* links both direct and queued */
-		for (unsigned j = 0; j < 512 && k * 512 + j < npages; j++)
-			leaf_put(&A, k * 512 + j, data_frame(k * 512 + j) | LEAF_RW, 1);
+		fill_pt(k);
 	}
 }
 
@@ -255,6 +287,13 @@ void kmain(uint32_t magic, uint32_t mbinfo)
 		return;
 	}
 
+	/* Several CPUs only natively: under a ROM the queue behind SetPTE's queue annotation is one
+	 * buffer, not one per CPU (issue 16), so concurrent queued updates would mix. */
+	if (!vmi_rom_present()) {
+		fill_cpus = smp_init();
+		if (fill_cpus > 1)
+			printf("INFO: step 2 on %u CPUs\n", fill_cpus);
+	}
 	A.pml4 = build_kernel_space(ram_end, &kpdpt);
 	step_map_and_tag();
 	step_protect();
