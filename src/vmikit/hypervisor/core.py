@@ -230,11 +230,14 @@ class Hypervisor:
         """MMU.FlushTLBMulti/InvalPageMulti: the number of existing CPUs in the mask, each of whose
         TLB is flushed before the call returns (or, halted, before it next runs). On KVM that is
         one VM-wide drop of cached translations: KVM then asks every vCPU for a TLB flush, which
-        a running one takes at once (KVM kicks it) and a sleeping one at its next entry."""
+        a running one takes at once (KVM kicks it) and a sleeping one at its next entry. A
+        deprivileged kernel whose tables the hypervisor updates (trap, direct, shadow) has none
+        stale to drop: every call that changed an entry dropped them before it returned."""
         targets = [i for i in range(len(self._cpus)) if cpus >> i & 1]
         if targets:
             assert self.execution is not None
-            self.execution.flush_all()
+            if not (self.execution.deprivileged and isinstance(self.mmu, mmu.DirectMmu)):
+                self.execution.flush_all()
             self.shootdowns += 1
             self.shootdown_targets += len(targets)
         return len(targets)

@@ -14,6 +14,8 @@
  *     update is queued CPU 1 still reads the old frame; once CPU 0's FlushTLBMulti with CPU 1 in
  *     the set returns, CPU 1's next read faults.
  *
+ * With bench=N on the command line it measures shootdowns instead (see bench() below).
+ *
  * Steps 2 and 3's queue checks need a hypervisor that honours `queue` (and step 2 one that
  * validates entries: direct or shadow paging); elsewhere they say so (SKIP/INFO lines).
  * PASS lines name no counts or addresses. INFO lines carry the figures the host test checks.
@@ -45,7 +47,7 @@ static uint64_t pt_test;                   /* the PT that maps TEST_VA */
 static volatile uint32_t reading, after_flush, faulted;
 static volatile uint64_t reads, stale_reads;
 
-enum { CMD_NONE, CMD_QUEUE, CMD_READ };
+enum { CMD_NONE, CMD_QUEUE, CMD_READ, CMD_FLUSH };
 
 static int wait_for(volatile uint32_t *flag, uint32_t value)
 {
@@ -127,6 +129,8 @@ static void ap_main(uint64_t cpu)
 			queue_updates((unsigned)cpu);
 		else if (c == CMD_READ)
 			reader();
+		else if (c == CMD_FLUSH)
+			vmi_flush_tlb(VMI_FLUSH_TLB);
 		if (c != CMD_NONE)
 			command[cpu] = CMD_NONE;
 		__asm__ __volatile__("pause" ::: "memory");
@@ -233,6 +237,43 @@ static void step_shootdown(void)
 	set_trap_hook(14, NULL);
 }
 
+static inline uint64_t tsc(void)
+{
+	uint32_t lo, hi;
+	__asm__ __volatile__("rdtsc" : "=a"(lo), "=d"(hi));
+	return (uint64_t)hi << 32 | lo;
+}
+
+/* bench=N: the cost of flushing the TLB of CPUs 0..n-1 (n = 1, 2, 4, ... up to the machine's),
+ * N samples each, printed one per line for the host (vmikit bench, bench/shootdown.py):
+ *  vmi:     one MMU.FlushTLBMulti for the whole set (one exit);
+ *  percpu:  each target flushes itself with MMU.FlushTLB when CPU 0 asks through its mailbox,
+ *           CPU 0 waits for every acknowledgement (one exit per CPU, unbatched). */
+static void bench(unsigned samples, unsigned cpus)
+{
+	for (unsigned n = 1; n <= cpus; n *= 2) {
+		uint64_t mask = (1ull << n) - 1;
+		for (unsigned i = 0; i < samples; i++) {
+			uint64_t t0 = tsc();
+			long st = vmi_flush_tlb_multi(VMI_FLUSH_TLB, mask, NULL);
+			uint64_t t1 = tsc();
+			for (unsigned c = 1; c < n; c++)
+				command[c] = CMD_FLUSH;
+			vmi_flush_tlb(VMI_FLUSH_TLB);
+			int acked = 1;
+			for (unsigned c = 1; c < n; c++)
+				acked &= wait_for(&command[c], CMD_NONE);
+			uint64_t t2 = tsc();
+			if (st != VMI_ERR_OK || !acked) {
+				report(0, "shootdown bench on %u CPUs (status %ld)", n, st);
+				return;
+			}
+			printf("BENCH shootdown cpus=%u vmi_cycles=%lu percpu_cycles=%lu\n", n,
+			       (unsigned long)(t1 - t0), (unsigned long)(t2 - t1));
+		}
+	}
+}
+
 void kmain(uint32_t magic, uint32_t mbinfo)
 {
 	uint32_t me = 0, cpus = 0;
@@ -245,6 +286,11 @@ void kmain(uint32_t magic, uint32_t mbinfo)
 		exit(report_summary());
 	}
 	unsigned up = start_cpus(cpus);
+	unsigned samples = (unsigned)cmdline_u64("bench", 0);
+	if (samples) {
+		bench(samples > 10000 ? 10000 : samples, up);
+		exit(report_summary());
+	}
 	printf("INFO: %u of %u CPUs online\n", up, cpus);
 	report(me == 0 && up == cpus, "every CPU started through SetInitialAPState");
 	int ids = 1;
