@@ -116,6 +116,7 @@ class Session:
             machine = self.machine
             self.hypervisor.attach(machine.memory, machine.vcpu, machine.vm.flush_translations, vcpus=machine.vcpus,
                                    current=lambda: machine.current_cpu)
+            self.hypervisor.release_exit_lock = machine.exit_lock_released
             machine.on_out(layout.PORT_HYPERCALL, self.hypervisor.on_hypercall)
             assert self.hypervisor.execution is not None
             # One vCPU: its model takes the event port directly (the hot path of every exception).

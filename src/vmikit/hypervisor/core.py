@@ -7,9 +7,10 @@ is a spec error in RAX; nothing a guest passes can raise out of here.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -108,6 +109,8 @@ class Hypervisor:
         self._current: Callable[[], int] | None = None  # several vCPUs: which one is calling
         self.percpu = False  # an SMP ROM: per-CPU areas through GS (the guest may not move GS)
         self.started_aps: set[int] = set()  # vCPUs SetInitialAPState started
+        # The board's: release its exit lock around a sleep (Session sets it; one vCPU: a no-op).
+        self.release_exit_lock: Callable[[], contextlib.AbstractContextManager[None]] = contextlib.nullcontext
         self.shootdowns = 0  # FlushTLBMulti/InvalPageMulti calls that flushed
         self.shootdown_targets = 0
         self.privilege = privilege
@@ -193,6 +196,16 @@ class Hypervisor:
             state = self._cpus[index]
             self._cpu = index
             self._vcpu, self._ctx, self.execution = state.vcpu, state.ctx, state.execution
+
+    @contextlib.contextmanager
+    def others_may_run(self) -> Iterator[None]:
+        """Around a handler's sleep: the other vCPUs' exits are handled meanwhile (the board's
+        lock is released), and the calling vCPU's state is current again afterwards."""
+        with self.release_exit_lock():
+            yield
+        if self._current is not None:
+            self._cpu = -1  # whatever ran meanwhile: select afresh
+            self._select()
 
     def on_event(self, port: int, size: int, value: int) -> None:
         """The event port (a deprivileged kernel's exceptions and syscalls): the calling vCPU's model."""

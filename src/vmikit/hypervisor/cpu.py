@@ -149,9 +149,12 @@ def halt(ctx: CallContext, *_: int) -> tuple[int, ...]:
     # Since 1.4: sleep until an event can be delivered (hypervisor/events.py). With nothing armed
     # that could wake it (or before 1.4) Halt returns at once: callers loop on their condition,
     # as after a spurious wake-up.
-    events = ctx.hypervisor.events
-    if events is not None:
-        events.halt()
+    # Several vCPUs: events go to vCPU 0, whose sleep lets the others' exits be handled; an AP's
+    # Halt returns at once (nothing is delivered to it).
+    hv = ctx.hypervisor
+    if hv.events is not None and hv.cpu_index == 0:
+        with hv.others_may_run():
+            hv.events.halt()
     return ()
 
 

@@ -6,10 +6,11 @@ later, the hypercall port) register port handlers with ``on_out``/``on_in``.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -200,6 +201,7 @@ class Machine:
         self.mmio_unmapped = 0
         self._cpu = 0.0  # process CPU time of the last run()
         self._ended_cpu = 0  # the vCPU whose exit ended the run
+        self._exit_lock: threading.Lock | None = None  # several vCPUs: held while an exit is handled
         self._own_engine = engine is None
         self.engine = engine or open_engine()
         self.vm = self.engine.create_vm()
@@ -370,11 +372,27 @@ class Machine:
                              "see the register dump for the instruction at rip", dump=dump)
         raise GuestCrash(exit_.detail, "report this exit to the vmikit developers", dump=dump)
 
+    @contextlib.contextmanager
+    def exit_lock_released(self) -> Iterator[None]:
+        """Inside an exit's handler: let the other vCPUs' exits be handled meanwhile (a handler
+        that sleeps, CPU.Halt's). The calling vCPU is the current one again afterwards."""
+        lock, cpu = self._exit_lock, self.current_cpu
+        if lock is None or not lock.locked():
+            yield
+            return
+        lock.release()
+        try:
+            yield
+        finally:
+            lock.acquire()
+            self.current_cpu = cpu
+
     def _run_smp(self) -> Exit:
         """Every vCPU on a thread of its own (vCPU 0 on this one, where signals land). The first
         to end the run for a reason of its own (the exit port, a crash) decides how it ended;
         the others are kicked. Halted for good is when every vCPU is."""
-        lock = threading.Lock()
+        lock = threading.Lock()  # the run's end, decided once
+        exits = self._exit_lock = threading.Lock()
         ended: list[tuple[int, Exit]] = []
         all_halted = threading.Event()
 
@@ -394,7 +412,7 @@ class Machine:
 
         def ap(index: int) -> None:
             try:
-                finish(index, self.vcpus[index].run(CpuOps(self, index, lock)))
+                finish(index, self.vcpus[index].run(CpuOps(self, index, exits)))
             except BaseException as exc:  # a VMM bug on this thread: end the run, do not hang it
                 finish(index, Exit(ExitKind.INTERNAL_ERROR, f"vCPU {index}'s thread failed: {exc!r}"))
 
@@ -406,7 +424,7 @@ class Machine:
             for thread in threads:
                 thread.start()
             try:
-                finish(0, self.vcpu.run(CpuOps(self, 0, lock)))
+                finish(0, self.vcpu.run(CpuOps(self, 0, exits)))
             except WatchdogExpired:
                 finish(0, Exit(ExitKind.KICKED, "stopped by the watchdog"))
             for vcpu in self.vcpus:
