@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from test_boot import pass_lines
+from vmikit.bench.workloads import PROFILES, Profile
 from vmikit.guest.build import build_guest
 from vmikit.session import Session
 
@@ -121,9 +122,27 @@ def test_mmu_digest_on_the_bare_board_is_the_single_cpu_digest(mmu_reference: st
     assert digest(result.console) == mmu_reference
 
 
-def test_mmu_under_a_rom_stays_on_one_cpu(mmu_reference: str) -> None:
-    # The ROM's queue is not per-CPU yet: the workload must not share step 2 there.
-    with Session(build_guest("mmu"), rom="full", privilege="ring0", cpus=2, timeout=120) as session:
+@pytest.mark.parametrize("cpus", [2, 4])
+@pytest.mark.parametrize("profile", [p for p in PROFILES if p.rom != "none"], ids=lambda p: p.name)
+def test_mmu_digest_under_every_rom_profile_is_the_single_cpu_digest(mmu_reference: str, profile: Profile,
+                                                                    cpus: int) -> None:
+    # VMI 1.5: the APs start through SetInitialAPState (at ring 3 too when the kernel is
+    # deprivileged) and queue into their own ROM buffers; step 2 is shared as on the bare board.
+    with Session(build_guest("mmu"), rom=profile.rom, paging=profile.paging, annotations=profile.annotations,
+                 privilege=profile.privilege, cpus=cpus, timeout=180) as session:
+        result = session.run()
+    assert result.exit_status == 0, result.console
+    assert f"INFO: step 2 on {cpus} CPUs" in result.console, result.console
+    assert digest(result.console) == mmu_reference
+
+
+def test_mmu_under_an_older_rom_stays_on_one_cpu(mmu_reference: str) -> None:
+    # A 1.4 ROM has one queue buffer for every CPU: the workload must not share step 2 there.
+    from vmikit.abi.history import resolve
+    from vmikit.abi.spec import load_spec
+
+    with Session(build_guest("mmu"), rom="full", privilege="ring0", cpus=2, timeout=120,
+                 spec=load_spec(resolve("1.4"))) as session:
         result = session.run()
     assert result.exit_status == 0, result.console
     assert "INFO: step 2 on" not in result.console

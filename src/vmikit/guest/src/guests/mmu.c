@@ -72,7 +72,7 @@ static void switch_to(const struct space *s)
 }
 
 /* Step 2: the workload tables of A and its N mappings. */
-static unsigned fill_cpus = 1; /* CPUs sharing step 2 (smp_init's count; 1 under a ROM) */
+static unsigned fill_cpus = 1; /* CPUs sharing step 2 (smp_init's count; 1 under an older ROM) */
 
 /* Link page table k into A's PD, then fill its leaves (a table is linked before it is filled). */
 static void fill_pt(unsigned k)
@@ -89,6 +89,7 @@ static void fill_slice(void *arg)
 	unsigned id = smp_cpu_id();
 	for (unsigned k = npts * id / fill_cpus; k < npts * (id + 1) / fill_cpus; k++)
 		fill_pt(k);
+	mmu_check(vmi_flush_queue(), "flush_queue", id); /* this CPU's queue: complete before the barrier */
 }
 
 static void map_workload(void)
@@ -287,9 +288,10 @@ void kmain(uint32_t magic, uint32_t mbinfo)
 		return;
 	}
 
-	/* Several CPUs only natively: under a ROM the queue behind SetPTE's queue annotation is one
-	 * buffer, not one per CPU (issue 16), so concurrent queued updates would mix. */
-	if (!vmi_rom_present()) {
+	/* Several CPUs natively, or under a ROM whose queue is per CPU (VMI 1.5: GetCPUInfo exists
+	 * and the ROM keeps one buffer per CPU); an older ROM's one buffer would mix CPUs' updates. */
+	uint32_t me = 0, cpus = 0;
+	if (!vmi_rom_present() || vmi_cpu_info(&me, &cpus) == VMI_ERR_OK) {
 		fill_cpus = smp_init();
 		if (fill_cpus > 1)
 			printf("INFO: step 2 on %u CPUs\n", fill_cpus);

@@ -12,6 +12,9 @@
  * to its mailbox; the pair is atomic with respect to interrupts (STI's one-instruction shadow),
  * so a wake-up sent between the mailbox check and HLT still ends the HLT.
  *
+ * Under a VMI 1.5 ROM the APs start through CPU.SetInitialAPState instead (smp_init_vmi), at
+ * ring 3 too when the kernel is deprivileged.
+ *
  * Little static data on purpose: boot.S zeroes .bss instruction by instruction in emulated
  * 32-bit mode on this machine kind, so every guest pays for what lives here.
  */
@@ -35,6 +38,12 @@ extern uint32_t smp_ap_count, smp_ap_apic_ids[SMP_MAX_CPUS];
 extern uint64_t smp_ap_stack_tops[SMP_MAX_CPUS];
 
 void smp_ap_main(unsigned index) __attribute__((noreturn));
+
+/* Started through VMI's CPU.SetInitialAPState (a 1.5 ROM): no LAPIC, trampoline or real mode;
+ * the APs begin in long mode on their stacks, in the BSP's privilege (at ring 3 when the kernel is
+ * deprivileged). A deprivileged kernel cannot `hlt` or take IPIs, so its idle APs spin on their
+ * mailbox and shootdowns go through MMU.FlushTLBMulti/InvalPageMulti. */
+static int vmi_started, spin_idle;
 
 static struct smp_cpu bsp_cpu = { .canary = CANARY };
 static struct smp_cpu *cpus[SMP_MAX_CPUS] = { &bsp_cpu };
@@ -211,7 +220,7 @@ static void icr_send(unsigned apic_id, uint32_t low)
 
 void smp_send_ipi(unsigned cpu, unsigned vector)
 {
-	if (cpu < ncpus)
+	if (cpu < ncpus && !spin_idle)
 		icr_send(cpus[cpu]->apic_id, ICR_FIXED | ICR_ASSERT | (vector & 0xFF));
 }
 
@@ -250,10 +259,16 @@ static void lapic_enable(void)
 
 /* --- the APs ------------------------------------------------------------------------------- */
 
+static void idle_spinning(struct smp_cpu *c) __attribute__((noreturn));
+
 void smp_ap_main(unsigned index)
 {
 	struct smp_cpu *c = smp_this_cpu();
 	(void)index; /* the same CPU as c: ap_boot.S chose the stack by it */
+	if (vmi_started)
+		vmi_cpu_init(); /* this CPU's part of the VMI layer (its queue, its shared page) first */
+	if (spin_idle)
+		idle_spinning(c);
 	lapic_enable(); /* software-disabled after INIT: fixed IPIs would be dropped */
 	__atomic_store_n(&c->online, 1, __ATOMIC_RELEASE);
 	for (;;) {
@@ -269,6 +284,78 @@ void smp_ap_main(unsigned index)
 		}
 		__asm__ __volatile__("sti; hlt" ::: "memory");
 	}
+}
+
+/* A deprivileged AP: no hlt, no IPI; it polls its mailbox (natively, at ring 3: no exit). */
+static void idle_spinning(struct smp_cpu *c)
+{
+	__atomic_store_n(&c->online, 1, __ATOMIC_RELEASE);
+	for (;;) {
+		uint64_t posted = __atomic_load_n(&c->posted, __ATOMIC_ACQUIRE);
+		if (posted != c->done) {
+			c->fn(c->arg);
+			__atomic_store_n(&c->done, posted, __ATOMIC_RELEASE);
+			continue;
+		}
+		__asm__ __volatile__("pause" ::: "memory");
+	}
+}
+
+static int wait_online(struct smp_cpu *c)
+{
+	uint64_t deadline = deadline_ms(SMP_ARRIVE_MS);
+	while (!__atomic_load_n(&c->online, __ATOMIC_ACQUIRE)) {
+		if (expired(deadline))
+			return -1;
+		__asm__ __volatile__("pause");
+	}
+	return 0;
+}
+
+/* Every AP through CPU.SetInitialAPState: VMI numbers CPUs 0..n-1 by APIC ID. */
+static unsigned smp_init_vmi(uint32_t n)
+{
+	listed = n;
+	if (n <= 1)
+		return ncpus;
+	if (!acpi_pm_timer(&pm_port, &pm_bits)) {
+		printf("INFO: smp: no ACPI PM timer to bound the waits; staying on one CPU\n");
+		return ncpus;
+	}
+	calibrate_tsc();
+	unsigned naps = n - 1 < SMP_MAX_CPUS - 1 ? n - 1 : SMP_MAX_CPUS - 1;
+	uint64_t stacks = low_alloc(naps * SMP_STACK_SIZE, SMP_STACK_SIZE, 0, 0);
+	if (!stacks) {
+		printf("INFO: smp: no free low memory for %u stacks; staying on one CPU\n", naps);
+		return ncpus;
+	}
+	stacks_base = stacks; /* before any AP runs: smp_this_cpu() finds an AP's struct by it */
+	stacks_len = naps * SMP_STACK_SIZE;
+	vmi_started = 1;
+	spin_idle = vmi_deprivileged();
+	if (!spin_idle) {
+		lapic_enable();
+		set_irq_hook(SMP_VEC_WAKE, on_wake);
+		set_irq_hook(SMP_VEC_FLUSH, on_flush);
+	}
+	bsp_cpu.apic_id = 0;
+	bsp_cpu.online = 1;
+	unsigned online = 1;
+	for (unsigned i = 0; i < naps; i++) {
+		uint64_t base = stacks + i * SMP_STACK_SIZE;
+		struct smp_cpu *c = (struct smp_cpu *)(uintptr_t)base;
+		*c = (struct smp_cpu){ .id = online, .apic_id = i + 1, .canary = CANARY };
+		__atomic_thread_fence(__ATOMIC_SEQ_CST);
+		/* rsp as just after a call: smp_ap_main's frame is then aligned as the ABI wants. */
+		long st = vmi_start_ap(i + 1, (uint64_t)(uintptr_t)smp_ap_main, base + SMP_STACK_SIZE - 8, online);
+		if (st == VMI_ERR_OK && wait_online(c) == 0)
+			cpus[online++] = c;
+		else
+			printf("INFO: smp: CPU %u did not start (status %ld)\n", i + 1, st);
+	}
+	__atomic_thread_fence(__ATOMIC_SEQ_CST);
+	ncpus = online;
+	return ncpus;
 }
 
 static int start_ap(unsigned index, unsigned vector)
@@ -297,9 +384,13 @@ unsigned smp_init(void)
 	if (initialised)
 		return ncpus;
 	initialised = 1;
+	uint32_t vmi_me = 0, vmi_n = 0;
+	if (vmi_cpu_info(&vmi_me, &vmi_n) == VMI_ERR_OK)
+		return smp_init_vmi(vmi_n);
 	if (vmi_deprivileged()) {
-		/* At ring 3 the LAPIC and CR/MSR accesses are the hypervisor's (issue 16: a VMI call). */
-		printf("INFO: smp: the kernel is deprivileged; staying on one CPU\n");
+		/* At ring 3 the LAPIC and CR/MSR accesses are the hypervisor's: VMI 1.5 starts CPUs. */
+		printf("INFO: smp: the kernel is deprivileged under a hypervisor without SetInitialAPState; "
+		       "staying on one CPU\n");
 		return ncpus;
 	}
 	struct madt_info mi;
@@ -498,6 +589,15 @@ uint64_t smp_flush_tlb_others(uint64_t mask, uint64_t va)
 	mask &= smp_online_mask() & ~(1ull << smp_cpu_id());
 	if (!mask)
 		return 0;
+	if (vmi_started) { /* one call for the whole set; VMI names CPUs by APIC ID */
+		uint64_t targets = 0;
+		for (unsigned i = 0; i < ncpus; i++)
+			if ((mask >> i) & 1)
+				targets |= 1ull << cpus[i]->apic_id;
+		long st = va == SMP_FLUSH_ALL ? vmi_flush_tlb_multi(VMI_FLUSH_TLB, targets, NULL)
+					      : vmi_inval_page_multi(va, targets, NULL);
+		return st == VMI_ERR_OK ? 0 : mask;
+	}
 	/* One shootdown at a time. A sender that spins here with interrupts enabled still answers
 	 * the holder's IPI, so two CPUs flushing each other do not deadlock. */
 	if (lock_bounded(&flush.lock))
