@@ -104,3 +104,19 @@ def test_one_cpu_or_no_rom_skips(kvm: str) -> None:
     for args in (("--cpus", "1"), ("--cpus", "2", "--rom", "none")):
         proc = vmikit("run", "smpvmi", *args)
         assert proc.returncode == 0 and "SKIP: needs a VMI 1.5 ROM" in proc.stdout, proc.stdout + proc.stderr
+
+
+def test_shootdown_bench_has_every_path_and_cpu_count(kvm: str) -> None:
+    from vmikit.bench.report import shootdown_table
+    from vmikit.bench.shootdown import ShootdownSizes, measure
+
+    result = measure(ShootdownSizes(samples=3, rounds=1))
+    assert result["vcpus"] == 4 and set(result["paths"]) == {"vmi", "native"}
+    for figure in ("vmi", "percpu", "ipi"):
+        for n in (1, 2, 4):
+            cell = result["cells"][f"{figure}.{n}"]
+            assert cell["samples"] == 3 and cell["cpus"] == n
+            assert 0 < cell["ns"]["min"] <= cell["ns"]["median"] <= cell["ns"]["max"]
+    # The native path interrupts every target: four CPUs cost more than one.
+    assert result["cells"]["ipi.4"]["ns"]["median"] > result["cells"]["ipi.1"]["ns"]["median"]
+    assert shootdown_table({"shootdown": result}) is not None

@@ -50,6 +50,8 @@ def _split(values: tuple[str, ...], choices: tuple[str, ...], what: str) -> tupl
 @click.option("--no-memory", is_flag=True, help="Skip the VMM memory probe (a child process).")
 @click.option("--no-events", is_flag=True,
               help="Skip the events section (alarm latency and event round trip, VMI beside native interrupts).")
+@click.option("--no-shootdown", is_flag=True,
+              help="Skip the shootdown section (TLB flush of 1, 2 and 4 CPUs, VMI beside native IPIs).")
 @click.option("--json", "json_file", type=OUTPUT,
               help="Write all results here (after Ctrl-C: what was measured, marked \"partial\": true).")
 @click.option("--plot", "plot_file", type=OUTPUT, help="Write a chart (PNG) here.")
@@ -60,7 +62,7 @@ def bench(quick: bool, workloads: tuple[str, ...], profiles: tuple[str, ...], pa
           pages: int | None,
           switches: int | None, calls: int | None, reps: int | None, no_c_reference: bool, no_memory: bool,
           json_file: Path | None, plot_file: Path | None, trace_file: Path | None = None,
-          no_events: bool = False) -> None:
+          no_events: bool = False, no_shootdown: bool = False) -> None:
     """Measure what each VMI call costs under every paging profile and both privileges (the kernel
     deprivileged at ring 3, and its -ring0 twin), against native and a C reference VMM."""
     from rich.console import Console
@@ -88,7 +90,7 @@ def bench(quick: bool, workloads: tuple[str, ...], profiles: tuple[str, ...], pa
                              "drop --paging or --profile, or choose profiles of that paging style")
     config = BenchConfig(workloads=_split(workloads, WORKLOAD_NAMES, "workload"), profiles=chosen, sizes=sizes,
                          c_reference=not no_c_reference, memory_probe=not no_memory, quick=quick,
-                         events=not no_events)
+                         events=not no_events, shootdown=not no_shootdown)
     console = Console()
     total = len(config.workloads) * len(config.profiles) * sizes.reps
     columns = (TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),

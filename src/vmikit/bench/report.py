@@ -262,6 +262,37 @@ def events_table(results: dict) -> Table | str | None:
     return table
 
 
+def shootdown_table(results: dict) -> Table | str | None:
+    """TLB shootdown of CPUs 0..n-1: one VMI call for the set, one VMI flush per CPU, native IPIs."""
+    sd = results.get("shootdown")
+    if not sd:
+        return None
+    if "error" in sd:
+        return f"[red]shootdown failed:[/red] {sd['error']}"
+    crowded = sd["host_cpus"] is not None and sd["host_cpus"] < sd["vcpus"]
+    table = _table(f"TLB shootdown, {sd['vcpus']}-vCPU machine ({sd['rounds']} interleaved rounds of "
+                   f"{plural(sd['samples_per_round'], 'sample')})",
+                   "Guest-measured (TSC), median (min-max) of every sample. vmi: one MMU.FlushTLBMulti for the set; "
+                   "percpu: each CPU its own MMU.FlushTLB on request (one exit each); both with the kernel "
+                   "deprivileged at ring 3. ipi: bare machine, an IPI per target and its acknowledgement, kernel at "
+                   "ring 0 (emulated on this machine kind)."
+                   + (f" This host has {sd['host_cpus']} CPUs for {sd['vcpus']} vCPUs: the spinning targets of "
+                      "percpu share cores with CPU 0." if crowded else ""))
+    table.add_column("CPUs", justify="right", no_wrap=True)
+    table.add_column("path", no_wrap=True)
+    for header in ("median", "min", "max", "x vmi"):
+        table.add_column(header, justify="right", no_wrap=True)
+    for n in (1, 2, 4):
+        cells = [(f, sd["cells"][f"{f}.{n}"]) for f in ("vmi", "percpu", "ipi") if f"{f}.{n}" in sd["cells"]]
+        vmi = sd["cells"].get(f"vmi.{n}")
+        for i, (figure, cell) in enumerate(cells):
+            ns = cell["ns"]
+            ratio = ns["median"] / vmi["ns"]["median"] if vmi and figure != "vmi" else None
+            table.add_row(str(n) if i == 0 else "", figure, fmt_ns(ns["median"]), fmt_ns(ns["min"]), fmt_ns(ns["max"]),
+                          fmt_ratio(ratio) if ratio is not None else "", end_section=i == len(cells) - 1)
+    return table
+
+
 def fmt_measured(t: dict) -> str:
     m = t["measured"]
     kind = t.get("kind", "ratio")
@@ -328,6 +359,7 @@ def report(results: dict) -> list[Table | str]:
     elif c:
         parts.append(f"[red]C reference failed:[/red] {c['error']}")
     parts.append(events_table(results))
+    parts.append(shootdown_table(results))
     mem = results.get("memory")
     if mem and "error" not in mem:
         parts.append(f"[bold]VMM memory[/bold] ({mem['profile']}, {mem['guest_ram_mib']} MiB guest): peak RSS "

@@ -48,6 +48,7 @@ class BenchConfig:
     quick: bool = False
     c_rounds: int | None = None  # interleaved C / Python rounds (None: 3 under --quick, else 5)
     events: bool = True  # alarm latency and event round trip, VMI deprivileged beside native (eventbench.py)
+    shootdown: bool = True  # TLB shootdown of 1, 2, 4 CPUs, VMI beside native IPIs (shootdown.py)
     extra: dict[str, object] = field(default_factory=dict)
 
 
@@ -417,6 +418,15 @@ def run_bench(config: BenchConfig, progress: Progress | None = None,
                                             memory_mib=config.memory_mib, progress=say)
             except VmikitError as err:
                 results["events"] = {"error": str(err)}
+        if config.shootdown:
+            from vmikit.bench.shootdown import SHOOTDOWN_FULL, SHOOTDOWN_QUICK, measure as measure_shootdown
+
+            say("shootdown")
+            try:
+                results["shootdown"] = measure_shootdown(SHOOTDOWN_QUICK if config.quick else SHOOTDOWN_FULL,
+                                                         progress=say)
+            except VmikitError as err:
+                results["shootdown"] = {"error": str(err)}
         if config.memory_probe:
             say("memory probe")
             from vmikit.bench.memprobe import probe

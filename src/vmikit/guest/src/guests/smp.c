@@ -229,6 +229,27 @@ static void check_shootdown(void)
 	report(left == 0, "TLB shootdown of the whole TLB: every other CPU acknowledged");
 }
 
+/* bench=N (vmikit bench, bench/shootdown.py): N shootdowns of the whole TLB of CPUs 0..n-1 for
+ * n = 1, 2, 4, ...: IPIs to the others (each reloads CR3 in its handler and acknowledges), CPU 0
+ * its own CR3 reload; one line per sample, in TSC cycles. */
+static void bench(unsigned samples, unsigned n)
+{
+	for (unsigned k = 1; k <= n; k *= 2) {
+		uint64_t others = ((1ull << k) - 1) & ~1ull;
+		for (unsigned i = 0; i < samples; i++) {
+			uint64_t t0 = rdtsc();
+			uint64_t left = smp_flush_tlb_others(others, SMP_FLUSH_ALL);
+			write_cr3(read_cr3());
+			uint64_t t1 = rdtsc();
+			if (left) {
+				report(0, "shootdown bench on %u CPUs: CPUs %lx did not acknowledge", k, (unsigned long)left);
+				return;
+			}
+			printf("BENCH shootdown cpus=%u ipi_cycles=%lu\n", k, (unsigned long)(t1 - t0));
+		}
+	}
+}
+
 void kmain(uint32_t magic, uint32_t mbinfo)
 {
 	(void)magic;
@@ -241,6 +262,11 @@ void kmain(uint32_t magic, uint32_t mbinfo)
 	}
 	unsigned n = smp_init(), listed = smp_cpus_listed();
 	unsigned want = listed > SMP_MAX_CPUS ? SMP_MAX_CPUS : listed ? listed : 1;
+	unsigned samples = (unsigned)cmdline_u64("bench", 0);
+	if (samples) {
+		bench(samples > 10000 ? 10000 : samples, n);
+		exit(report_summary());
+	}
 	printf("INFO: %u CPUs listed in the MADT, %u online\n", listed, n);
 	report(listed >= 1 && n == want, "every CPU the MADT lists came online");
 	check_each_cpu(n);
