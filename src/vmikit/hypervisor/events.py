@@ -28,7 +28,7 @@ from vmikit.hypervisor.context import HypercallError
 from vmikit.hypervisor.execution import ExecutionModel
 from vmikit.hypervisor.walk import is_canonical, translate
 from vmikit.machine import layout
-from vmikit.memory import GuestMemory, GuestMemoryError
+from vmikit.memory import GuestMemory, GuestMemoryError, Region
 
 MSR_TSC = 0x10
 NEVER = 1 << 62  # a deadline (monotonic ns) that never comes
@@ -84,12 +84,14 @@ class Events:
         page = getattr(execution, "shared_page", layout.SHARED_PAGE)  # this vCPU's shared page
         # The page's region, found once: these fields are read and written at every delivery, and
         # a lookup through GuestMemory per access was a good part of a halt-until-alarm cycle's CPU.
-        self._region = memory.region_for(page, 0x1000)
-        base = page - self._region.gpa
-        self._pending_off = base + shared.offset("evtchn_pending")
-        self._mask_off = base + shared.offset("evtchn_mask")
-        self._upcalls_off = base + shared.offset("upcalls")
-        self._dropped_off = base + shared.offset("evtchn_dropped")
+        # Found at first use: a board without the ROM data area (a unit test's) has no shared page,
+        # and a call that needs it then fails like any guest access outside memory (BAD_ADDRESS).
+        self._page = page
+        self._region: Region | None = None
+        self._pending_off = shared.offset("evtchn_pending")
+        self._mask_off = shared.offset("evtchn_mask")
+        self._upcalls_off = shared.offset("upcalls")
+        self._dropped_off = shared.offset("evtchn_dropped")
         self.memory = memory
         self.vcpu = vcpu
         self.execution = execution
@@ -149,11 +151,19 @@ class Events:
 
     # --- the guest's calls ---------------------------------------------------------
 
+    def _view(self, off: int) -> tuple[memoryview, int]:
+        region = self._region
+        if region is None:
+            region = self._region = self.memory.region_for(self._page, 0x1000)
+        return region.view, self._page - region.gpa + off
+
     def _get(self, off: int) -> int:
-        return int.from_bytes(self._region.view[off:off + 8], "little")
+        view, at = self._view(off)
+        return int.from_bytes(view[at:at + 8], "little")
 
     def _put(self, off: int, value: int) -> None:
-        self._region.view[off:off + 8] = (value & U64_MASK).to_bytes(8, "little")
+        view, at = self._view(off)
+        view[at:at + 8] = (value & U64_MASK).to_bytes(8, "little")
 
     def check_port(self, port: int) -> None:
         if not 0 <= port < self.ports:

@@ -29,6 +29,10 @@ multiboot_header:
 pml4:	.skip 4096
 pdpt:	.skip 4096
 pd:	.skip 4 * 4096 /* 4 x 512 x 2 MiB = the first 4 GiB, identity mapped */
+
+	/* The stack is not zeroed (nothing reads a stack slot before writing it): outside .bss, so
+	 * that the zeroing below, emulated store by store at ring 0 on this machine kind, skips it. */
+	.section .stack, "aw", @nobits
 	.balign 16
 boot_stack:
 	.skip BOOT_STACK_SIZE
