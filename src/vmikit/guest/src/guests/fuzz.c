@@ -1201,6 +1201,9 @@ static int user_safe(uint32_t canonical)
 #ifdef VMI_CALL_QUERY_QUERYCALL_USER
 	case VMI_CALL_QUERY_QUERYCALL:
 #endif
+#ifdef VMI_CALL_CPU_GETCPUINFO_USER
+	case VMI_CALL_CPU_GETCPUINFO:
+#endif
 		return 1;
 	default:
 		return 0;

@@ -28,11 +28,12 @@ multiboot_header:
 	.globl pml4                /* runtime/ap_boot.S: application processors start on these tables */
 pml4:	.skip 4096
 pdpt:	.skip 4096
-pd:	.skip 4 * 4096 /* 4 x 512 x 2 MiB = the first 4 GiB, identity mapped */
 
 	/* The stack is not zeroed (nothing reads a stack slot before writing it): outside .bss, so
 	 * that the zeroing below, emulated store by store at ring 0 on this machine kind, skips it. */
 	.section .stack, "aw", @nobits
+	.balign 4096
+pd:	.skip 4 * 4096 /* 4 x 512 x 2 MiB = the first 4 GiB, identity mapped (without 1 GiB pages) */
 	.balign 16
 boot_stack:
 	.skip BOOT_STACK_SIZE
@@ -71,12 +72,33 @@ _start:
 
 	movl $boot_stack_top, %esp
 
-	/* PML4[0] -> PDPT; PDPT[0..3] -> the four page directories. */
-	/* U/S everywhere: under VMI this kernel runs at ring 3 (docs/execution-model.md). */
+	/* PML4[0] -> PDPT. U/S everywhere: under VMI this kernel runs at ring 3 (docs/execution-model.md). */
 	movl $pdpt, %eax
 	orl $0x7, %eax             /* present | writable | user */
 	movl %eax, pml4
-	movl $pd, %eax
+
+	/* Where the CPU has 1 GiB pages (CPUID 0x80000001 EDX bit 26): four PDPT entries map the
+	 * 4 GiB instead of 2048 PD entries, each store of which ring 0 emulates on this machine kind
+	 * (QEMU's default CPU model has none: the 2 MiB fallback below). */
+	movl $0x80000000, %eax
+	cpuid
+	cmpl $0x80000001, %eax
+	jb 3f
+	movl $0x80000001, %eax
+	cpuid
+	btl $26, %edx
+	jnc 3f
+	movl $pdpt, %edi
+	movl $0x87, %eax           /* present | writable | user | page size (1 GiB) */
+	movl $4, %ecx
+5:	movl %eax, (%edi)
+	addl $0x40000000, %eax
+	addl $8, %edi
+	loop 5b
+	jmp 4f
+
+	/* PDPT[0..3] -> the four page directories. */
+3:	movl $pd, %eax
 	orl $0x7, %eax
 	movl $pdpt, %edi
 	movl $4, %ecx
@@ -85,14 +107,16 @@ _start:
 	addl $8, %edi
 	loop 1b
 
-	/* 2048 PD entries mapping 2 MiB each: phys = i << 21. High dwords stay 0. */
+	/* 2048 PD entries mapping 2 MiB each: phys = i << 21 (the PDs are not zeroed: both halves). */
 	movl $pd, %edi
 	movl $0x87, %eax           /* present | writable | user | page size (2 MiB) */
 	movl $2048, %ecx
 2:	movl %eax, (%edi)
+	movl $0, 4(%edi)
 	addl $0x200000, %eax
 	addl $8, %edi
 	loop 2b
+4:
 
 	/* Our own GDT; reload data segments from it while still in 32-bit mode. */
 	lgdt gdt_ptr
