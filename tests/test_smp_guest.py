@@ -113,9 +113,11 @@ def test_mmu_digest_on_qemu_is_the_single_cpu_digest(mmu_reference: str, qemu: s
     assert (f"INFO: step 2 on {cpus} CPUs" in bare.stdout) == (cpus > 1), bare.stdout
 
 
+@pytest.mark.parametrize("paging", ["native", "trap"])
 @pytest.mark.parametrize("cpus", [2, 4])
-def test_mmu_digest_on_the_bare_board_is_the_single_cpu_digest(mmu_reference: str, cpus: int) -> None:
-    with Session(build_guest("mmu"), rom="none", cpus=cpus, timeout=120) as session:
+def test_mmu_digest_on_the_bare_board_is_the_single_cpu_digest(mmu_reference: str, cpus: int, paging: str) -> None:
+    # trap: every CPU's stores into the page-table pool trap and are validated, one exit at a time.
+    with Session(build_guest("mmu"), rom="none", paging=paging, cpus=cpus, timeout=180) as session:
         result = session.run()
     assert result.exit_status == 0, result.console
     assert f"INFO: step 2 on {cpus} CPUs" in result.console
