@@ -370,13 +370,7 @@ static int start_ap(unsigned index, unsigned vector)
 		icr_send(c->apic_id, ICR_STARTUP | vector);
 		smp_udelay(200);
 	}
-	uint64_t deadline = deadline_ms(SMP_ARRIVE_MS);
-	while (!__atomic_load_n(&c->online, __ATOMIC_ACQUIRE)) {
-		if (expired(deadline))
-			return -1;
-		__asm__ __volatile__("pause");
-	}
-	return 0;
+	return wait_online(c);
 }
 
 unsigned smp_init(void)
