@@ -40,7 +40,7 @@ class Watchdog(Background):
     """Looks for vCPUs halted for good while the run lasts; stops a run at its time limit: first a
     kick that ends the next KVM_RUN, then, if the VMM is stuck outside the guest (a handler that
     does not return, console output nobody reads), hard kicks every grace period until the run
-    loop has returned. With several vCPUs the run ends as halted when every one of them is, two
+    loop has returned. With several vCPUs the run ends as halted when every one of them is, three
     probes in a row (one probe's flags can lag a CPU that a SIPI just started)."""
 
     def __init__(self, vcpus: list[Vcpu], limit: float, on_all_halted: Callable[[], None] | None = None) -> None:
