@@ -178,7 +178,9 @@ static int on_pic_pit(struct trap_regs *r) { (void)r; pic_ticks++; outb(0x20, 0x
 static int period_ok(uint64_t ticks_pm, unsigned n, unsigned period_ms)
 {
 	uint64_t us = pm_us(ticks_pm), want = (uint64_t)n * period_ms * 1000;
-	return us >= want - want / 100 && us < want + 5000000;
+	/* 5% low: the first and last ticks' wake-ups (about 1 ms apart at emulated ring 0) need not
+	 * cancel; one period too many or too few is 10% of TICKS and still fails. */
+	return us >= want - want / 20 && us < want + 5000000;
 }
 
 static void check_lapic_timer(void)
