@@ -167,7 +167,9 @@ class Session:
             self._note_problems(self.mmu.audit())
             paging["audit"] = {"runs": (hv.audits if hv else 0) + self.audits + 1, "problems": self.audit_problems,
                                "problems_total": self.audit_problem_count}
-        execution = self.hypervisor.execution.summary() if self.hypervisor and self.hypervisor.execution else None
+        # vCPU 0's model (with several vCPUs the current one is whichever made the last exit).
+        models = self.hypervisor.executions() if self.hypervisor else []
+        execution = models[0].summary() if models else None
         if execution is not None and self.hypervisor is not None and self.hypervisor.events is not None:
             execution["events"] = self.hypervisor.events.summary()
         failures = self.hypervisor.handler_failure_count if self.hypervisor else 0
