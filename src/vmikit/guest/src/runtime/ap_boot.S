@@ -13,8 +13,8 @@
  * its own stack by its local APIC ID in smp_ap_apic_ids[] (so an AP that arrives late, after the
  * BSP gave up on it, still uses its own stack, never the next AP's) and calls smp_ap_main(index).
  */
-#define SEL_CODE64  0x08
-#define SEL_DATA    0x10
+#include "segments.h"
+
 #define SEL_CODE32  0x18
 #define MSR_EFER    0xC0000080
 #define EFER_LMA    (1 << 10)
@@ -25,8 +25,8 @@
 /* The start-up GDT: the runtime's two selectors (boot.S) plus a 32-bit code segment. */
 ap_gdt:
 	.quad 0
-	.quad 0x00AF9A000000FFFF   /* 0x08: 64-bit code, DPL 0 */
-	.quad 0x00CF92000000FFFF   /* 0x10: flat 4 GiB data */
+	.quad DESC_CODE64   /* 0x08: 64-bit code, DPL 0 */
+	.quad DESC_DATA   /* 0x10: flat 4 GiB data */
 	.quad 0x00CF9A000000FFFF   /* 0x18: flat 4 GiB 32-bit code (D=1, L=0) */
 ap_gdt_end:
 
@@ -70,12 +70,7 @@ smp_trampoline_end:
 	.code32
 	.type ap_start32, @function
 ap_start32:
-	movw $SEL_DATA, %ax
-	movw %ax, %ds
-	movw %ax, %es
-	movw %ax, %ss
-	movw %ax, %fs
-	movw %ax, %gs
+	load_data_segments
 	movl smp_ap_cr4, %eax      /* the BSP's CR4: PAE (long mode needs it before paging) */
 	movl %eax, %cr4
 	movl smp_ap_cr3, %eax      /* boot.S's pml4: identity maps this code and the kernel */
@@ -94,12 +89,7 @@ ap_start32:
 	.type ap_start64, @function
 ap_start64:
 	lgdt smp_ap_gdtr(%rip)     /* the runtime's GDT: same selectors as ap_gdt */
-	movw $SEL_DATA, %ax
-	movw %ax, %ds
-	movw %ax, %es
-	movw %ax, %ss
-	movw %ax, %fs
-	movw %ax, %gs
+	load_data_segments
 	lidt smp_ap_idtr(%rip)
 
 	/* Which AP am I? The local APIC ID (a 32-bit address: mov imm32 zero-extends). */

@@ -7,14 +7,13 @@
  * no stack, and we zero .bss ourselves rather than trusting the loader to.
  */
 #include "board.h"
+#include "segments.h"
 
 #define MB_MAGIC    0x1BADB002
 #define MB_FLAGS    0x00000003 /* page-align modules | want memory info */
 
 #define BOOT_STACK_SIZE 0x10000 /* 64 KiB */
 
-#define SEL_CODE64  0x08
-#define SEL_DATA    0x10
 
 	.section .multiboot, "a"
 	.balign 4
@@ -43,8 +42,8 @@ boot_stack_top:
 	.balign 8
 gdt:
 	.quad 0                    /* null */
-	.quad 0x00AF9A000000FFFF   /* 0x08: 64-bit code, DPL 0 (L=1, D=0) */
-	.quad 0x00CF92000000FFFF   /* 0x10: flat 4 GiB data, read/write */
+	.quad DESC_CODE64   /* 0x08: 64-bit code, DPL 0 (L=1, D=0) */
+	.quad DESC_DATA   /* 0x10: flat 4 GiB data, read/write */
 gdt_end:
 	.balign 8
 gdt_ptr:
@@ -120,12 +119,7 @@ _start:
 
 	/* Our own GDT; reload data segments from it while still in 32-bit mode. */
 	lgdt gdt_ptr
-	movw $SEL_DATA, %ax
-	movw %ax, %ds
-	movw %ax, %es
-	movw %ax, %ss
-	movw %ax, %fs
-	movw %ax, %gs
+	load_data_segments
 
 	/* Long mode: PAE, CR3, EFER.LME, then paging. */
 	movl %cr4, %eax
@@ -147,12 +141,7 @@ _start:
 	.code64
 	.type start64, @function
 start64:
-	movw $SEL_DATA, %ax
-	movw %ax, %ds
-	movw %ax, %es
-	movw %ax, %ss
-	movw %ax, %fs
-	movw %ax, %gs
+	load_data_segments
 	movq $boot_stack_top, %rsp
 	movl %ebp, %r12d           /* magic and info survive the calls in callee-saved regs */
 	movl %esi, %r13d
