@@ -212,7 +212,6 @@ class KvmVcpuEngine:
         self.stop_on_halt = True
         self.halted_for_good = False
         self._soon: collections.deque[Callable[[], None]] = collections.deque()  # start_at's work, for the run loop's thread
-        self.started_late = 0  # start_at requests dropped: the AP was already running
 
     @property
     def regs(self) -> ks.KvmRegs:
@@ -378,7 +377,7 @@ class KvmVcpuEngine:
         control registers, EFER, descriptor tables, segments; CR3 replaced unless 0): what
         VMI's SetInitialAPState asks. Called from ``source``'s thread; the AP's own ioctls run in
         its run loop's thread (a vCPU waiting in KVM_RUN holds its mutex), before its next
-        KVM_RUN. An AP already running (a SIPI came first) is left alone, counted in started_late."""
+        KVM_RUN. An AP already running (a SIPI came first) is left alone."""
         assert isinstance(source, KvmVcpuEngine), "vCPUs of one engine"
         sregs = source._vcpu.get_sregs()
         if cr3:
@@ -392,7 +391,6 @@ class KvmVcpuEngine:
 
         def start() -> None:
             if self._vcpu.mp_state() not in (ks.KVM_MP_STATE_UNINITIALIZED, ks.KVM_MP_STATE_INIT_RECEIVED):
-                self.started_late += 1
                 return
             self._vcpu.set_sregs(sregs)
             self._vcpu.set_regs(ks.KvmRegs(rip=rip, rsp=rsp, rdi=rdi, rflags=rflags))

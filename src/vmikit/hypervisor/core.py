@@ -107,7 +107,6 @@ class Hypervisor:
         self._cpus: list[_CpuState] = []
         self._cpu = 0  # the index of the vCPU whose state is current
         self._current: Callable[[], int] | None = None  # several vCPUs: which one is calling
-        self.percpu = False  # an SMP ROM: per-CPU areas through GS (the guest may not move GS)
         self.started_aps: set[int] = set()  # vCPUs SetInitialAPState started
         # The board's: release its exit lock around a sleep (Session sets it; one vCPU: a no-op).
         self.release_exit_lock: Callable[[], contextlib.AbstractContextManager[None]] = contextlib.nullcontext
@@ -173,7 +172,6 @@ class Hypervisor:
         flush = flush_translations or (lambda stale: "none")
         everyone = vcpus or [vcpu]
         percpu = len(everyone) > 1
-        self.percpu = percpu
         self._current = current if percpu else None
         self._cpus = [_CpuState(v, CallContext(self.spec, memory, v, self),
                                 ExecutionModel(self.privilege, self.spec, memory, v, flush,
@@ -218,6 +216,11 @@ class Hypervisor:
         return [state.execution for state in self._cpus]
 
     @property
+    def percpu(self) -> bool:
+        """Several vCPUs, so an SMP ROM: per-CPU areas through GS (the guest may not move GS)."""
+        return len(self._cpus) > 1
+
+    @property
     def cpu_index(self) -> int:
         """The calling vCPU (0 with one)."""
         return self._cpu
@@ -246,14 +249,14 @@ class Hypervisor:
         a running one takes at once (KVM kicks it) and a sleeping one at its next entry. A
         deprivileged kernel whose tables the hypervisor updates (trap, direct, shadow) has none
         stale to drop: every call that changed an entry dropped them before it returned."""
-        targets = [i for i in range(len(self._cpus)) if cpus >> i & 1]
+        targets = (cpus & ((1 << len(self._cpus)) - 1)).bit_count()
         if targets:
             assert self.execution is not None
             if not (self.execution.deprivileged and isinstance(self.mmu, mmu.DirectMmu)):
                 self.execution.flush_all()
             self.shootdowns += 1
-            self.shootdown_targets += len(targets)
-        return len(targets)
+            self.shootdown_targets += targets
+        return targets
 
     def execution_model(self) -> ExecutionModel:
         assert self.execution is not None, "attach() first"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from vmikit.engine import StopRun
+from vmikit.hypervisor.execution import MSR_GS_BASE
 from vmikit.hypervisor.context import CallContext, HypercallError
 from vmikit.hypervisor.registry import FamilyHandlers
 from vmikit.hypervisor.walk import is_canonical
@@ -18,7 +19,6 @@ CR4_PAE = 1 << 5
 RFLAGS_IF = 1 << 9
 MSR_TSC = 0x10
 MSR_EFER = 0xC0000080
-MSR_GS_BASE = 0xC0000101
 ADDR_MASK_CR3 = 0x000F_FFFF_FFFF_FFFF  # bits 63-52 of CR3 are reserved (no PCID here)
 EFER_SCE, EFER_LME, EFER_LMA, EFER_NXE = 1 << 0, 1 << 8, 1 << 10, 1 << 11
 

@@ -108,7 +108,7 @@ def layout_header(spec: Spec, profile: RomProfile, honour_annotations: bool, dep
         # The ROM's own part of an area, between its header and the shared page: the queue.
         "PCPU_COUNT": 0x10,
         "PCPU_QUEUE": 0x40,
-        "PCPU_QUEUE_ENTRIES": (layout.PERCPU_SHARED - 0x40) // 32,  # struct vmi_batch_entry: 32 bytes
+        "PCPU_QUEUE_ENTRIES": (layout.PERCPU_SHARED - 0x40) // spec.batch.entry_size,
         "ROM_BASE": layout.ROM_BASE,
         "ROM_DATA_BASE": layout.ROM_DATA_BASE,
         "ROM_DATA_SIZE": layout.ROM_DATA_SIZE,
