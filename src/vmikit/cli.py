@@ -226,6 +226,9 @@ PAGING_HELP = ("How page tables are virtualized: native (the guest owns them; no
 @click.option("--cpus", type=click.IntRange(1, layout.MAX_CPUS), default=1, show_default=True,
               help=f"vCPUs, 1 to {layout.MAX_CPUS}: the MADT lists them; the others wait for INIT/SIPI "
                    "(docs/board.md). More than one needs --rom none so far.")
+@click.option("--device", "devices", multiple=True, metavar="NAME[,NAME]",
+              help="Add a PCI device or the IOMMU, QEMU's names: edu (QEMU's educational device; repeatable), "
+                   "intel-iommu (a VT-d unit with interrupt remapping, listed in a DMAR). See docs/board.md.")
 @click.option("--spec", "spec_name", default=None, metavar="VERSION|FILE",
               help="Interface version the hypervisor and its ROM implement: 1.0, 1.1, 1.2, 1.3 or a spec file "
                    "(default: the packaged spec).")
@@ -250,7 +253,7 @@ PAGING_HELP = ("How page tables are virtualized: native (the guest owns them; no
 def run(guest: str, memory_mib: int, timeout: float, rom: str | None, paging: str, audit: bool, cmdline: str,
         spec_name: str | None, annotations: str, privilege: str | None, extensions: tuple[Path, ...], stats: bool,
         json_file: Path | None, raw_console: bool, trace_file: Path | None = None,
-        gdb_address: str | None = None, cpus: int = 1) -> None:
+        gdb_address: str | None = None, cpus: int = 1, devices: tuple[str, ...] = ()) -> None:
     """Run GUEST (a bundled guest name or an ELF path), streaming its serial console to stdout,
     and exit with its status."""
     from vmikit.hypervisor.experimental import ExperimentalCalls, load_extension
@@ -280,7 +283,8 @@ def run(guest: str, memory_mib: int, timeout: float, rom: str | None, paging: st
     with trace.recording(trace_file), \
             Session(image, rom=rom, annotations=annotations, paging=paging, memory_mib=memory_mib, timeout=timeout,
                     console=console_sink(raw_console), experimental=calls, audit=audit, cmdline=cmdline, spec=spec,
-                    privilege=privilege, console_input=console_input(), cpus=cpus) as session:
+                    privilege=privilege, console_input=console_input(), cpus=cpus,
+                    devices=tuple(d.strip() for v in devices for d in v.split(",") if d.strip())) as session:
         result = session.run() if gdb is None else GdbStub(session, gdb, image).run()
     summary = {"guest": guest, "image": str(image), "memory_mib": memory_mib, **result.summary()}
     if result.run.reset is not None:  # not an error: said, so that an early end is not a mystery

@@ -61,7 +61,8 @@ class Session:
                  memory_mib: int = 128, timeout: float = 30.0, console: ConsoleSink | None = None,
                  experimental: ExperimentalCalls | None = None, audit: bool = False, cmdline: str = "",
                  spec: Spec | None = None, privilege: str | None = None, console_input: int | None = None,
-                 cpus: int = 1) -> None:
+                 cpus: int = 1, devices: tuple[str, ...] = ()) -> None:
+        # devices: PCI devices and the IOMMU on the board ("edu", "intel-iommu"; docs/board.md).
         # console_input: a host file descriptor whose bytes COM1 receives (machine/uart.py).
         # spec: the interface version the ROM and hypervisor implement (default: the packaged one);
         # an older spec stands for an older hypervisor (vmikit compat).
@@ -107,7 +108,7 @@ class Session:
         self.machine = Machine(image, memory_mib=memory_mib, timeout=timeout, console=console, rom=rom_bytes,
                                cmdline=cmdline, pool_readonly=paging != "native",
                                private=(layout.SHADOW_BASE, layout.SHADOW_SIZE) if paging == "shadow" else None,
-                               console_input=console_input, cpus=cpus)
+                               console_input=console_input, cpus=cpus, devices=devices)
         self.mmu = self._make_mmu(paging)
         self.hypervisor: Hypervisor | None = None
         if rom != "none":  # a bare machine has no hypervisor to call

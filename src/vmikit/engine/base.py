@@ -253,6 +253,14 @@ class Vm(Protocol):
         """Drive interrupt line ``irq`` (a GSI: PIC and IOAPIC pin for 0-15, IOAPIC only for 16-23)."""
         ...
 
+    def signal_msi(self, address: int, data: int) -> bool:
+        """Deliver a compatibility-format MSI (address 0xFEExxxxx, data) to the LAPICs; False if none took it."""
+        ...
+
+    def ioapic_redirection(self) -> list[int]:
+        """The IOAPIC's redirection table entries (24 of them), as the guest programmed them."""
+        ...
+
     def close(self) -> None: ...
 
 

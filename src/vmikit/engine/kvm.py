@@ -612,6 +612,12 @@ class KvmVmEngine:
     def irq_line(self, irq: int, level: bool) -> None:
         self._vm.irq_line(irq, level)
 
+    def signal_msi(self, address: int, data: int) -> bool:
+        return self._vm.signal_msi(address, data)
+
+    def ioapic_redirection(self) -> list[int]:
+        return self._vm.ioapic_redirection()
+
     def add_memory(self, region: Region) -> None:
         self._vm.set_memory_region(region.gpa, region.size, region.host_addr, region.readonly)
         self._regions.append(region)

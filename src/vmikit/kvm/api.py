@@ -22,6 +22,33 @@ from vmikit.kvm.structs import (
 
 KVM_API_VERSION_EXPECTED: Final = 12
 
+
+class KvmMsi(ctypes.Structure):
+    """struct kvm_msi (KVM_SIGNAL_MSI): one MSI write, delivered by the in-kernel LAPICs."""
+
+    _fields_ = [("address_lo", ctypes.c_uint32), ("address_hi", ctypes.c_uint32), ("data", ctypes.c_uint32),
+                ("flags", ctypes.c_uint32), ("devid", ctypes.c_uint32), ("pad", ctypes.c_uint8 * 12)]
+
+
+IOAPIC_NUM_PINS: Final = 24
+KVM_IRQCHIP_IOAPIC: Final = 2  # kvm_irqchip.chip_id of the in-kernel IOAPIC (0, 1: the PICs)
+
+
+class KvmIoapicState(ctypes.Structure):
+    _fields_ = [("base_address", ctypes.c_uint64), ("ioregsel", ctypes.c_uint32), ("id", ctypes.c_uint32),
+                ("irr", ctypes.c_uint32), ("pad", ctypes.c_uint32), ("redirtbl", ctypes.c_uint64 * IOAPIC_NUM_PINS)]
+
+
+class _IrqchipUnion(ctypes.Union):
+    _fields_ = [("dummy", ctypes.c_char * 512), ("ioapic", KvmIoapicState)]
+
+
+class KvmIrqchip(ctypes.Structure):
+    """struct kvm_irqchip (KVM_GET_IRQCHIP); only the IOAPIC member is spelled out."""
+
+    _fields_ = [("chip_id", ctypes.c_uint32), ("pad", ctypes.c_uint32), ("chip", _IrqchipUnion)]
+
+
 # System ioctls.
 KVM_GET_API_VERSION = ioc.io(0x00)
 KVM_CREATE_VM = ioc.io(0x01)
@@ -35,6 +62,8 @@ KVM_SET_TSS_ADDR = ioc.io(0x47)
 KVM_SET_IDENTITY_MAP_ADDR = ioc.iow(0x48, ctypes.c_uint64)
 KVM_CREATE_IRQCHIP = ioc.io(0x60)
 KVM_IRQ_LINE = ioc.iow(0x61, KvmIrqLevel)
+KVM_GET_IRQCHIP = ioc.iowr(0x62, KvmIrqchip)
+KVM_SIGNAL_MSI = ioc.iow(0xA5, KvmMsi)
 KVM_CREATE_PIT2 = ioc.iow(0x77, KvmPitConfig)
 # vCPU ioctls.
 KVM_RUN = ioc.io(0x80)
@@ -66,6 +95,7 @@ KVM_CAP_READONLY_MEM = 81
 KVM_CAP_PIT2 = 33
 KVM_CAP_IMMEDIATE_EXIT = 136
 KVM_CAP_SET_GUEST_DEBUG = 23
+KVM_CAP_SIGNAL_MSI = 77
 
 REQUIRED_CAPS: Final = {
     "USER_MEMORY": KVM_CAP_USER_MEMORY,
@@ -76,7 +106,8 @@ REQUIRED_CAPS: Final = {
     "IRQCHIP": KVM_CAP_IRQCHIP,  # the board's LAPIC, IOAPIC and PICs
     "PIT2": KVM_CAP_PIT2,
 }
-OPTIONAL_CAPS: Final = {"SET_TSS_ADDR": KVM_CAP_SET_TSS_ADDR, "GET_TSC_KHZ": KVM_CAP_GET_TSC_KHZ}
+OPTIONAL_CAPS: Final = {"SET_TSS_ADDR": KVM_CAP_SET_TSS_ADDR, "GET_TSC_KHZ": KVM_CAP_GET_TSC_KHZ,
+                         "SIGNAL_MSI": KVM_CAP_SIGNAL_MSI}  # PCI devices' MSIs (docs/board.md)
 
 SYNC_MASK: Final = KVM_SYNC_X86_REGS | KVM_SYNC_X86_SREGS | KVM_SYNC_X86_EVENTS
 
@@ -219,6 +250,17 @@ class KvmVm:
 
     def irq_line(self, irq: int, level: bool) -> None:
         kvm_ioctl(self.fd, KVM_IRQ_LINE, KvmIrqLevel(irq=irq, level=int(level)))
+
+    def signal_msi(self, address: int, data: int) -> bool:
+        """Deliver an MSI write to the in-kernel LAPICs; False if no LAPIC accepted it (KVM's 0)."""
+        msi = KvmMsi(address_lo=address & 0xFFFFFFFF, address_hi=address >> 32 & 0xFFFFFFFF, data=data & 0xFFFFFFFF)
+        return kvm_ioctl(self.fd, KVM_SIGNAL_MSI, msi) > 0
+
+    def ioapic_redirection(self) -> list[int]:
+        """The in-kernel IOAPIC's 24 redirection table entries, as the guest last wrote them."""
+        chip = KvmIrqchip(chip_id=KVM_IRQCHIP_IOAPIC)
+        kvm_ioctl(self.fd, KVM_GET_IRQCHIP, chip)
+        return list(chip.chip.ioapic.redirtbl)
 
     def create_vcpu(self, index: int) -> KvmVcpu:
         return KvmVcpu(self, kvm_ioctl(self.fd, KVM_CREATE_VCPU, index))

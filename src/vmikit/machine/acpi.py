@@ -4,6 +4,7 @@ RSDP (revision 2, at the start of the area, where guests scan for it) -> RSDT an
 FADT (the PM timer port, the reset register 0xCF9, pointers to a FACS and an empty DSDT) and
 MADT (one local APIC per CPU, the IOAPIC with its 24 pins from GSI 0, the dual 8259s, LINT1 as
 NMI). KVM's in-kernel routing sends ISA IRQ n to GSI n, so no interrupt source overrides.
+With the VT-d unit (``iommu``) a DMAR too (Intel's VT-d specification, chapter 8).
 
 Layouts are those of the ACPI specification (6.x, section 5.2); written here from it.
 """
@@ -52,6 +53,22 @@ def _madt(cpus: int) -> bytes:
     return _table(b"APIC", 3, bytes(body))
 
 
+DMAR_INTR_REMAP = 1
+DRHD_INCLUDE_PCI_ALL = 1
+SCOPE_IOAPIC = 3
+IOAPIC_SOURCE_ID = (0xFF, 0, 0)  # bus, device, function: the platform pseudo-bus QEMU's q35 uses too
+
+
+def _dmar() -> bytes:
+    """One DRHD unit for every PCI device, with interrupt remapping; its scope names the IOAPIC
+    (an INCLUDE_PCI_ALL unit must list the IOAPICs it remaps)."""
+    bus, dev, fn = IOAPIC_SOURCE_ID
+    scope = struct.pack("<BBHBBBB", SCOPE_IOAPIC, 8, 0, 0, bus, dev, fn)  # enumeration ID = IOAPIC ID 0
+    drhd = struct.pack("<HHBBHQ", 0, 16 + len(scope), DRHD_INCLUDE_PCI_ALL, 0, 0, layout.VTD_BASE) + scope
+    body = struct.pack("<BB10s", 39 - 1, DMAR_INTR_REMAP, b"") + drhd  # host address width N-1
+    return _table(b"DMAR", 1, body)
+
+
 def _fadt(facs: int, dsdt: int) -> bytes:
     body = bytearray(FADT_SIZE - HEADER.size)
 
@@ -95,8 +112,9 @@ class Layout:
         self.image[offset:offset + len(data)] = data
 
 
-def build_tables(cpus: int = 1, base: int = layout.BIOS_BASE) -> bytes:
-    """The firmware area's ACPI image, to be written at ``base`` (the RSDP is its first 36 bytes)."""
+def build_tables(cpus: int = 1, base: int = layout.BIOS_BASE, iommu: bool = False) -> bytes:
+    """The firmware area's ACPI image, to be written at ``base`` (the RSDP is its first 36 bytes);
+    ``iommu``: list the VT-d unit in a DMAR."""
     out = Layout(base)
     rsdp_addr = out.reserve(36)
     facs_addr = out.reserve(64)
@@ -104,7 +122,7 @@ def build_tables(cpus: int = 1, base: int = layout.BIOS_BASE) -> bytes:
     dsdt = _table(b"DSDT", 2, b"")  # no AML: the board has no devices to describe
     dsdt_addr = out.reserve(len(dsdt))
     out.put(dsdt_addr, dsdt)
-    tables = [_fadt(facs_addr, dsdt_addr), _madt(cpus)]
+    tables = [_fadt(facs_addr, dsdt_addr), _madt(cpus)] + ([_dmar()] if iommu else [])
     addrs = []
     for table in tables:
         addrs.append(out.reserve(len(table)))

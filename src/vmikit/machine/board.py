@@ -10,7 +10,7 @@ import contextlib
 import threading
 import time
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -24,6 +24,9 @@ from vmikit.machine.chipset import Chipset
 from vmikit.machine.crash import FRAME_SIZE, GuestException, format_registers
 from vmikit.machine.loader import MULTIBOOT_BOOTLOADER_MAGIC, LoadedKernel, load_multiboot
 from vmikit.machine.fwcfg import FwCfg
+from vmikit.machine.edu import Edu
+from vmikit.machine.pci import BOARD_DEVICES, PciBus
+from vmikit.machine.vtd import VtdUnit
 from vmikit.machine.ports import InHandler, OutHandler
 from vmikit.machine.testdev import TestDev
 from vmikit.machine.uart import HostInput, Uart16550
@@ -171,7 +174,16 @@ class Machine:
     def __init__(self, image: Path, *, memory_mib: int = 128, engine: Engine | None = None,
                  console: ConsoleSink | None = None, timeout: float = 30.0, cmdline: str = "",
                  rom: bytes | None = None, pool_readonly: bool = False,
-                 private: tuple[int, int] | None = None, console_input: int | None = None, cpus: int = 1) -> None:
+                 private: tuple[int, int] | None = None, console_input: int | None = None, cpus: int = 1,
+                 devices: Sequence[str] = ()) -> None:
+        unknown = [d for d in devices if d not in BOARD_DEVICES]
+        if unknown:
+            raise UsageError(f"unknown --device '{unknown[0]}'", f"choose from: {', '.join(BOARD_DEVICES)}")
+        if list(devices).count("intel-iommu") > 1:
+            raise UsageError("--device intel-iommu given twice", "the board has one remapping unit")
+        self.devices = tuple(devices)
+        self.pci: PciBus | None = None  # a PCI bus only when a device asks for one (docs/board.md)
+        self.iommu: VtdUnit | None = None
         if not 1 <= cpus <= layout.MAX_CPUS:
             raise UsageError(f"--cpus {cpus} is out of range", f"choose 1 to {layout.MAX_CPUS} vCPUs")
         self.cpus = cpus
@@ -245,7 +257,7 @@ class Machine:
             self.vm.add_memory(region)
         if rom is not None:
             self.memory.write(layout.ROM_BASE, rom)
-        self.memory.write(layout.BIOS_BASE, build_tables(cpus=self.cpus))
+        self.memory.write(layout.BIOS_BASE, build_tables(cpus=self.cpus, iommu="intel-iommu" in self.devices))
         self.kernel: LoadedKernel = load_multiboot(image, self.memory, self.ram_end, cmdline)
         self.vcpu = self.vm.create_vcpu(BootState(entry=self.kernel.entry, rax=MULTIBOOT_BOOTLOADER_MAGIC,
                                                   rbx=self.kernel.info_addr))
@@ -254,6 +266,14 @@ class Machine:
         self.fw_cfg = FwCfg(self.ram_end, cpus=self.cpus)
         for device in (self.uart, self.fw_cfg, Chipset(self._reset), TestDev(self._flush_page)):
             device.attach(self)
+        if self.devices:
+            self.iommu = VtdUnit() if "intel-iommu" in self.devices else None
+            self.pci = PciBus(self.iommu)
+            for _ in range(self.devices.count("edu")):
+                self.pci.add(Edu())
+            self.pci.attach(self)
+            if self.iommu is not None:
+                self.iommu.attach(self)
         self.on_out(layout.PORT_EXIT, self._exit_port)
         self.on_out(layout.PORT_PANIC, self._panic_port)
 
@@ -270,6 +290,22 @@ class Machine:
 
     def irq_line(self, irq: int, level: bool) -> None:
         self.vm.irq_line(irq, level)
+
+    def phys_read(self, gpa: int, length: int) -> bytes:
+        if self.memory.kind_of(gpa, length) not in ("ram", "rom"):
+            raise GuestMemoryError(gpa, length, "is not memory a device may read")
+        return self.memory.read(gpa, length)
+
+    def phys_write(self, gpa: int, data: bytes) -> None:
+        if not self.memory.writable_by_guest(gpa, len(data)):
+            raise GuestMemoryError(gpa, len(data), "is not RAM a device may write")
+        self.memory.write(gpa, data)
+
+    def signal_msi(self, address: int, data: int) -> bool:
+        return self.vm.signal_msi(address, data)
+
+    def ioapic_entry(self, pin: int) -> int:
+        return self.vm.ioapic_redirection()[pin]
 
     def _reset(self, how: str) -> None:
         self.reset_by = how

@@ -53,6 +53,14 @@ IOAPIC_BASE = 0xFEC00000  # KVM's in-kernel IOAPIC (24 pins; the MADT says so)
 LAPIC_BASE = 0xFEE00000  # KVM's in-kernel local APIC, the architectural default base
 TESTDEV_IOMEM_BASE = 0xFF000000  # pc-testdev's MMIO RAM (kvm-unit-tests' IORAM_BASE_PHYS): every access exits
 TESTDEV_IOMEM_SIZE = 0x10000
+# PCI (only with --device: docs/board.md). The host bridge forwards this window to PCI; the board's
+# "firmware" places BARs in it. Above the most RAM the board has, below the shadow-paging area.
+PCI_MMIO_BASE = 0xC000_0000
+PCI_MMIO_SIZE = 0x1000_0000
+PCI_IRQ_BASE = 16  # INTA# of slot 0 after the swizzle: PCI pins reach IOAPIC pins 16-19 (GSIs no PIC shares)
+VTD_BASE = 0xFED90000  # the Intel VT-d remapping unit's registers (--device intel-iommu; q35's address)
+VTD_SIZE = 0x1000
+MSI_ADDRESS_BASE = 0xFEE00000  # MSI writes land in the LAPIC range (address bits 31:20 = 0xFEE)
 MAX_CMDLINE_BYTES = 1023  # the multiboot command line's room in the info block, without its NUL (kvm-unit-tests' vmx passes 403)
 MAX_IMAGE_NAME_BYTES = 255  # the kernel's file name, which starts the guest's command line (NAME_MAX)
 MAX_TIMEOUT_S = 86400.0  # a day: the watchdog's limit is a bound, not a way to switch it off
@@ -68,6 +76,8 @@ PORT_SERIAL = 0x3F8  # COM1: a 16550A, registers 0x3F8-0x3FF (machine/uart.py)
 PORT_SERIAL_LSR = 0x3FD  # its line status register
 IRQ_SERIAL = 4  # COM1's ISA interrupt line
 PORT_KBC_STATUS = 0x64  # keyboard controller: status (read), command (write; 0xFE pulses reset)
+PORT_PCI_CONFIG_ADDRESS = 0xCF8  # PCI configuration mechanism #1: 32-bit address at 0xCF8 (dword accesses only)
+PORT_PCI_CONFIG_DATA = 0xCFC  # ... and its data at 0xCFC-0xCFF (byte, word or dword)
 PORT_RESET_CONTROL = 0xCF9  # the PCI reset control register: write 0x06 (or 0x0E) to reset
 PORT_FW_CFG = 0x510  # QEMU's fw_cfg: selector (16-bit write) at 0x510, data (byte reads) at 0x511
 PORT_PM_TIMER = 0x608  # the ACPI PM timer (32-bit, 3.579545 MHz), where the FADT says

@@ -1,4 +1,5 @@
-"""What a device sees of the board: port and MMIO handler registration and interrupt lines.
+"""What a device sees of the board: port and MMIO handler registration, interrupt lines, and, for
+bus masters (machine/pci.py, vtd.py), guest-physical memory, MSI delivery and the IOAPIC's entries.
 
 Devices (uart, fwcfg, chipset, testdev) depend on this and nothing else of the board, and the
 board (board.py) attaches them; the dependency goes one way.
@@ -23,6 +24,23 @@ class Ports(Protocol):
         ...
 
     def irq_line(self, irq: int, level: bool) -> None: ...
+
+    def phys_read(self, gpa: int, length: int) -> bytes:
+        """A bus master's read of guest-physical memory (RAM or ROM; never the hypervisor's own).
+        Raises GuestMemoryError where nothing is."""
+        ...
+
+    def phys_write(self, gpa: int, data: bytes) -> None:
+        """A bus master's write: only RAM the guest itself may write. Raises GuestMemoryError otherwise."""
+        ...
+
+    def signal_msi(self, address: int, data: int) -> bool:
+        """Deliver a compatibility-format MSI to the LAPICs; False if no LAPIC took it."""
+        ...
+
+    def ioapic_entry(self, pin: int) -> int:
+        """The IOAPIC redirection entry of ``pin`` as the guest last wrote it."""
+        ...
 
 
 class Device(Protocol):
