@@ -81,9 +81,28 @@ def _dedupe_memory(cmd: list[str]) -> list[str]:
     return out
 
 
+# What the board's devices are, as QEMU options: the intel-iommu always remaps interrupts, never in
+# x2APIC mode; another option of a -device means a device the board does not have, left out.
+DEVICE_OPTIONS = {"edu": set[str](), "intel-iommu": {"intremap=on", "eim=off"}}
+
+
+def vmikit_devices(params: Sequence[str]) -> list[str]:
+    """The case's ``-device`` options the board has, as ``--device`` values (other parameters: as before)."""
+    items = list(params)
+    devices = []
+    for item, value in zip(items, items[1:]):
+        if item == "-device":
+            name, *options = value.split(",")
+            if name in DEVICE_OPTIONS and set(options) <= DEVICE_OPTIONS[name]:
+                devices.append(name)
+    return devices
+
+
 def vmikit_command(case: Case, timeout: float) -> list[str]:
     cmd = [sys.executable, "-m", "vmikit", "run", str(case.image), "--rom", "none", "--paging", "native",
            "--memory", str(memory_mib(case)), "--cpus", str(case.smp), "--timeout", f"{timeout:g}"]
+    for device in vmikit_devices(case.qemu_params):
+        cmd += ["--device", device]
     if case.test_args:
         cmd += ["--cmdline", case.cmdline]
     return cmd
