@@ -9,12 +9,12 @@ import os
 import shutil
 import struct
 import subprocess
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from helpers import vmikit
+from test_board import FakeBoard
 from vmikit.errors import UsageError
 from vmikit.kut.runner import vmikit_devices
 from vmikit.kut.suite import load_cases
@@ -28,31 +28,16 @@ from vmikit.memory import GuestMemory, GuestMemoryError, Region
 RAM = 0x400000
 
 
-class Board:
-    """The Ports of a bus master: handlers, interrupt lines, MSIs and 4 MiB of RAM."""
+class Board(FakeBoard):
+    """FakeBoard's Ports and what a bus master adds: MSIs, the IOAPIC's entries and 4 MiB of RAM."""
 
     def __init__(self) -> None:
-        self.out: dict[int, Callable[[int, int, int], None]] = {}
-        self.inp: dict[int, Callable[[int, int], int]] = {}
-        self.mmio: list[tuple[int, int, Callable[[int, int], int], Callable[[int, int, int], None]]] = []
-        self.irqs: list[tuple[int, bool]] = []
+        super().__init__()
         self.msis: list[tuple[int, int]] = []
         self.rte = [1 << 16] * 24  # masked, as after reset
         self.memory = GuestMemory()
         self.memory.add(Region(0, RAM))
         self.memory.add(Region(RAM, 0x1000, readonly=True, kind="rom", name="rom"))
-
-    def on_out(self, port: int, handler: Callable[[int, int, int], None]) -> None:
-        self.out[port] = handler
-
-    def on_in(self, port: int, handler: Callable[[int, int], int]) -> None:
-        self.inp[port] = handler
-
-    def on_mmio(self, base: int, size: int, read: Callable[[int, int], int], write: Callable[[int, int, int], None]) -> None:
-        self.mmio.append((base, size, read, write))
-
-    def irq_line(self, irq: int, level: bool) -> None:
-        self.irqs.append((irq, level))
 
     def phys_read(self, gpa: int, length: int) -> bytes:
         return self.memory.read(gpa, length)
