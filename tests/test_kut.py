@@ -122,3 +122,13 @@ def test_qemu_statuses_are_decoded_and_earlier_results_reused(tree: Path, tmp_pa
                                        "--machine", "qemu", "--json", str(out)])
     assert result.exit_code == 0, result.output
     assert '"summary": "1 tests"' in out.read_text()  # taken from the file: one.flat is no kernel
+
+
+def test_missing_qemu_is_the_one_line_host_error(tree: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without qemu-system-x86_64 the comparison stops in one line (cause; fix), no traceback."""
+    monkeypatch.setattr("vmikit.kut.runner.QEMU", "qemu-system-x86_64-absent")
+    result = CliRunner().invoke(main, ["kvm-unit-tests", str(tree), "--test", "one", "--machine", "qemu"])
+    assert result.exit_code == 3, result.output
+    (line,) = result.output.strip().splitlines()
+    assert line.startswith("vmikit: error: qemu-system-x86_64-absent is not installed") and "--machine vmikit" in line
+    assert "Traceback" not in result.output

@@ -13,6 +13,7 @@ import sys
 import time
 from collections.abc import Sequence
 
+from vmikit.errors import HostError
 from vmikit.kut.suite import Case, Outcome, parse_output
 from vmikit.machine import layout
 
@@ -112,8 +113,14 @@ def run_case(cmd: list[str], timeout: float, debug_exit: bool = False) -> Outcom
     """Run one machine to its end (or kill it after ``timeout`` s) and read its SUMMARY.
     ``debug_exit``: the status is QEMU's, ``(code << 1) | 1`` for the guest's exit code."""
     start = time.monotonic()
-    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    try:
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    except FileNotFoundError:
+        # Only QEMU can be missing (vmikit's side is this Python): the one-line error, not a traceback.
+        raise HostError(f"{cmd[0]} is not installed (kvm-unit-tests runs each case on QEMU too)",
+                        "install it (apt-get install qemu-system-x86), or run vmikit alone with --machine vmikit, "
+                        "or reuse earlier QEMU outcomes with --qemu-results FILE") from None
     timed_out = False
     try:
         data, _ = proc.communicate(timeout=timeout)
