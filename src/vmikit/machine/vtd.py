@@ -77,7 +77,8 @@ class VtdUnit:
         self.root_table = 0  # latched by SRTP
         self.irta = 0  # latched by SIRTP
         self.records: list[tuple[int, int]] = [(0, 0)] * FAULT_RECORDS  # (low, high) qwords
-        self.next_record = 0  # FSTS.FRI
+        self.next_record = 0  # where the next fault is recorded
+        self.first_pending = 0  # FSTS.FRI: the record the first pending fault went to
         self.faults = 0  # every fault detected, reported or not
         self.unknown_descriptors = 0
 
@@ -98,7 +99,7 @@ class VtdUnit:
             return self.status
         if offset == FSTS:
             ppf = FSTS_PPF if any(high >> 63 for _, high in self.records) else 0
-            return self.regs.get(FSTS, 0) | ppf | self.next_record << 8
+            return self.regs.get(FSTS, 0) | ppf | self.first_pending << 8
         if FRCD_OFFSET <= offset < FRCD_OFFSET + 16 * FAULT_RECORDS:
             low, high = self.records[(offset - FRCD_OFFSET) // 16]
             return high if offset & 8 else low
@@ -196,6 +197,10 @@ class VtdUnit:
         if high >> 63:
             self.regs[FSTS] = self.regs.get(FSTS, 0) | FSTS_PFO
         else:
+            # FRI names the first pending record (spec 10.4.9), set as PPF goes from 0 to 1: a driver
+            # reads FSTS.FRI to find the fault (it used to name the next free record instead).
+            if not any(h >> 63 for _, h in self.records):
+                self.first_pending = self.next_record
             self.records[self.next_record] = (info, 1 << 63 | int(read) << 62 | reason << 32 | sid & 0xFFFF)
             self.next_record = (self.next_record + 1) % FAULT_RECORDS
         self._event(FECTL)

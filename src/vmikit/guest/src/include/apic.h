@@ -110,4 +110,17 @@ int acpi_read_madt(struct madt_info *out);
 /* The FADT's PM timer: its port and width (24 or 32 bits); 0 when there is none. */
 int acpi_pm_timer(unsigned *port, unsigned *bits);
 
+/* What the DMAR ("DMA Remapping", Intel VT-d spec ch. 8) says, as an IOMMU driver needs it. */
+struct dmar_info {
+	unsigned host_width;  /* host address width in bits (the table's value + 1) */
+	uint8_t flags;        /* bit 0: INTR_REMAP */
+	unsigned units;       /* DRHD structures (type 0) */
+	uint64_t base;        /* register base of the DRHD for segment 0 with INCLUDE_PCI_ALL, else the first */
+	int ioapic_scope;     /* that DRHD lists an IOAPIC device scope (type 3) */
+	uint8_t ioapic_id;    /* its enumeration ID (the IOAPIC's ID) */
+	uint16_t ioapic_sid;  /* its source ID: start bus << 8 | device << 3 | function */
+};
+/* The firmware's DMAR, checksum checked: 1 and *out filled, or 0 (no table, or no DRHD). */
+int acpi_read_dmar(struct dmar_info *out);
+
 #endif

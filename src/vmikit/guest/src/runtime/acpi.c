@@ -1,8 +1,8 @@
 /*
  * ACPI tables as a native kernel finds them (ACPI specification 5.2): the RSDP on a 16-byte
  * boundary in the BIOS area 0xE0000-0xFFFFF, the RSDT (32-bit entries) or XSDT (64-bit), and in
- * them the MADT ("APIC": local APICs, IOAPICs, interrupt source overrides) and the FADT ("FACP":
- * the PM timer). Tables are read through boot.S's identity map, so only tables below 4 GiB are
+ * them the MADT ("APIC": local APICs, IOAPICs, interrupt source overrides), the FADT ("FACP":
+ * the PM timer) and the DMAR (an Intel IOMMU's remapping units, VT-d specification 8.1-8.3). Tables are read through boot.S's identity map, so only tables below 4 GiB are
  * followed (both QEMU and the vmikit board put them below 1 MiB).
  */
 #include "apic.h"
@@ -114,4 +114,46 @@ int acpi_pm_timer(unsigned *port, unsigned *bits)
 	*port = pm;
 	*bits = flags & (1u << 8) ? 32 : 24;
 	return 1;
+}
+
+int acpi_read_dmar(struct dmar_info *out)
+{
+	*out = (struct dmar_info){ 0 };
+	const struct acpi_sdt *dmar = find_valid("DMAR");
+	if (!dmar || dmar->length < 48)
+		return 0;
+	const uint8_t *t = (const uint8_t *)dmar, *end = t + dmar->length;
+	out->host_width = t[36] + 1u;
+	out->flags = t[37];
+	int chosen = 0; /* a DRHD with INCLUDE_PCI_ALL on segment 0 wins over an earlier one */
+	/* Remapping structures from byte 48: [type u16, length u16, ...]; a short length ends the walk. */
+	for (const uint8_t *r = t + 48; r + 4 <= end; ) {
+		uint16_t type, len;
+		memcpy(&type, r, 2);
+		memcpy(&len, r + 2, 2);
+		if (len < 4 || r + len > end)
+			break;
+		if (type == 0 && len >= 16) { /* DRHD: flags, size, segment u16, register base u64, scopes */
+			uint16_t segment;
+			uint64_t base;
+			memcpy(&segment, r + 6, 2);
+			memcpy(&base, r + 8, 8);
+			int all = (r[4] & 1) && segment == 0;
+			if (!out->units++ || (all && !chosen)) {
+				out->base = base;
+				out->ioapic_scope = 0;
+				chosen = all;
+				/* Device scopes: [type, length, reserved u16, enumeration ID, start bus, path...]. */
+				for (const uint8_t *d = r + 16; d + 8 <= r + len && d[1] >= 8 && d + d[1] <= r + len; d += d[1]) {
+					if (d[0] == 3 && !out->ioapic_scope) {
+						out->ioapic_scope = 1;
+						out->ioapic_id = d[4];
+						out->ioapic_sid = (uint16_t)(d[5] << 8 | (d[6] & 31) << 3 | (d[7] & 7));
+					}
+				}
+			}
+		}
+		r += len;
+	}
+	return out->units > 0;
 }
