@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import resource
 import shutil
+import statistics
 import subprocess
 import time
 from dataclasses import dataclass
@@ -238,32 +239,31 @@ def test_a_thousand_mask_unmask_pairs_cost_no_exit(kvm: str, tmp_path: Path, pri
 
 def test_halting_until_a_10_ms_alarm_100_times_leaves_the_host_cpu_idle(kvm: str, tmp_path: Path) -> None:
     """Acceptance 3: the VMM process's own CPU time (process_time over Machine.run, every thread;
-    `cpu_seconds` in --json) that 100 halts until a 10 ms one-shot alarm add to a run, against
-    the wall time they add. The same guest with 0 halts is the baseline, so the guest's boot
-    (mostly KVM emulating its ring-0 start) and Python's start-up are not counted; the whole
-    run's share is checked too, and the child's rusage as a whole."""
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    start = time.monotonic()
-    proc, data = _run(tmp_path, "full", "deprivileged", "only=halts halts=100 period=10")
-    wall = time.monotonic() - start
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    assert proc.returncode == 0 and "HALTED: 100 x 10 ms" in proc.stdout, proc.stdout + proc.stderr
-    events = data["execution"]["events"]
-    assert events["halts"] >= 100 and events["upcalls"] >= 100 and events["halt_seconds"] >= 0.9
-    _, base = _run(tmp_path, "full", "deprivileged", "only=halts halts=0")
-    cpu = data["cpu_seconds"] - base["cpu_seconds"]
-    halting = data["wall_seconds"] - base["wall_seconds"]
-    assert halting >= 1.0
-    # Measured on this machine kind (2 CPUs): 4-8.5% for the halting itself, quiet, under other engineers'
-    # load and beside two CPU hogs; 15% leaves room for a loaded CI host. A polling VMM would use all of it.
-    assert cpu < 0.15 * halting, (cpu, halting, data["cpu_seconds"], data["wall_seconds"])
-    # The issue's figure, over the whole run with the boot (about 0.05-0.08 s of CPU here, mostly KVM
-    # emulating the kernel's ring-0 start and its console output): measured 8-13%, the 10% not met under
-    # load (docs/events.md); bounded here at twice the worst seen.
-    assert data["cpu_seconds"] < 0.25 * data["wall_seconds"], (data["cpu_seconds"], data["wall_seconds"])
-    child_cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    assert child_cpu < wall * 0.8, (child_cpu, wall)  # start-up included: still far from busy-waiting
-
+    `cpu_seconds` in --json) over the whole run of a guest that halts until a 10 ms one-shot
+    alarm 100 times, boot included, against the run's wall time: under 10% (the median of three
+    runs; no run over 15%, this host being shared). The halting alone (the same guest with 0
+    halts as the baseline) is checked too, and the child's rusage as a whole."""
+    shares, halting_shares = [], []
+    for _ in range(3):
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        start = time.monotonic()
+        proc, data = _run(tmp_path, "full", "deprivileged", "only=halts halts=100 period=10")
+        wall = time.monotonic() - start
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        assert proc.returncode == 0 and "HALTED: 100 x 10 ms" in proc.stdout, proc.stdout + proc.stderr
+        events = data["execution"]["events"]
+        assert events["halts"] >= 100 and events["upcalls"] >= 100 and events["halt_seconds"] >= 0.9
+        _, base = _run(tmp_path, "full", "deprivileged", "only=halts halts=0")
+        halting = data["wall_seconds"] - base["wall_seconds"]
+        assert halting >= 1.0
+        halting_shares.append((data["cpu_seconds"] - base["cpu_seconds"]) / halting)
+        shares.append(data["cpu_seconds"] / data["wall_seconds"])
+        child_cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+        assert child_cpu < wall * 0.8, (child_cpu, wall)  # start-up included: still far from busy-waiting
+    # Measured on this machine kind (2 CPUs), whole run: 7-8% quiet, 6-7.5% beside two CPU hogs
+    # (docs/events.md). A polling VMM would use all of it.
+    assert statistics.median(shares) < 0.10 and max(shares) < 0.15, shares
+    assert max(halting_shares) < 0.15, halting_shares
 
 def test_console_input_arrives_as_an_event(kvm: str) -> None:
     proc = subprocess.run(["vmikit", "run", "events", "--cmdline", "only=halts halts=1 echo"], input="hello events\n",

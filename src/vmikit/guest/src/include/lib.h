@@ -58,7 +58,10 @@ struct exception_frame {
 };
 _Static_assert(sizeof(struct exception_frame) == 192, "panic frame is 24 u64");
 
-void idt_init(void);
+/* The IDT: idt_load points the IDTR at it (at ring 0, before the kernel may leave it), idt_fill
+ * writes its gates (after vmi_init: natively once deprivileged; this host emulates ring 0). */
+void idt_load(void);
+void idt_fill(void);
 /* An interrupted context as idt_stubs.S saves it; a hook may change any field. */
 struct trap_regs {
 	uint64_t r15, r14, r13, r12, r11, r10, r9, r8;

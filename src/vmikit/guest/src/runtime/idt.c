@@ -72,7 +72,13 @@ const char *exception_name(unsigned vector)
 	return vector < 32 ? exception_names[vector] : "interrupt";
 }
 
-void idt_init(void)
+void idt_load(void)
+{
+	struct descriptor_ptr p = { .limit = sizeof(idt) - 1, .base = (uintptr_t)idt };
+	lidt(&p);
+}
+
+void idt_fill(void)
 {
 	for (unsigned v = 0; v < IDT_ENTRIES; v++) {
 		uint64_t addr = (uintptr_t)idt_stubs + (uint64_t)v * STUB_SIZE;
@@ -84,8 +90,6 @@ void idt_init(void)
 			.offset_high = (uint32_t)(addr >> 32),
 		};
 	}
-	struct descriptor_ptr p = { .limit = sizeof(idt) - 1, .base = (uintptr_t)idt };
-	lidt(&p);
 }
 
 void exception_handler(struct trap_regs *r)

@@ -14,7 +14,8 @@ void runtime_init(uint32_t magic, uint32_t mbinfo)
 	boot_info = magic == MULTIBOOT_BOOTLOADER_MAGIC
 			    ? (const struct multiboot_info *)(uintptr_t)mbinfo
 			    : NULL;
-	idt_init();
-	alloc_init(boot_info);
+	idt_load();
 	vmi_init(); /* find the hypervisor's ROM, if any, before guest code makes VMI calls */
+	idt_fill(); /* until here a fault has no gate: as on a CPU, it ends the run (triple fault) */
+	alloc_init(boot_info);
 }

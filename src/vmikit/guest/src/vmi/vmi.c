@@ -94,11 +94,28 @@ static uint32_t rejected_version;
 
 /* --- discovery and resolution ---------------------------------------------- */
 
+/* The byte sum of the ROM image, eight bytes a step: this runs before the kernel can leave ring 0,
+ * where this host emulates every instruction (a byte loop cost more than the rest of the boot).
+ * Each 16-bit lane of `acc` sums two byte columns; masking every 128 words keeps the lanes from
+ * carrying into each other (128 x 510 + 255 < 65536) without changing the sum modulo 256. */
+static uint8_t rom_sum(uintptr_t base, uint32_t size)
+{
+	const uint64_t bytes = 0x00FF00FF00FF00FFull;
+	const volatile uint64_t *w = (const void *)base;
+	uint64_t acc = 0;
+	for (uint32_t i = 0; i < size / 8; i++) {
+		uint64_t x = w[i];
+		acc += (x & bytes) + ((x >> 8) & bytes);
+		if (i % 128 == 127)
+			acc &= bytes;
+	}
+	acc &= bytes;
+	return (uint8_t)(acc + (acc >> 16) + (acc >> 32) + (acc >> 48));
+}
+
 static int rom_valid(uintptr_t base)
 {
 	const struct vmi_rom_header *h = (const void *)base;
-	const volatile uint8_t *bytes = (const void *)base;
-
 	if (memcmp(h->vmi_signature, "VMIK", 4) != 0)
 		return 0;
 	/* Another major is another interface; an older minor than the guest needs is not enough. */
@@ -110,10 +127,7 @@ static int rom_valid(uintptr_t base)
 	uint32_t size = h->blocks * 512u;
 	if (size < sizeof(*h) || base + size > ROM_SCAN_END || h->size != size)
 		return 0;
-	uint8_t sum = 0;
-	for (uint32_t i = 0; i < size; i++)
-		sum += bytes[i];
-	if (sum != 0)
+	if (rom_sum(base, size) != 0)
 		return 0;
 	if (h->table < sizeof(*h) || h->table % 4 || h->count > (size - h->table) / sizeof(struct vmi_rom_entry))
 		return 0;
@@ -126,6 +140,7 @@ static int rom_valid(uintptr_t base)
 	return 1;
 }
 
+#ifdef VMI_CALL_CPU_DEPRIVILEGE /* the one call found before the others */
 static vmi_entry_t rom_lookup(uint32_t call_id)
 {
 	const struct vmi_rom_entry *e = (const void *)((uintptr_t)rom + rom->table);
@@ -134,21 +149,45 @@ static vmi_entry_t rom_lookup(uint32_t call_id)
 			return (vmi_entry_t)((uintptr_t)rom + e[i].offset);
 	return NULL;
 }
+#endif
 
-static void resolve(uint32_t family, uint32_t ncalls)
+/* Calls in a family this header names (0: a family it does not know). */
+static uint32_t family_calls(uint32_t family)
 {
-	for (uint32_t call = 0; call < ncalls; call++) {
-		uint32_t id = VMI_CALLID(family, call, 0);
-		vmi_table[VMI_SLOT(id)] = rom_lookup(id);
-		if (family == VMI_FAMILY_MMU && VMI__ANN_QUEUE) {
-			uint32_t queued = id | VMI__ANN_QUEUE;
-			vmi_entry_t q = rom_lookup(queued);
-			vmi_table[VMI_SLOT(queued)] = q ? q : vmi_table[VMI_SLOT(id)];
-		}
+	switch (family) {
+	case VMI_FAMILY_CPU: return VMI_FAMILY_CPU_NCALLS;
+	case VMI_FAMILY_SEGMENTATION: return VMI_FAMILY_SEGMENTATION_NCALLS;
+	case VMI_FAMILY_MMU: return VMI_FAMILY_MMU_NCALLS;
+	case VMI__FAMILY_QUERY_ID: return VMI__QUERY_NCALLS;
+	case VMI__FAMILY_EVTCHN_ID: return VMI__EVTCHN_NCALLS;
+	case VMI__FAMILY_TIME_ID: return VMI__TIME_NCALLS;
+	default: return 0;
 	}
 }
 
-static void vmi_enter_model(void);
+/* One pass over the ROM's table: each entry whose ID this header names, plainly or (MMU) with
+ * `queue` alone, fills its slot; the first entry of an ID wins. A queued MMU call the ROM lacks
+ * is the plain call. */
+static void resolve(void)
+{
+	const struct vmi_rom_entry *e = (const void *)((uintptr_t)rom + rom->table);
+	for (uint32_t i = 0; i < rom->count; i++) {
+		uint32_t id = e[i].call_id, family = VMI_CALLID_FAMILY(id), call = VMI_CALLID_CALL(id);
+		uint32_t ann = id ^ VMI_CALLID(family, call, 0);
+		if (call >= family_calls(family) || (ann && !(family == VMI_FAMILY_MMU && ann == VMI__ANN_QUEUE)))
+			continue;
+		if (!vmi_table[VMI_SLOT(id)])
+			vmi_table[VMI_SLOT(id)] = (vmi_entry_t)((uintptr_t)rom + e[i].offset);
+	}
+	for (uint32_t call = 0; VMI__ANN_QUEUE && call < VMI_FAMILY_MMU_NCALLS; call++)
+		if (!vmi_table[VMI__BASE_QUEUED + call])
+			vmi_table[VMI__BASE_QUEUED + call] = vmi_table[VMI__BASE_MMU + call];
+}
+
+
+#ifdef VMI_CALL_CPU_DEPRIVILEGE
+static void vmi_enter_model(vmi_entry_t deprivilege);
+#endif
 
 int vmi_init(void)
 {
@@ -164,14 +203,12 @@ int vmi_init(void)
 	}
 	if (!rom)
 		return 0;
-	resolve(VMI_FAMILY_CPU, VMI_FAMILY_CPU_NCALLS);
-	resolve(VMI_FAMILY_SEGMENTATION, VMI_FAMILY_SEGMENTATION_NCALLS);
-	resolve(VMI_FAMILY_MMU, VMI_FAMILY_MMU_NCALLS);
-#ifdef VMI_FAMILY_QUERY
-	resolve(VMI_FAMILY_QUERY, VMI_FAMILY_QUERY_NCALLS);
+	/* Leave ring 0 first: everything after runs natively at the deprivileged level. */
+#ifdef VMI_CALL_CPU_DEPRIVILEGE
+	vmi_enter_model(rom_lookup(VMI_CALL_CPU_DEPRIVILEGE));
 #endif
+	resolve();
 #ifdef VMI_FAMILY_EVENTCHANNEL
-	resolve(VMI_FAMILY_EVENTCHANNEL, VMI_FAMILY_EVENTCHANNEL_NCALLS);
 	/* A family is used only when the hypervisor says it is there: the ROM may list entries
 	 * its hypervisor does not back. No Query (a 1.0 hypervisor): the family is absent. */
 	int offered = 0;
@@ -185,7 +222,6 @@ int vmi_init(void)
 	}
 #endif
 #ifdef VMI_FAMILY_TIME
-	resolve(VMI_FAMILY_TIME, VMI_FAMILY_TIME_NCALLS);
 	uint64_t has_time = 0;
 	if (vmi_has_family(VMI_FAMILY_TIME, &has_time) != VMI_ERR_OK || !has_time)
 		for (uint32_t i = 0; i < VMI_FAMILY_TIME_NCALLS; i++)
@@ -193,7 +229,6 @@ int vmi_init(void)
 #endif
 	if (rom->raw)
 		rom_raw = (vmi_raw_t)((uintptr_t)rom + rom->raw);
-	vmi_enter_model();
 	return 1;
 }
 
@@ -262,17 +297,16 @@ int vmi_deprivileged(void) { return deprivileged; }
 
 /* Hand ring 0 to the hypervisor if it wants it (CPU.Deprivilege, since 1.3): from the return
  * on this kernel may be at ring 3 and uses only the ROM and the shared page. */
-static void vmi_enter_model(void)
-{
 #ifdef VMI_CALL_CPU_DEPRIVILEGE
-	vmi_entry_t e = entry_of(VMI_CALL_CPU_DEPRIVILEGE);
+static void vmi_enter_model(vmi_entry_t deprivilege)
+{
 	uint64_t r[4] = { 0 };
-	if (e && e(0, 0, 0, r) == VMI_ERR_OK) {
+	if (deprivilege && deprivilege(0, 0, 0, r) == VMI_ERR_OK) {
 		shared = (volatile void *)(uintptr_t)r[1];
 		deprivileged = r[0] == VMI_PRIVILEGE_DEPRIVILEGED;
 	}
-#endif
 }
+#endif
 
 #ifdef VMI_SHARED_VIF
 #define SHARED_U32(off) (*(volatile uint32_t *)((volatile char *)shared + (off)))
