@@ -548,3 +548,20 @@ def test_iommu_guest_without_the_devices_says_skip(iommu_image: Path, qemu: str)
 def test_iommu_guest_refuses_to_run_deprivileged(iommu_image: Path) -> None:
     proc = vmikit("run", str(iommu_image), "--device", "edu,intel-iommu", "--timeout", "60")
     assert proc.returncode == 2 and "IOMMU-SETUP failed" in proc.stdout, proc.stdout + proc.stderr
+
+
+def test_vtd_fsts_fri_names_the_first_pending_record() -> None:
+    """FRI is where a driver finds the fault (the iommu guest reads it): the first pending record,
+    set as PPF goes from 0 to 1, not the next free one."""
+    board, _, _, unit = _machine(iommu=True)
+    assert unit is not None
+    _enable(board, unit, V.TE)  # root table at 0: every entry zero
+    for _ in range(2):
+        with pytest.raises(DmaFault):
+            unit.translate(0, 0, False)
+    assert _reg(board, V.FSTS) >> 8 & 0xFF == 0 and _reg(board, V.FSTS) & V.FSTS_PPF  # records 0 and 1 pending
+    for index in (0, 1):  # both cleared: the next fault goes to record 2, and FRI names it
+        board.mem_write(layout.VTD_BASE + V.FRCD_OFFSET + 16 * index + 12, 1 << 31)
+    with pytest.raises(DmaFault):
+        unit.translate(0, 0, False)
+    assert _reg(board, V.FSTS) >> 8 & 0xFF == 2 and unit.records[2][1] >> 63
