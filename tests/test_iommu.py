@@ -5,7 +5,6 @@ kvm-unit-tests' intel_iommu case end to end when a built tree is at hand."""
 from __future__ import annotations
 
 import ctypes
-import os
 import shutil
 import struct
 import subprocess
@@ -446,23 +445,6 @@ def test_msi_and_irqchip_structs_match_the_kernel_header(tmp_path: Path) -> None
 
 
 # --- kvm-unit-tests' intel_iommu, end to end --------------------------------------
-
-KUT_TREES = [Path(p) for p in (os.environ.get("VMIKIT_KUT_TREE"), "/tmp/kut") if p]
-
-
-def test_kvm_unit_tests_intel_iommu(kvm: str) -> None:
-    """The case as x86/unittests.cfg has it (4 CPUs, an edu and an IOMMU): 11 tests, all pass.
-    kvm-unit-tests is not part of CI's install (docs/kvm-unit-tests.md): without a built tree
-    (VMIKIT_KUT_TREE, or /tmp/kut) this skips, in CI too."""
-    image = next((t / "x86" / "intel-iommu.flat" for t in KUT_TREES if (t / "x86" / "intel-iommu.flat").exists()), None)
-    if image is None:
-        pytest.skip("kvm-unit-tests is not built (set VMIKIT_KUT_TREE to a tree after ./configure && make)")
-    proc = vmikit("run", str(image), "--rom", "none", "--paging", "native", "--cpus", "4", "--timeout", "60",
-                  "--device", "edu", "--device", "intel-iommu", "--cmdline", "intel-iommu.flat")
-    assert "SUMMARY: 11 tests\n" in proc.stdout, proc.stdout[-3000:] + proc.stderr
-    assert "PASS: vtd_dmar: DMAR 4B memcpy test" in proc.stdout and "PASS: vtd_ir: IR MSI" in proc.stdout
-    assert proc.returncode == 0
-
 
 # --- the bundled iommu guest: the same PASS lines on vmikit and on QEMU --------------------
 
