@@ -5,12 +5,14 @@ kvm-unit-tests' intel_iommu case end to end when a built tree is at hand."""
 from __future__ import annotations
 
 import ctypes
+import random
 import shutil
 import struct
 import subprocess
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings, strategies as st
 
 from helpers import vmikit
 from test_board import FakeBoard
@@ -547,3 +549,49 @@ def test_vtd_fsts_fri_names_the_first_pending_record() -> None:
     with pytest.raises(DmaFault):
         unit.translate(0, 0, False)
     assert _reg(board, V.FSTS) >> 8 & 0xFF == 2 and unit.records[2][1] >> 63
+
+
+# --- hostile programming: nothing a guest writes makes a device raise ----------------------
+
+REG_CHOICES = [V.RTADDR, V.IRTA, V.IQA, V.IQT, V.GCMD, V.CCMD, V.FSTS, V.FECTL, V.ICS,
+               V.IOTLB_OFFSET + 8, V.FRCD_OFFSET + 8]
+ANY_U64 = st.one_of(st.integers(0, (1 << 64) - 1), st.integers(0, 0x7FFF).map(lambda v: v & ~0xFFF | 7),
+                    st.sampled_from([0, 1, 4096, 5000, (1 << 64) - 1]))
+STEP = st.one_of(
+    st.tuples(st.just("reg"), st.sampled_from(REG_CHOICES), ANY_U64),
+    st.tuples(st.just("gcmd"), st.sampled_from([V.TE, V.SRTP, V.QIE, V.IRE, V.SIRTP, V.CFI, V.WBF]), st.just(0)),
+    st.tuples(st.just("dma"), ANY_U64, ANY_U64),
+    st.tuples(st.just("irq"), st.integers(0, (1 << 64) - 1), st.integers(0, 0xFFFFFFFF)))
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 1 << 32), msi=st.booleans(), steps=st.lists(STEP, max_size=60))
+def test_hostile_tables_and_registers_never_make_a_device_raise(seed: int, msi: bool,
+                                                                 steps: list[tuple[str, int, int]]) -> None:
+    """Random root/context/page/IRTE tables and invalidation queues in RAM, random register writes,
+    DMA with any addresses and counts, interrupts through any IOAPIC entry: every access returns
+    (blocked ones are counted as faults), and device writes land only in RAM."""
+    board, bus, edu, unit = _machine(iommu=True)
+    assert unit is not None
+    board.memory.write(0, random.Random(seed).randbytes(0x4000))  # tables and queues of any content
+    board.config(EDU_DEVFN, 4, 2, 0x6)  # memory decoding and bus mastering
+    if msi:
+        board.config(EDU_DEVFN, 0x44, 4, 0xFEE00010)  # remappable format, handle 0
+        board.config(EDU_DEVFN, 0x42, 2, 1)
+    rom_before = board.memory.read(RAM, 0x1000)
+    for kind, a, b in steps:
+        if kind == "reg":
+            size = 8 if a in V.REG64 else 4
+            board.mem_write(layout.VTD_BASE + a, b & ((1 << 8 * size) - 1), size)
+        elif kind == "gcmd":
+            board.mem_write(layout.VTD_BASE + V.GCMD, a | _reg(board, V.GSTS))
+        elif kind == "dma":
+            board.mem_write(EDU_BAR + E.REG_DMA_SRC, a, 8)
+            board.mem_write(EDU_BAR + E.REG_DMA_DST, b, 8)
+            board.mem_write(EDU_BAR + E.REG_DMA_COUNT, (a ^ b) & 0x1FFF, 8)
+            board.mem_write(EDU_BAR + E.REG_DMA_CMD, 1 | (b & 6))
+        else:
+            board.rte = [a] * 24
+            board.mem_write(EDU_BAR + E.REG_INTR_RAISE, b or 1)
+            board.mem_write(EDU_BAR + E.REG_INTR_ACK, 0xFFFFFFFF)
+    assert board.memory.read(RAM, 0x1000) == rom_before
