@@ -14,6 +14,7 @@ from __future__ import annotations
 import struct
 
 from vmikit.machine import layout
+from vmikit.machine.vtd import ADDRESS_BITS
 
 OEM_ID = b"VMIKIT"
 OEM_TABLE_ID = b"VMIKITPC"
@@ -65,7 +66,7 @@ def _dmar() -> bytes:
     bus, dev, fn = IOAPIC_SOURCE_ID
     scope = struct.pack("<BBHBBBB", SCOPE_IOAPIC, 8, 0, 0, bus, dev, fn)  # enumeration ID = IOAPIC ID 0
     drhd = struct.pack("<HHBBHQ", 0, 16 + len(scope), DRHD_INCLUDE_PCI_ALL, 0, 0, layout.VTD_BASE) + scope
-    body = struct.pack("<BB10s", 39 - 1, DMAR_INTR_REMAP, b"") + drhd  # host address width N-1
+    body = struct.pack("<BB10s", ADDRESS_BITS - 1, DMAR_INTR_REMAP, b"") + drhd  # host address width N-1
     return _table(b"DMAR", 1, body)
 
 

@@ -60,7 +60,7 @@ PCI_MMIO_SIZE = 0x1000_0000
 PCI_IRQ_BASE = 16  # INTA# of slot 0 after the swizzle: PCI pins reach IOAPIC pins 16-19 (GSIs no PIC shares)
 VTD_BASE = 0xFED90000  # the Intel VT-d remapping unit's registers (--device intel-iommu; q35's address)
 VTD_SIZE = 0x1000
-MSI_ADDRESS_BASE = 0xFEE00000  # MSI writes land in the LAPIC range (address bits 31:20 = 0xFEE)
+MSI_ADDRESS_BASE = LAPIC_BASE  # MSI writes land in the LAPIC range (address bits 31:20 = 0xFEE)
 MAX_CMDLINE_BYTES = 1023  # the multiboot command line's room in the info block, without its NUL (kvm-unit-tests' vmx passes 403)
 MAX_IMAGE_NAME_BYTES = 255  # the kernel's file name, which starts the guest's command line (NAME_MAX)
 MAX_TIMEOUT_S = 86400.0  # a day: the watchdog's limit is a bound, not a way to switch it off

@@ -138,15 +138,21 @@ class PciDevice:
     def sid(self) -> int:
         return source_id(0, self.devfn)
 
+    def _master(self) -> PciBus | None:
+        """The bus, if this function may master it (on a bus, the command register's bit set)."""
+        return self.bus if self.command & CMD_MASTER else None
+
     def dma_read(self, addr: int, length: int) -> bytes:
-        if self.bus is None or not self.command & CMD_MASTER:
+        bus = self._master()
+        if bus is None:
             raise DmaFault("bus mastering is disabled in the command register")
-        return self.bus.dma_read(self.sid, addr, length)
+        return bus.dma_read(self.sid, addr, length)
 
     def dma_write(self, addr: int, data: bytes) -> None:
-        if self.bus is None or not self.command & CMD_MASTER:
+        bus = self._master()
+        if bus is None:
             raise DmaFault("bus mastering is disabled in the command register")
-        self.bus.dma_write(self.sid, addr, data)
+        bus.dma_write(self.sid, addr, data)
 
     @property
     def msi_enabled(self) -> bool:
@@ -154,10 +160,11 @@ class PciDevice:
 
     def send_msi(self) -> None:
         """The MSI capability's message, as a posted write from this device (needs bus mastering)."""
-        if self.bus is None or not self.command & CMD_MASTER:
+        bus = self._master()
+        if bus is None:
             return  # a function that may not master the bus cannot send a message
         address = self.get(MSI_CAP + 4, 4) | self.get(MSI_CAP + 8, 4) << 32
-        self.bus.msi(self.sid, address, self.get(MSI_CAP + 12, 2))
+        bus.msi(self.sid, address, self.get(MSI_CAP + 12, 2))
 
     def set_intx(self, level: bool) -> None:
         self.intx = level

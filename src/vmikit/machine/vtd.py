@@ -302,9 +302,9 @@ class VtdUnit:
             return self._blocked(Fault(IR_INDEX_TOO_BIG), sid, index & 0xFFFF)
         try:
             irte = int.from_bytes(self._read((self.irta & PAGE_MASK) + 16 * index, 16, IRTE_ACCESS), "little")
-            if not irte & 1:
-                raise Fault(IRTE_NOT_PRESENT, not irte & 2)
             report = not irte & 2  # FPD
+            if not irte & 1:
+                raise Fault(IRTE_NOT_PRESENT, report)
             svt, sq, expected = irte >> 82 & 3, irte >> 80 & 3, irte >> 64 & 0xFFFF
             # Reserved: bits 14:12, 31:24, 127:84; posted format (IM, bit 15: no PI); the xAPIC
             # destination's bytes other than 15:8; SVT 3.
